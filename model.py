@@ -1,0 +1,110 @@
+"""Residual U-Net with scaled dot-product self-attention at the bottleneck."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ResidualBlock(nn.Module):
+    """conv3x3-BN-SiLU-conv3x3-BN plus a shortcut, SiLU after the sum."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.act = nn.SiLU(inplace=True)
+        if in_channels == out_channels:
+            self.shortcut = nn.Identity()
+        else:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dropout(self.act(self.bn1(self.conv1(x))))
+        y = self.bn2(self.conv2(y))
+        return self.act(y + self.shortcut(x))
+
+
+class SelfAttention2d(nn.Module):
+    """Non-local attention over all positions; the gate starts at 0 so training starts as a plain U-Net."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        key_channels = max(channels // 8, 1)
+        self.query = nn.Conv2d(channels, key_channels, 1)
+        self.key = nn.Conv2d(channels, key_channels, 1)
+        self.value = nn.Conv2d(channels, channels, 1)
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q = self.query(x).flatten(2).transpose(1, 2)  # (b, hw, c/8)
+        k = self.key(x).flatten(2).transpose(1, 2)
+        v = self.value(x).flatten(2).transpose(1, 2)  # (b, hw, c)
+        attended = F.scaled_dot_product_attention(q, k, v)  # softmax(QK^T / sqrt(d)) V
+        return x + self.gate * attended.transpose(1, 2).reshape(b, c, h, w)
+
+
+class Up(nn.Module):
+    """Transposed-conv x2 upsampling, concatenation with the skip, a residual block."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
+        self.block = ResidualBlock(2 * out_channels, out_channels, dropout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.block(torch.cat([self.up(x), skip], dim=1))
+
+
+class ResidualAttnUNet(nn.Module):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 2,
+        widths: tuple[int, ...] = (64, 128, 256, 512),
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        widths = tuple(widths)
+        self.encoders = nn.ModuleList()
+        channels = in_channels
+        for width in widths:
+            self.encoders.append(ResidualBlock(channels, width))
+            channels = width
+        bottleneck = 2 * widths[-1]
+        self.bottleneck = nn.Sequential(
+            ResidualBlock(channels, bottleneck, dropout), SelfAttention2d(bottleneck)
+        )
+        self.decoders = nn.ModuleList()
+        channels = bottleneck
+        for width in reversed(widths):
+            self.decoders.append(Up(channels, width, dropout))
+            channels = width
+        self.head = nn.Conv2d(channels, num_classes, 1)
+        self.stride = 2 ** len(widths)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        # Pad to a multiple of the total stride so any input size works; crop the logits back.
+        pad_h, pad_w = -height % self.stride, -width % self.stride
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        skips = []
+        for encoder in self.encoders:
+            x = encoder(x)
+            skips.append(x)
+            x = F.max_pool2d(x, 2)
+        x = self.bottleneck(x)
+        for decoder, skip in zip(self.decoders, reversed(skips)):
+            x = decoder(x, skip)
+        return self.head(x)[..., :height, :width]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

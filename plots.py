@@ -1,0 +1,89 @@
+"""Figures that explain a run: sample panels, the confusion matrix, training curves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from dataset import MEAN, STD  # noqa: E402
+from utils import colourise, colours  # noqa: E402
+
+
+def denormalise(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) normalised tensor -> (H, W, 3) uint8 for display."""
+    mean = torch.tensor(MEAN).view(3, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1)
+    pixels = (image.float().cpu() * std + mean).clamp(0, 1)
+    return (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def legend_handles(class_names: list[str]) -> list[Patch]:
+    return [Patch(color=c / 255, label=name) for c, name in zip(colours(len(class_names)), class_names)]
+
+
+def sample_panel(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor,
+                 class_names: list[str]) -> Figure:
+    """One row per sample: image | ground truth | prediction, with one palette and a legend."""
+    rows, k = len(images), len(class_names)
+    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows + 0.6), squeeze=False)
+    for row in range(rows):
+        for col, (title, picture) in enumerate((
+                ("image", denormalise(images[row])),
+                ("ground truth", colourise(targets[row].cpu().numpy(), k)),
+                ("prediction", colourise(preds[row].cpu().numpy(), k)))):
+            axes[row, col].imshow(picture, interpolation="nearest")
+            axes[row, col].set_axis_off()
+            if row == 0:
+                axes[row, col].set_title(title)
+    fig.legend(handles=legend_handles(class_names), loc="lower center", ncol=min(k, 6), frameon=False)
+    fig.tight_layout(rect=(0, 0.6 / (2.5 * rows + 0.6), 1, 1))
+    return fig
+
+
+def confusion_matrix_figure(matrix: torch.Tensor, class_names: list[str]) -> Figure:
+    """Rows (ground truth) normalised to 1, so rare classes are as readable as common ones."""
+    m = matrix.double().cpu()
+    normalised = (m / m.sum(1, keepdim=True).clamp_min(1)).numpy()
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k))
+    ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{normalised[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if normalised[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(history: list[dict]) -> Figure:
+    """Training/validation loss and validation mIoU per epoch."""
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    left.plot(epochs, [h["train_loss"] for h in history], label="train")
+    left.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    left.set_xlabel("epoch")
+    left.set_ylabel("loss")
+    left.legend()
+    right.plot(epochs, [h["miou"] for h in history], color="tab:green")
+    right.set_xlabel("epoch")
+    right.set_ylabel("validation mIoU")
+    right.set_ylim(0, 1)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,127 @@
+"""Helpers train.py and inference.py share: device, seeding, checkpoint I/O, colours."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+# Fixed palette so a class keeps its colour across runs, panels and overlays.
+PALETTE = np.array([
+    [0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128],
+    [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0], [170, 255, 195], [128, 128, 0],
+    [255, 215, 180], [0, 0, 128], [128, 128, 128],
+], dtype=np.uint8)
+IGNORE_COLOUR = np.array([255, 255, 255], dtype=np.uint8)
+
+
+class UserError(Exception):
+    """A mistake in flags, paths or files: reported as one line on stderr with exit status 2."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def run_cli(main: Callable[[], int | None]) -> int:
+    """Run a script's main(); user mistakes become one line on stderr and exit status 2."""
+    try:
+        return main() or 0
+    except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 matrix work runs several times faster than fp32 there."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto: bf16 where the hardware runs it natively, fp32 elsewhere; fp16 only on CUDA."""
+    if name == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA GPU (it relies on a GradScaler); use bf16 or fp32")
+    return name
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def init_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: NumPy and random follow torch's per-worker seed; Ctrl-C is the main process's."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def colours(num_classes: int) -> np.ndarray:
+    """num_classes RGB colours: the fixed palette, then seeded random ones."""
+    if num_classes <= len(PALETTE):
+        return PALETTE[:num_classes]
+    extra = np.random.default_rng(0).integers(0, 256, (num_classes - len(PALETTE), 3), dtype=np.uint8)
+    return np.concatenate([PALETTE, extra])
+
+
+def colourise(labels: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """(H, W) class indices -> (H, W, 3) uint8 colours; ignored pixels white."""
+    table = np.tile(IGNORE_COLOUR, (256, 1))
+    table[:num_classes] = colours(num_classes)
+    return table[labels.astype(np.int64).clip(0, 255)]
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Write to a temporary file and rename, so a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """weights_only=True: a checkpoint from elsewhere can hold tensors and plain data, never code."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for truncated, foreign or unsafe files
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line})") from None
+    if not isinstance(state, dict) or "model" not in state or "model_args" not in state:
+        raise CheckpointError(f"{path}: not a checkpoint written by train.py")
+    return state
