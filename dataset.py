@@ -196,7 +196,7 @@ class LabelMapping:
         """raw value -> class index, applied to a whole mask with one fancy-index."""
         lut = np.full(LUT_SIZE, unknown, dtype=np.uint8)
         if self.binary:
-            lut[1:] = 1
+            lut[0], lut[1:] = 0, 1
         else:
             lut[self.values] = np.arange(len(self.values), dtype=np.uint8)
         if 0 <= self.ignore_value < LUT_SIZE:

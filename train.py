@@ -148,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
                                           f"{','.join(map(str, saved[name]))}, not {','.join(map(str, getattr(args, name)))}")
             for name, value in saved.items():
                 if name not in given and name not in ("resume", "run_dir") and hasattr(args, name):
-                    setattr(args, name, value)
+                    setattr(args, name, Path(value) if name in DATA_FLAGS and value is not None else value)
             args.widths = tuple(args.widths)
             if args.run_dir is None:
                 args.run_dir = path.parent.parent

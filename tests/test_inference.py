@@ -1,0 +1,101 @@
+import hashlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from conftest import ROOT
+from dataset import LabelMapping, read_mask
+from utils import load_checkpoint
+
+
+def run_inference(*args):
+    return subprocess.run([sys.executable, str(ROOT / "inference.py"), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+
+
+def folder_hashes(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def mixed_folder(tiny_demo, tmp_path):
+    """Good images of odd sizes next to a zero-byte file and a text file named .jpg."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    sources = sorted((tiny_demo / "images/val").iterdir())
+    Image.open(sources[0]).resize((70, 50)).save(folder / "wide.jpg")
+    Image.open(sources[1]).resize((40, 64)).save(folder / "tall.png")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("this is not an image")
+    return folder
+
+
+def test_masks_at_original_size_with_original_values_and_inputs_untouched(trained_run, mixed_folder, tmp_path):
+    before = folder_hashes(mixed_folder)
+    out = tmp_path / "out"
+    result = run_inference("--input_dir", mixed_folder, "--checkpoint", trained_run / "checkpoints/best.pt",
+                           "--output_dir", out, "--workers", "0")
+    assert result.returncode == 0, result.stderr
+    assert folder_hashes(mixed_folder) == before
+    assert re.search(r"empty\.jpg: unreadable image", result.stderr)
+    assert re.search(r"notes\.jpg: unreadable image", result.stderr)
+    assert "2 unreadable" in result.stdout
+    values = set(LabelMapping.from_dict(load_checkpoint(trained_run / "checkpoints/best.pt")["mapping"]).values)
+    for name, size in (("wide", (70, 50)), ("tall", (40, 64))):
+        with Image.open(out / "masks" / f"{name}.png") as mask:
+            assert mask.size == size
+            assert set(np.unique(np.asarray(mask)).tolist()) <= values
+        with Image.open(out / "overlays" / f"{name}.png") as overlay:
+            assert overlay.size[1] >= size[1] and overlay.mode == "RGB"
+    rerun = run_inference("--input_dir", mixed_folder, "--checkpoint", trained_run / "checkpoints/best.pt",
+                          "--output_dir", out, "--workers", "0")
+    assert "0 images segmented" in rerun.stdout and "2 already done" in rerun.stdout
+
+
+def test_evaluation_equals_torchmetrics_on_the_written_masks(trained_run, tiny_demo, tmp_path):
+    out = tmp_path / "out"
+    result = run_inference("--input_dir", tiny_demo / "images/val", "--checkpoint", trained_run / "checkpoints/best.pt",
+                           "--output_dir", out, "--masks_dir", tiny_demo / "masks/val", "--tta", "--save-probs")
+    assert result.returncode == 0, result.stderr
+    printed = float(re.search(r"mIoU (\d\.\d+)", result.stdout).group(1))
+    mapping = LabelMapping.from_dict(load_checkpoint(trained_run / "checkpoints/best.pt")["mapping"])
+    lut = mapping.lookup_table()
+    jaccard = MulticlassJaccardIndex(mapping.num_classes, average="none", ignore_index=255)
+    for truth in sorted((tiny_demo / "masks/val").glob("*.png")):
+        pred = torch.from_numpy(lut[read_mask(out / "masks" / truth.name)].astype(np.int64))
+        jaccard.update(pred, torch.from_numpy(lut[read_mask(truth)].astype(np.int64)))
+    per_class = jaccard.compute()
+    assert printed == pytest.approx(per_class[per_class.isfinite()].mean().item(), abs=1e-4)
+    probs = np.load(out / "probs" / f"{truth.stem}.npy")
+    assert probs.dtype == np.float16 and probs.shape == (mapping.num_classes, 48, 48)
+    np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2)
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda folder, ckpt: ["--input_dir", folder, "--checkpoint", ckpt, "--output_dir", folder / "out"],
+     "must not be inside --input_dir"),
+    (lambda folder, ckpt: ["--input_dir", folder / "missing", "--checkpoint", ckpt], "missing: no such folder"),
+    (lambda folder, ckpt: ["--input_dir", folder / "wide.jpg", "--checkpoint", ckpt], "must be a folder, not a file"),
+    (lambda folder, ckpt: ["--input_dir", folder, "--checkpoint", folder / "wide.jpg"], "not a loadable checkpoint"),
+])
+def test_user_mistakes_exit_2_and_write_nothing(trained_run, mixed_folder, make_args, message):
+    before = folder_hashes(mixed_folder)
+    result = run_inference(*make_args(mixed_folder, trained_run / "checkpoints/best.pt"))
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert folder_hashes(mixed_folder) == before
+
+
+def test_a_folder_with_nothing_readable_exits_non_zero(trained_run, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"\xff\xd8\xff")
+    result = run_inference("--input_dir", folder, "--checkpoint", trained_run / "checkpoints/best.pt",
+                           "--output_dir", tmp_path / "out", "--workers", "0")
+    assert result.returncode == 1 and "a.jpg" in result.stderr

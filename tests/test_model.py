@@ -1,0 +1,63 @@
+import math
+import time
+
+import pytest
+import torch
+
+from dataset import SegmentationFolder
+from metrics import ConfusionMatrix
+from model import ResidualAttnUNet, SelfAttention2d, count_parameters
+
+TINY = (4, 8, 16, 32)
+
+
+def test_attention_equals_handwritten_softmax_qkt_v():
+    torch.manual_seed(0)
+    block = SelfAttention2d(32)
+    with torch.no_grad():
+        block.gate.fill_(0.7)
+    x = torch.randn(2, 32, 5, 6)
+    q = block.query(x).flatten(2).transpose(1, 2)
+    k = block.key(x).flatten(2).transpose(1, 2)
+    v = block.value(x).flatten(2).transpose(1, 2)
+    weights = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)
+    expected = x + 0.7 * (weights @ v).transpose(1, 2).reshape(x.shape)
+    torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_gate_starts_closed():
+    block = SelfAttention2d(16)
+    x = torch.randn(1, 16, 4, 4)
+    assert torch.equal(block(x), x)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (96, 96), (100, 100), (37, 70)])
+def test_output_has_the_input_size(size):
+    model = ResidualAttnUNet(3, 4, TINY).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, *size))
+    assert out.shape == (2, 4, *size)
+
+
+def test_default_widths_are_the_reference_design():
+    assert count_parameters(ResidualAttnUNet(3, 10)) == pytest.approx(33.7e6, rel=0.01)
+
+
+def test_tiny_model_overfits_four_images(tiny_demo):
+    torch.manual_seed(0)
+    data = SegmentationFolder(tiny_demo / "images/train", tiny_demo / "masks/train", image_size=48)
+    images, masks = map(torch.stack, zip(*(data[i] for i in range(4))))
+    model = ResidualAttnUNet(3, data.num_classes, (8, 16, 32, 64))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    started = time.time()
+    for _ in range(200):
+        loss = torch.nn.functional.cross_entropy(model(images), masks, ignore_index=255)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    matrix = ConfusionMatrix(data.num_classes)
+    with torch.no_grad():
+        matrix.update(model(images).argmax(1), masks)
+    assert time.time() - started < 60
+    assert matrix.compute()["miou"] > 0.95
