@@ -425,22 +425,24 @@ def _demo_background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _demo_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, np.ndarray]]]:
-    """One image, its index mask and its objects, larger objects first so smaller ones lie in front."""
-    from PIL import ImageDraw
+    """One image, its index mask and its objects, larger objects first so smaller ones lie in front.
+
+    Objects are rasterised by pycocotools, as their COCO polygons will be, so the index masks and
+    the COCO file describe exactly the same pixels.
+    """
+    from coco import decode_segmentation
 
     kinds = [int(k) for k in rng.integers(1, 4, rng.integers(2, 5))]
     if rng.random() < DEMO_RARE_PROBABILITY:
         kinds.append(4)
     objects = sorted(((k, _demo_polygon(k, rng, size)) for k in kinds), key=lambda o: -_polygon_area(o[1]))
     image = _demo_background(rng, size)
-    mask = Image.new("L", (size, size), 0)
+    mask = np.zeros((size, size), np.uint8)
     for kind, polygon in objects:
-        shape = Image.new("L", (size, size), 0)
-        ImageDraw.Draw(shape).polygon([tuple(p) for p in polygon], fill=1)
-        inside = np.asarray(shape, bool)
+        inside = decode_segmentation([polygon.ravel().tolist()], size, size).astype(bool)
         image[inside] = _demo_texture(kind, rng, size)[inside]
-        ImageDraw.Draw(mask).polygon([tuple(p) for p in polygon], fill=kind)
-    return image, np.asarray(mask), objects
+        mask[inside] = kind
+    return image, mask, objects
 
 
 def _coco_annotation(ann_id: int, image_id: int, kind: int, polygon: np.ndarray) -> dict:
@@ -463,12 +465,12 @@ def make_demo_data(root: str | Path, num_train: int = 600, num_val: int = 150, s
     import shutil
 
     root = Path(root)
-    recipe = {"num_train": num_train, "num_val": num_val, "size": size, "seed": seed, "version": 1}
+    recipe = {"num_train": num_train, "num_val": num_val, "size": size, "seed": seed, "version": 2}
     marker = root / "demo.json"
     if marker.is_file() and json.loads(marker.read_text()) == recipe:
         return root
-    if root.exists():
-        raise DataError(f"{root}: exists but is not this demo dataset; move it away or choose another folder")
+    if root.exists() and not marker.is_file():
+        raise DataError(f"{root}: exists but is not a demo dataset; move it away or choose another folder")
     staging = root.with_name(f".{root.name}.tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     rng = np.random.default_rng(seed)
@@ -496,5 +498,7 @@ def make_demo_data(root: str | Path, num_train: int = 600, num_val: int = 150, s
     (staging / "masks" / "classes.json").write_text(json.dumps(names, indent=1))
     (staging / "demo.json").write_text(json.dumps(recipe))
     root.parent.mkdir(parents=True, exist_ok=True)
+    if root.exists():  # a demo built by another recipe: generated data, safe to replace
+        shutil.rmtree(root)
     os.replace(staging, root)
     return root

@@ -5,6 +5,7 @@ With no data flags it builds the demo dataset under data/demo and trains on that
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import signal
 import sys
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from coco import MODES, prepare_masks
 from dataset import LabelMapping, SegmentationFolder, SkipBadSamples, make_demo_data, make_weighted_sampler
 from losses import LOSSES, build_loss
 from metrics import ConfusionMatrix
@@ -26,6 +28,7 @@ from utils import (CheckpointError, UserError, autocast, init_worker, load_check
                    resolve_precision, run_cli, save_checkpoint, seed_everything)
 
 DEMO_ROOT = Path("data/demo")
+COCO_CACHE = Path("data/coco_masks")
 DEMO_IMAGES = {"num_train": 600, "num_val": 150, "size": 96}
 DEMO_SETTINGS = {"image_size": 96, "widths": (16, 32, 64, 128), "epochs": 30, "batch_size": 16}
 DATA_FLAGS = ("data_root", "train_images", "train_masks", "val_images", "val_masks", "train_coco", "val_coco")
@@ -65,6 +68,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--train-masks", type=Path, help="training mask folder (overrides --data-root)")
     data.add_argument("--val-images", type=Path, help="validation image folder (overrides --data-root)")
     data.add_argument("--val-masks", type=Path, help="validation mask folder (overrides --data-root)")
+    data.add_argument("--train-coco", type=Path, help="COCO instances json for the training images (masks rendered once, cached)")
+    data.add_argument("--val-coco", type=Path, help="COCO instances json for the validation images")
+    data.add_argument("--coco-mode", choices=MODES, default="categories",
+                      help="classes rendered from COCO: one per category, the 9 super-groups, or binary")
     data.add_argument("--binary", action="store_true", help="every nonzero, non-ignore mask value becomes class 1")
     data.add_argument("--ignore-value", type=int, default=255, help="mask value that marks pixels to ignore")
     data.add_argument("--ignore-unknown-labels", action="store_true",
@@ -173,15 +180,31 @@ class DataPaths:
     val_masks: Path
 
 
+def coco_mask_dir(annotations: Path, images: Path, mode: str) -> Path:
+    """Masks rendered from a COCO file, cached under data/coco_masks keyed on the file and mode."""
+    stat = annotations.stat() if annotations.is_file() else None
+    key = hashlib.sha256(f"{annotations.resolve()}|{images.resolve()}|{mode}|"
+                         f"{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    masks = COCO_CACHE / f"{annotations.stem}-{mode}-{key}"
+    summary = prepare_masks(images, annotations, masks, mode, workers=0)
+    print(f"{annotations}: {summary.line()} -> {masks}")
+    return masks
+
+
 def data_paths(args: argparse.Namespace) -> DataPaths:
+    """The four folders, rendering COCO annotations into cached mask folders where given."""
     root = DEMO_ROOT if args.demo else args.data_root
     paths = {}
     for split in ("train", "val"):
         for kind in ("images", "masks"):
             flag = f"{split}_{kind}"
             paths[flag] = getattr(args, flag) or (root / kind / split if root else None)
-            if paths[flag] is None:
-                raise UserError(f"--{flag.replace('_', '-')} is needed (or --data-root)")
+        coco_file = getattr(args, f"{split}_coco")
+        if coco_file is not None and paths[f"{split}_images"] is not None:
+            paths[f"{split}_masks"] = coco_mask_dir(coco_file, paths[f"{split}_images"], args.coco_mode)
+        for kind in ("images", "masks"):
+            if paths[f"{split}_{kind}"] is None:
+                raise UserError(f"--{split}-{kind} is needed (or --data-root, or --{split}-coco with --{split}-images)")
     return DataPaths(**paths)
 
 
@@ -441,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
           f"TensorBoard logs: {run_dir}\ncheckpoints: {ckpt_dir} (best.pt, last.pt)\n"
           f"sample images: {run_dir / 'samples'}\ncurves: {run_dir / 'curves.png'}\nnext:\n"
           f"  tensorboard --logdir {run_dir.parent}\n"
-          f"  python inference.py --input_dir {data_paths(args).val_images} --checkpoint {ckpt_dir / 'best.pt'}")
+          f"  python inference.py --input_dir {val_set.images_dir} --checkpoint {ckpt_dir / 'best.pt'}")
     return 0
 
 

@@ -1,0 +1,239 @@
+"""COCO instances annotations -> index masks, rendered with pycocotools.
+
+Overlaps: in `groups` mode the higher-priority group wins a pixel (ties: the smaller object);
+in `categories` mode the smaller object wins, as it usually lies in front; `binary` paints
+every object 1. Crowd regions become 255 (ignore) unless crowd_as_object, and objects are
+painted over them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+from tqdm import tqdm
+
+from utils import PALETTE, UserError
+
+IGNORE_VALUE = 255
+MODES = ("categories", "groups", "binary")
+
+# The reference design's nine super-groups (mask values 1..9 in this order) and their priorities.
+GROUP_PRIORITY = {"living": 4, "vehicles": 3, "urban": 2.5, "sports": 1.5, "personal": 1, "kitchen": 2,
+                  "fruit": 2, "household": 1, "electronics": 2.5}
+GROUP_MEMBERS = {
+    "living": ["person", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe"],
+    "vehicles": ["bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat"],
+    "urban": ["traffic light", "fire hydrant", "stop sign", "parking meter", "bench"],
+    "sports": ["frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+               "skateboard", "surfboard", "tennis racket"],
+    "personal": ["backpack", "umbrella", "handbag", "tie", "suitcase"],
+    "kitchen": ["bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl"],
+    "fruit": ["banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake"],
+    "household": ["chair", "couch", "potted plant", "bed", "dining table", "toilet", "sink", "refrigerator",
+                  "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"],
+    "electronics": ["tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster"],
+}
+CATEGORY_GROUP = {name: group for group, names in GROUP_MEMBERS.items() for name in names}
+
+
+class CocoError(UserError):
+    """An annotations file that is not COCO instances format; the message names it."""
+
+
+@dataclass
+class ClassTable:
+    """COCO category id -> (mask value, priority), and the names of the mask values."""
+
+    values: dict[int, int]
+    priorities: dict[int, float]
+    names: dict[int, str]
+    source_ids: dict[int, list[int]]
+    known_ids: set[int]
+
+    def to_json(self, mode: str) -> dict:
+        return {"classes": {str(v): n for v, n in sorted(self.names.items())}, "mode": mode,
+                "source_category_ids": {str(v): ids for v, ids in sorted(self.source_ids.items())}}
+
+
+@dataclass
+class Summary:
+    written: int = 0
+    existing: int = 0
+    annotations_used: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    missing_images: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
+        missing = f" (e.g. {', '.join(self.missing_images[:3])})" if self.missing_images else ""
+        return (f"{self.written} masks written, {self.existing} already there; {self.annotations_used} annotations "
+                f"used, {sum(self.skipped.values())} skipped ({reasons}); "
+                f"{len(self.missing_images)} images missing or unreadable{missing}")
+
+
+def load_coco(path: Path) -> dict:
+    if not path.is_file():
+        raise CocoError(f"{path}: no such annotations file" if not path.exists() else f"{path}: is not a file")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CocoError(f"{path}: not JSON ({err})") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
+                                             for k in ("images", "annotations", "categories")):
+        raise CocoError(f"{path}: not COCO instances format (needs lists 'images', 'annotations', 'categories')")
+    return data
+
+
+def class_table(categories: list[dict], mode: str, selected: list[str] | None = None) -> ClassTable:
+    """Contiguous mask values 1..K; COCO ids run to 90 with gaps, so never index by position."""
+    by_id = {int(c["id"]): str(c["name"]) for c in categories}
+    if selected:
+        unknown = sorted(set(selected) - set(by_id.values()))
+        if unknown:
+            raise CocoError(f"--categories: {', '.join(unknown)} not among the annotation file's categories")
+        by_id = {i: n for i, n in by_id.items() if n in selected}
+    values, priorities, names, sources = {}, {}, {0: "background"}, {}
+    if mode == "categories":
+        for value, (cat_id, name) in enumerate(sorted(by_id.items()), 1):
+            values[cat_id], priorities[cat_id], names[value] = value, 0.0, name
+    elif mode == "groups":
+        group_value = {group: v for v, group in enumerate(GROUP_MEMBERS, 1)}
+        names.update({v: g for g, v in group_value.items()})
+        for cat_id, name in by_id.items():
+            group = CATEGORY_GROUP.get(name)
+            if group is not None:
+                values[cat_id], priorities[cat_id] = group_value[group], GROUP_PRIORITY[group]
+    elif mode == "binary":
+        names[1] = "object"
+        values = {cat_id: 1 for cat_id in by_id}
+        priorities = {cat_id: 0.0 for cat_id in by_id}
+    else:
+        raise CocoError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    for cat_id, value in values.items():
+        sources.setdefault(value, []).append(cat_id)
+    return ClassTable(values, priorities, names, sources, {int(c["id"]) for c in categories})
+
+
+def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray | str:
+    """A binary mask, or the reason the annotation cannot be used."""
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        if not polygons:
+            return "malformed polygon"
+        rles = mask_utils.frPyObjects(polygons, height, width)
+        return mask_utils.decode(mask_utils.merge(rles))
+    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        if list(segmentation["size"]) != [height, width]:
+            return "bad RLE"
+        try:
+            rle = segmentation
+            if isinstance(segmentation["counts"], list):  # uncompressed RLE
+                rle = mask_utils.frPyObjects(segmentation, height, width)
+            elif isinstance(segmentation["counts"], str):
+                rle = {"size": segmentation["size"], "counts": segmentation["counts"].encode()}
+            decoded = mask_utils.decode(rle)
+        except (TypeError, ValueError, OverflowError):
+            return "bad RLE"
+        return decoded if decoded.shape == (height, width) else "bad RLE"
+    return "bad segmentation"
+
+
+def render_mask(height: int, width: int, annotations: list[dict], table: ClassTable,
+                crowd_as_object: bool = False) -> tuple[np.ndarray, int, Counter]:
+    """One index mask from an image's annotations; returns it, annotations used, skipped reasons."""
+    skipped: Counter = Counter()
+    crowds, objects = [], []
+    for ann in annotations:
+        if ann.get("category_id") not in table.values:
+            skipped["category not selected" if ann.get("category_id") in table.known_ids
+                    else "category id not in categories"] += 1
+            continue
+        binary = decode_segmentation(ann.get("segmentation"), height, width)
+        if isinstance(binary, str):
+            skipped[binary] += 1
+            continue
+        binary = binary.astype(bool)
+        if ann.get("iscrowd") and not crowd_as_object:
+            crowds.append(binary)
+        else:
+            cat = ann["category_id"]
+            objects.append((table.priorities[cat], -int(binary.sum()), table.values[cat], binary))
+    mask = np.zeros((height, width), np.uint8)
+    for binary in crowds:
+        mask[binary] = IGNORE_VALUE
+    # Painted in increasing priority, then decreasing area: the last painted wins a pixel.
+    for _, _, value, binary in sorted(objects, key=lambda o: (o[0], o[1])):
+        mask[binary] = value
+    return mask, len(crowds) + len(objects), skipped
+
+
+def write_png_atomically(mask: np.ndarray, path: Path) -> None:
+    """A temporary name, then a rename: a killed run never leaves a half-written mask."""
+    image = Image.fromarray(mask, mode="L").convert("P")
+    image.putpalette(PALETTE.ravel().tolist())
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _render_one(task: tuple) -> tuple[str, int, Counter, bool]:
+    image_path, out_path, height, width, annotations, table, crowd_as_object = task
+    try:
+        with Image.open(image_path) as image:
+            image.size  # header only: the image is checked, never decoded
+    except (OSError, SyntaxError):
+        return image_path.name, 0, Counter(), False
+    mask, used, skipped = render_mask(height, width, annotations, table, crowd_as_object)
+    write_png_atomically(mask, out_path)
+    return image_path.name, used, skipped, True
+
+
+def prepare_masks(images_dir: Path, annotations_file: Path, output_dir: Path, mode: str = "categories",
+                  categories: list[str] | None = None, max_images: int | None = None, workers: int = 0,
+                  overwrite: bool = False, crowd_as_object: bool = False) -> Summary:
+    """Render one index PNG per image into output_dir (plus classes.json); existing masks are kept."""
+    if not images_dir.is_dir():
+        raise UserError(f"{images_dir}: not a folder of images")
+    inside = output_dir.resolve()
+    if inside == images_dir.resolve() or images_dir.resolve() in inside.parents:
+        raise UserError(f"{output_dir}: must not be inside the images folder {images_dir}")
+    coco = load_coco(annotations_file)
+    table = class_table(coco["categories"], mode, categories)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "classes.json").write_text(json.dumps(table.to_json(mode), indent=1))
+    by_image: dict[int, list[dict]] = {}
+    for ann in coco["annotations"]:
+        by_image.setdefault(ann.get("image_id"), []).append(ann)
+    summary = Summary()
+    tasks = []
+    for info in sorted(coco["images"], key=lambda i: i["id"])[:max_images]:
+        out_path = output_dir / f"{Path(info['file_name']).stem}.png"
+        if out_path.exists() and not overwrite:
+            summary.existing += 1
+            continue
+        tasks.append((images_dir / info["file_name"], out_path, int(info["height"]), int(info["width"]),
+                      by_image.get(info["id"], []), table, crowd_as_object))
+    for name, used, skipped, ok in tqdm(_render_all(tasks, workers), total=len(tasks), desc="rendering masks",
+                                        dynamic_ncols=True, disable=len(tasks) < 100):
+        if not ok:
+            summary.missing_images.append(name)
+            continue
+        summary.written += 1
+        summary.annotations_used += used
+        summary.skipped.update(skipped)
+    return summary
+
+
+def _render_all(tasks: list[tuple], workers: int):
+    if workers == 0:
+        yield from map(_render_one, tasks)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        yield from pool.map(_render_one, tasks, chunksize=16)
