@@ -5,6 +5,7 @@ in `categories` mode the smaller object wins, as it usually lies in front; `bina
 every object 1. Crowd regions become 255 (ignore) unless crowd_as_object, and objects are
 painted over them.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,19 +26,53 @@ IGNORE_VALUE = 255
 MODES = ("categories", "groups", "binary")
 
 # The reference design's nine super-groups (mask values 1..9 in this order) and their priorities.
-GROUP_PRIORITY = {"living": 4, "vehicles": 3, "urban": 2.5, "sports": 1.5, "personal": 1, "kitchen": 2,
-                  "fruit": 2, "household": 1, "electronics": 2.5}
+GROUP_PRIORITY = {
+    "living": 4,
+    "vehicles": 3,
+    "urban": 2.5,
+    "sports": 1.5,
+    "personal": 1,
+    "kitchen": 2,
+    "fruit": 2,
+    "household": 1,
+    "electronics": 2.5,
+}
 GROUP_MEMBERS = {
     "living": ["person", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe"],
     "vehicles": ["bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat"],
     "urban": ["traffic light", "fire hydrant", "stop sign", "parking meter", "bench"],
-    "sports": ["frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
-               "skateboard", "surfboard", "tennis racket"],
+    "sports": [
+        "frisbee",
+        "skis",
+        "snowboard",
+        "sports ball",
+        "kite",
+        "baseball bat",
+        "baseball glove",
+        "skateboard",
+        "surfboard",
+        "tennis racket",
+    ],
     "personal": ["backpack", "umbrella", "handbag", "tie", "suitcase"],
     "kitchen": ["bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl"],
     "fruit": ["banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake"],
-    "household": ["chair", "couch", "potted plant", "bed", "dining table", "toilet", "sink", "refrigerator",
-                  "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"],
+    "household": [
+        "chair",
+        "couch",
+        "potted plant",
+        "bed",
+        "dining table",
+        "toilet",
+        "sink",
+        "refrigerator",
+        "book",
+        "clock",
+        "vase",
+        "scissors",
+        "teddy bear",
+        "hair drier",
+        "toothbrush",
+    ],
     "electronics": ["tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster"],
 }
 CATEGORY_GROUP = {name: group for group, names in GROUP_MEMBERS.items() for name in names}
@@ -58,8 +93,11 @@ class ClassTable:
     known_ids: set[int]
 
     def to_json(self, mode: str) -> dict:
-        return {"classes": {str(v): n for v, n in sorted(self.names.items())}, "mode": mode,
-                "source_category_ids": {str(v): ids for v, ids in sorted(self.source_ids.items())}}
+        return {
+            "classes": {str(v): n for v, n in sorted(self.names.items())},
+            "mode": mode,
+            "source_category_ids": {str(v): ids for v, ids in sorted(self.source_ids.items())},
+        }
 
 
 @dataclass
@@ -73,9 +111,11 @@ class Summary:
     def line(self) -> str:
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
         missing = f" (e.g. {', '.join(self.missing_images[:3])})" if self.missing_images else ""
-        return (f"{self.written} masks written, {self.existing} already there; {self.annotations_used} annotations "
-                f"used, {sum(self.skipped.values())} skipped ({reasons}); "
-                f"{len(self.missing_images)} images missing or unreadable{missing}")
+        return (
+            f"{self.written} masks written, {self.existing} already there; {self.annotations_used} annotations "
+            f"used, {sum(self.skipped.values())} skipped ({reasons}); "
+            f"{len(self.missing_images)} images missing or unreadable{missing}"
+        )
 
 
 def load_coco(path: Path) -> dict:
@@ -85,8 +125,9 @@ def load_coco(path: Path) -> dict:
         data = json.loads(path.read_text())
     except (UnicodeDecodeError, ValueError) as err:
         raise CocoError(f"{path}: not JSON ({err})") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
-                                             for k in ("images", "annotations", "categories")):
+    if not isinstance(data, dict) or not all(
+        isinstance(data.get(k), list) for k in ("images", "annotations", "categories")
+    ):
         raise CocoError(f"{path}: not COCO instances format (needs lists 'images', 'annotations', 'categories')")
     return data
 
@@ -145,15 +186,19 @@ def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray | s
     return "bad segmentation"
 
 
-def render_mask(height: int, width: int, annotations: list[dict], table: ClassTable,
-                crowd_as_object: bool = False) -> tuple[np.ndarray, int, Counter]:
+def render_mask(
+    height: int, width: int, annotations: list[dict], table: ClassTable, crowd_as_object: bool = False
+) -> tuple[np.ndarray, int, Counter]:
     """One index mask from an image's annotations; returns it, annotations used, skipped reasons."""
     skipped: Counter = Counter()
     crowds, objects = [], []
     for ann in annotations:
         if ann.get("category_id") not in table.values:
-            skipped["category not selected" if ann.get("category_id") in table.known_ids
-                    else "category id not in categories"] += 1
+            skipped[
+                "category not selected"
+                if ann.get("category_id") in table.known_ids
+                else "category id not in categories"
+            ] += 1
             continue
         binary = decode_segmentation(ann.get("segmentation"), height, width)
         if isinstance(binary, str):
@@ -195,9 +240,17 @@ def _render_one(task: tuple) -> tuple[str, int, Counter, bool]:
     return image_path.name, used, skipped, True
 
 
-def prepare_masks(images_dir: Path, annotations_file: Path, output_dir: Path, mode: str = "categories",
-                  categories: list[str] | None = None, max_images: int | None = None, workers: int = 0,
-                  overwrite: bool = False, crowd_as_object: bool = False) -> Summary:
+def prepare_masks(
+    images_dir: Path,
+    annotations_file: Path,
+    output_dir: Path,
+    mode: str = "categories",
+    categories: list[str] | None = None,
+    max_images: int | None = None,
+    workers: int = 0,
+    overwrite: bool = False,
+    crowd_as_object: bool = False,
+) -> Summary:
     """Render one index PNG per image into output_dir (plus classes.json); existing masks are kept."""
     if not images_dir.is_dir():
         raise UserError(f"{images_dir}: not a folder of images")
@@ -218,10 +271,24 @@ def prepare_masks(images_dir: Path, annotations_file: Path, output_dir: Path, mo
         if out_path.exists() and not overwrite:
             summary.existing += 1
             continue
-        tasks.append((images_dir / info["file_name"], out_path, int(info["height"]), int(info["width"]),
-                      by_image.get(info["id"], []), table, crowd_as_object))
-    for name, used, skipped, ok in tqdm(_render_all(tasks, workers), total=len(tasks), desc="rendering masks",
-                                        dynamic_ncols=True, disable=len(tasks) < 100):
+        tasks.append(
+            (
+                images_dir / info["file_name"],
+                out_path,
+                int(info["height"]),
+                int(info["width"]),
+                by_image.get(info["id"], []),
+                table,
+                crowd_as_object,
+            )
+        )
+    for name, used, skipped, ok in tqdm(
+        _render_all(tasks, workers),
+        total=len(tasks),
+        desc="rendering masks",
+        dynamic_ncols=True,
+        disable=len(tasks) < 100,
+    ):
         if not ok:
             summary.missing_images.append(name)
             continue

@@ -1,4 +1,5 @@
 """Image + mask folders -> (image, mask) tensors; the label mapping; sampling weights; the demo data."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, WeightedRandomSampler
+from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -49,8 +50,10 @@ def pair_files(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
             raise DataError(f"{folder}: not a folder" if folder.exists() else f"{folder}: no such folder")
     images = {p.stem: p for p in list_images(images_dir)}
     masks = {p.stem: p for p in list_images(masks_dir)}
-    for folder, only, kind in ((images_dir, images.keys() - masks.keys(), "images without a mask"),
-                               (masks_dir, masks.keys() - images.keys(), "masks without an image")):
+    for folder, only, kind in (
+        (images_dir, images.keys() - masks.keys(), "images without a mask"),
+        (masks_dir, masks.keys() - images.keys(), "masks without an image"),
+    ):
         if only:
             log.warning("%s: %d %s (e.g. %s)", folder, len(only), kind, ", ".join(sorted(only)[:5]))
     stems = sorted(images.keys() & masks.keys())
@@ -80,9 +83,15 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 # EXIF orientation tag -> the transpose that shows the image upright (as ImageOps.exif_transpose does).
-_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-            8: Image.Transpose.ROTATE_90}
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def read_image(path: Path) -> tuple[Image.Image, Image.Transpose | None]:
@@ -136,13 +145,22 @@ def scan_masks(mask_paths: list[Path], workers: int = 4) -> dict[str, dict[int, 
     try:
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
-            return {name: c if isinstance(c, str) else {int(v): n for v, n in c.items()}
-                    for name, c in cached["counts"].items()}
+            return {
+                name: c if isinstance(c, str) else {int(v): n for v, n in c.items()}
+                for name, c in cached["counts"].items()
+            }
     except (OSError, ValueError, KeyError, AttributeError):
         pass
     with ThreadPoolExecutor(max(workers, 1)) as pool:
-        results = list(tqdm(pool.map(_count_values, mask_paths), total=len(mask_paths),
-                            desc=f"scanning {mask_paths[0].parent}", leave=False, disable=len(mask_paths) < 500))
+        results = list(
+            tqdm(
+                pool.map(_count_values, mask_paths),
+                total=len(mask_paths),
+                desc=f"scanning {mask_paths[0].parent}",
+                leave=False,
+                disable=len(mask_paths) < 500,
+            )
+        )
     counts = {path.name: result for path, result in zip(mask_paths, results)}
     try:
         tmp = cache.with_suffix(f".tmp{os.getpid()}")
@@ -177,8 +195,9 @@ class LabelMapping:
     binary: bool = False
 
     @classmethod
-    def from_counts(cls, counts: dict[int, int], ignore_value: int = 255, binary: bool = False,
-                    names: dict[int, str] | None = None) -> "LabelMapping":
+    def from_counts(
+        cls, counts: dict[int, int], ignore_value: int = 255, binary: bool = False, names: dict[int, str] | None = None
+    ) -> "LabelMapping":
         if binary:
             return cls([0, 1], ["background", "foreground"], ignore_value, True)
         values = sorted(v for v in counts if v != ignore_value)
@@ -235,8 +254,9 @@ def build_transforms(image_size: int, augment: str = "none") -> v2.Compose:
         ]
     else:
         raise ValueError(f"unknown augmentation {augment!r}; choose none, basic or strong")
-    return v2.Compose([*geometry, v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
-                       v2.Normalize(MEAN, STD)])
+    return v2.Compose(
+        [*geometry, v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True), v2.Normalize(MEAN, STD)]
+    )
 
 
 def align_mask(mask: np.ndarray, image: Image.Image, upright: Image.Transpose | None, mask_path: Path) -> np.ndarray:
@@ -252,9 +272,18 @@ def align_mask(mask: np.ndarray, image: Image.Image, upright: Image.Transpose | 
 class SegmentationFolder(Dataset):
     """Images and masks paired by stem; labels mapped through the training set's mapping."""
 
-    def __init__(self, images_dir: str | Path, masks_dir: str | Path, image_size: int = 256,
-                 mapping: LabelMapping | None = None, ignore_value: int = 255, binary: bool = False,
-                 augment: str = "none", unknown_labels: str = "error", scan_workers: int = 4):
+    def __init__(
+        self,
+        images_dir: str | Path,
+        masks_dir: str | Path,
+        image_size: int = 256,
+        mapping: LabelMapping | None = None,
+        ignore_value: int = 255,
+        binary: bool = False,
+        augment: str = "none",
+        unknown_labels: str = "error",
+        scan_workers: int = 4,
+    ):
         self.images_dir, self.masks_dir = Path(images_dir), Path(masks_dir)
         pairs = pair_files(self.images_dir, self.masks_dir)
         raw_counts = scan_masks([m for _, m in pairs], scan_workers)
@@ -262,7 +291,7 @@ class SegmentationFolder(Dataset):
         for err in list(bad.values())[:5]:
             log.warning("%s", err)
         if bad:
-            log.warning("%s: %d unreadable masks skipped", self.masks_dir, len(bad))
+            log.warning("%s: %d bad masks left out", self.masks_dir, len(bad))
         self.pairs = [(i, m) for i, m in pairs if m.name not in bad]
         if not self.pairs:
             raise DataError(f"{self.masks_dir}: no readable masks")
@@ -277,11 +306,14 @@ class SegmentationFolder(Dataset):
             for (_, mask_path), counts in zip(self.pairs, per_image):
                 unknown = mapping.unknown_values(counts)
                 if unknown:
-                    raise DataError(f"{mask_path}: mask value {unknown[0]} never occurs in the training masks "
-                                     f"(training values: {mapping.values}); pass --ignore-unknown-labels to ignore it")
+                    raise DataError(
+                        f"{mask_path}: mask value {unknown[0]} never occurs in the training masks "
+                        f"(training values: {mapping.values}); pass --ignore-unknown-labels to ignore it"
+                    )
         self.mapping = mapping
         self.lut = mapping.lookup_table()
         self.class_counts = self._class_counts(per_image)
+        self.image_size = image_size
         self.transform = build_transforms(image_size, augment)
 
     def _class_counts(self, per_image: list[dict[int, int]]) -> np.ndarray:
@@ -335,21 +367,29 @@ class SegmentationFolder(Dataset):
 
 
 class SkipBadSamples(Dataset):
-    """Replaces a sample that fails to load by the next good one and says which file failed.
+    """Survives samples that fail to load, and says which files failed.
 
-    Items are (image, mask, skipped) where skipped names the failed files ("" if none), so the
-    training loop can report them per epoch from any DataLoader worker.
+    Training replaces a bad sample by the next good one; validation ("blank") puts an all-ignore
+    sample in its place, so no image is counted twice in the metrics. Items are
+    (image, mask, skipped) where skipped names the failed files ("" if none), so the training
+    loop can report them from any DataLoader worker. A key may be (seed, index): the seed then
+    fixes the sample's augmentation (see EpochSampler).
     """
 
-    def __init__(self, dataset: SegmentationFolder, strict: bool = False, max_tries: int = 10):
-        self.dataset, self.strict, self.max_tries = dataset, strict, max_tries
+    def __init__(self, dataset: SegmentationFolder, strict: bool = False, replace: bool = True, max_tries: int = 10):
+        self.dataset, self.strict, self.replace, self.max_tries = dataset, strict, replace, max_tries
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, str]:
+        if isinstance(key, tuple):
+            seed, index = key
+            torch.manual_seed(seed)
+        else:
+            index = key
         skipped = []
-        for attempt in range(self.max_tries):
+        for attempt in range(self.max_tries if self.replace else 1):
             try:
                 image, mask = self.dataset[(index + attempt) % len(self.dataset)]
                 return image, mask, "\n".join(skipped)
@@ -357,13 +397,42 @@ class SkipBadSamples(Dataset):
                 if self.strict:
                     raise
                 skipped.append(str(err))
+        if not self.replace:
+            size = self.dataset.image_size
+            return torch.zeros(3, size, size), torch.full((size, size), IGNORE_INDEX, dtype=torch.long), skipped[0]
         raise BadSampleError(f"{self.max_tries} bad samples in a row: " + "; ".join(skipped))
 
 
-def make_weighted_sampler(dataset: SegmentationFolder, generator: torch.Generator | None = None) -> WeightedRandomSampler:
+class EpochSampler(Sampler):
+    """Yields (seed, index) pairs whose order and augmentation depend only on (run seed, epoch).
+
+    set_epoch() re-seeds the wrapped sampler's generator; each position in the epoch gets its own
+    augmentation seed. A resumed run, or one with another number of workers, sees the same
+    samples augmented the same way as an uninterrupted one.
+    """
+
+    def __init__(self, sampler: Sampler, generator: torch.Generator, seed: int):
+        self.sampler, self.generator, self.seed, self.epoch = sampler, generator, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.generator.manual_seed(hash((self.seed, epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for position, index in enumerate(self.sampler):
+            yield hash((self.seed, self.epoch, position)) & 0x7FFF_FFFF_FFFF_FFFF, index
+
+
+def make_weighted_sampler(
+    dataset: SegmentationFolder, generator: torch.Generator | None = None
+) -> WeightedRandomSampler:
     """Draw images holding rare classes more often (the inverse-frequency rule)."""
-    return WeightedRandomSampler(dataset.sample_weights(), num_samples=len(dataset), replacement=True,
-                                 generator=generator)
+    return WeightedRandomSampler(
+        dataset.sample_weights(), num_samples=len(dataset), replacement=True, generator=generator
+    )
 
 
 DEMO_CLASSES = {1: "ellipse", 2: "rectangle", 3: "triangle", 4: "star"}  # star is the rare class
@@ -448,14 +517,18 @@ def _demo_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
 def _coco_annotation(ann_id: int, image_id: int, kind: int, polygon: np.ndarray) -> dict:
     x0, y0 = polygon.min(0)
     x1, y1 = polygon.max(0)
-    return {"id": ann_id, "image_id": image_id, "category_id": int(kind), "iscrowd": 0,
-            "segmentation": [[round(float(v), 2) for v in polygon.ravel()]],
-            "area": round(_polygon_area(polygon), 2),
-            "bbox": [round(float(v), 2) for v in (x0, y0, x1 - x0, y1 - y0)]}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": int(kind),
+        "iscrowd": 0,
+        "segmentation": [[round(float(v), 2) for v in polygon.ravel()]],
+        "area": round(_polygon_area(polygon), 2),
+        "bbox": [round(float(v), 2) for v in (x0, y0, x1 - x0, y1 - y0)],
+    }
 
 
-def make_demo_data(root: str | Path, num_train: int = 600, num_val: int = 150, size: int = 96,
-                   seed: int = 0) -> Path:
+def make_demo_data(root: str | Path, num_train: int = 600, num_val: int = 150, size: int = 96, seed: int = 0) -> Path:
     """Build (once, deterministically) the demo set: JPEG images, index-PNG masks and COCO json.
 
     Layout: root/images/{train,val}/*.jpg, root/masks/{train,val}/*.png, root/masks/classes.json,

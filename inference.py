@@ -3,6 +3,7 @@
 Masks are written at each image's original size and hold the original mask values the model
 was trained on, so they compare directly with the training masks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,21 +25,38 @@ from tqdm import tqdm
 from dataset import IMAGE_EXTENSIONS, MEAN, STD, BadSampleError, LabelMapping, read_image, read_mask
 from metrics import ConfusionMatrix
 from model import ResidualAttnUNet
-from utils import (UserError, autocast, colours, init_worker, load_checkpoint, resolve_device, resolve_precision,
-                   run_cli)
+from utils import (
+    ArgumentParser,
+    UserError,
+    autocast,
+    colours,
+    init_worker,
+    load_checkpoint,
+    resolve_device,
+    resolve_precision,
+    run_cli,
+)
 
 log = logging.getLogger("inference")
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def get_args_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input_dir", "--input-dir", type=Path, required=True, help="folder of images to segment")
     p.add_argument("--checkpoint", type=Path, help="default: best.pt of the most recently written run in runs/")
-    p.add_argument("--output_dir", "--output-dir", type=Path,
-                   help="default: <run>/predictions/<input folder name>; never inside --input_dir")
+    p.add_argument(
+        "--output_dir",
+        "--output-dir",
+        type=Path,
+        help="default: <run>/predictions/<input folder name>; never inside --input_dir",
+    )
     p.add_argument("--recursive", action="store_true", help="also segment images in subfolders")
-    p.add_argument("--masks_dir", "--masks-dir", type=Path,
-                   help="ground-truth masks (same file stems): also print mIoU, mean Dice and pixel accuracy")
+    p.add_argument(
+        "--masks_dir",
+        "--masks-dir",
+        type=Path,
+        help="ground-truth masks (same file stems): also print mIoU, mean Dice and pixel accuracy",
+    )
     p.add_argument("--tta", action="store_true", help="average the softmax of the image and its horizontal flip")
     p.add_argument("--save-probs", action="store_true", help="also write per-class probabilities as float16 .npy")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist (default: skip them)")
@@ -74,8 +92,9 @@ class Predictor:
         model = ResidualAttnUNet(**state["model_args"])
         model.load_state_dict(state["model"])
         model.to(device, memory_format=memory_format).eval()
-        return cls(model, LabelMapping.from_dict(state["mapping"]), int(state["image_size"]), device, precision,
-                   memory_format)
+        return cls(
+            model, LabelMapping.from_dict(state["mapping"]), int(state["image_size"]), device, precision, memory_format
+        )
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor, sizes: list[tuple[int, int]], tta: bool) -> list[torch.Tensor]:
@@ -89,8 +108,10 @@ class Predictor:
         if tta:
             probs = (probs + flipped.float().softmax(1)) / 2
         # Interpolate class scores, not labels, to the full size (labels would turn blocky).
-        return [F.interpolate(p[None], size=size, mode="bilinear", align_corners=False)[0].cpu()
-                for p, size in zip(probs, sizes)]
+        return [
+            F.interpolate(p[None], size=size, mode="bilinear", align_corners=False)[0].cpu()
+            for p, size in zip(probs, sizes)
+        ]
 
 
 class InputImages(Dataset):
@@ -98,8 +119,13 @@ class InputImages(Dataset):
 
     def __init__(self, paths: list[Path], image_size: int):
         self.paths = paths
-        self.transform = v2.Compose([v2.Resize((image_size, image_size), antialias=True),
-                                     v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+        self.transform = v2.Compose(
+            [
+                v2.Resize((image_size, image_size), antialias=True),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(MEAN, STD),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -145,12 +171,16 @@ class Outputs:
 
     def paths(self, relative: Path) -> dict[str, Path]:
         stem = relative.with_suffix("")
-        return {"mask": self.root / "masks" / f"{stem}.png", "overlay": self.root / "overlays" / f"{stem}.png",
-                "probs": self.root / "probs" / f"{stem}.npy"}
+        return {
+            "mask": self.root / "masks" / f"{stem}.png",
+            "overlay": self.root / "overlays" / f"{stem}.png",
+            "probs": self.root / "probs" / f"{stem}.npy",
+        }
 
 
-def write_prediction(source: Path, targets: dict[str, Path], labels: np.ndarray, probs: np.ndarray | None,
-                     mapping: LabelMapping) -> None:
+def write_prediction(
+    source: Path, targets: dict[str, Path], labels: np.ndarray, probs: np.ndarray | None, mapping: LabelMapping
+) -> None:
     """Mask of original values, overlay and optional probabilities, each written to a temp name and renamed."""
     values = np.array(mapping.values)[labels]
     values = values.astype(np.uint8 if values.max(initial=0) < 256 else np.uint16)
@@ -178,8 +208,14 @@ def evaluate_against(mask_path: Path, labels: np.ndarray, lut: np.ndarray, matri
         log.warning("not evaluated: %s", err)
         return False
     if truth.shape != labels.shape:
-        log.warning("not evaluated: %s is %dx%d, its image %dx%d", mask_path, truth.shape[1], truth.shape[0],
-                    labels.shape[1], labels.shape[0])
+        log.warning(
+            "not evaluated: %s is %dx%d, its image %dx%d",
+            mask_path,
+            truth.shape[1],
+            truth.shape[0],
+            labels.shape[1],
+            labels.shape[0],
+        )
         return False
     matrix.update(torch.from_numpy(labels), torch.from_numpy(truth.astype(np.int64)))
     return True
@@ -201,7 +237,9 @@ def resolve_output_dir(args: argparse.Namespace, checkpoint: Path) -> Path:
     output = args.output_dir or checkpoint.resolve().parent.parent / "predictions" / args.input_dir.resolve().name
     inside = output.resolve()
     if inside == args.input_dir.resolve() or args.input_dir.resolve() in inside.parents:
-        raise UserError(f"{output}: --output_dir must not be inside --input_dir {args.input_dir} (inputs are never modified)")
+        raise UserError(
+            f"{output}: --output_dir must not be inside --input_dir {args.input_dir} (inputs are never modified)"
+        )
     return output
 
 
@@ -213,20 +251,28 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{args.masks_dir}: --masks_dir is not a folder")
     checkpoint = args.checkpoint or newest_checkpoint()
     device = resolve_device(args.device)
-    predictor = Predictor.from_checkpoint(checkpoint, device, resolve_precision(args.precision, device),
-                                          args.channels_last)
+    predictor = Predictor.from_checkpoint(
+        checkpoint, device, resolve_precision(args.precision, device), args.channels_last
+    )
     outputs = Outputs(resolve_output_dir(args, checkpoint))
     relative = [p.relative_to(args.input_dir) for p in inputs]
     evaluating = args.masks_dir is not None
-    done = [all(path.exists() for kind, path in outputs.paths(r).items() if kind != "probs" or args.save_probs)
-            for r in relative]
+    done = [
+        all(path.exists() for kind, path in outputs.paths(r).items() if kind != "probs" or args.save_probs)
+        for r in relative
+    ]
     todo = [i for i, d in enumerate(done) if args.overwrite or evaluating or not d]
     masks = {p.stem: p for p in args.masks_dir.iterdir()} if evaluating else {}
     matrix = ConfusionMatrix(predictor.mapping.num_classes)
     lut = predictor.mapping.lookup_table()
-    loader = DataLoader(InputImages([inputs[i] for i in todo], predictor.image_size), args.batch_size,
-                        num_workers=args.workers, collate_fn=collate, worker_init_fn=init_worker,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        InputImages([inputs[i] for i in todo], predictor.image_size),
+        args.batch_size,
+        num_workers=args.workers,
+        collate_fn=collate,
+        worker_init_fn=init_worker,
+        pin_memory=device.type == "cuda",
+    )
     written = unreadable = evaluated = 0
     with ThreadPoolExecutor(max_workers=2) as writer:
         pending = []
@@ -242,22 +288,33 @@ def main(argv: list[str] | None = None) -> int:
                 if inputs[item].stem in masks:
                     evaluated += evaluate_against(masks[inputs[item].stem], labels, lut, matrix)
                 if args.overwrite or not done[item]:
-                    pending.append(writer.submit(write_prediction, inputs[item], outputs.paths(relative[item]),
-                                                 labels, probs.numpy() if args.save_probs else None,
-                                                 predictor.mapping))
+                    pending.append(
+                        writer.submit(
+                            write_prediction,
+                            inputs[item],
+                            outputs.paths(relative[item]),
+                            labels,
+                            probs.numpy() if args.save_probs else None,
+                            predictor.mapping,
+                        )
+                    )
                     written += 1
         for future in pending:
             future.result()
     skipped_existing = len(inputs) - len(todo) + sum(1 for i in todo if done[i] and not args.overwrite)
-    print(f"{written} images segmented into {outputs.root}; {skipped_existing} already done (--overwrite to redo); "
-          f"{unreadable} unreadable")
+    print(
+        f"{written} images segmented into {outputs.root}; {skipped_existing} already done (--overwrite to redo); "
+        f"{unreadable} unreadable"
+    )
     if evaluating:
         if evaluated == 0:
             print(f"no prediction had a mask of the same name in {args.masks_dir}")
         else:
             result = matrix.compute()
-            print(f"evaluation on {evaluated} images: mIoU {result['miou']:.4f}  mean Dice {result['mdice']:.4f}  "
-                  f"pixel accuracy {result['pixel_acc']:.4f}")
+            print(
+                f"evaluation on {evaluated} images: mIoU {result['miou']:.4f}  mean Dice {result['mdice']:.4f}  "
+                f"pixel accuracy {result['pixel_acc']:.4f}"
+            )
     return 1 if todo and unreadable == len(todo) else 0
 
 

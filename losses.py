@@ -1,4 +1,5 @@
 """build_loss(name, ...) -> nn.Module; every loss takes (logits, target) and honours ignore_index."""
+
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,7 @@ class DiceCELoss(nn.Module):
     averaged away by the images that lack it.
     """
 
-    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, ignore_index: int = 255,
-                 smooth: float = 1.0):
+    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, ignore_index: int = 255, smooth: float = 1.0):
         super().__init__()
         self.dice_weight, self.ce_weight = dice_weight, ce_weight
         self.ignore_index, self.smooth = ignore_index, smooth
@@ -42,8 +42,13 @@ class CrossEntropy(nn.CrossEntropyLoss):
         return super().forward(logits.float(), target)
 
 
-def build_loss(name: str, class_weights: torch.Tensor | None = None, ignore_index: int = 255,
-               dice_weight: float = 1.0, ce_weight: float = 1.0) -> nn.Module:
+def build_loss(
+    name: str,
+    class_weights: torch.Tensor | None = None,
+    ignore_index: int = 255,
+    dice_weight: float = 1.0,
+    ce_weight: float = 1.0,
+) -> nn.Module:
     if name == "ce":
         return CrossEntropy(ignore_index=ignore_index)
     if name == "dice_ce":

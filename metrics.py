@@ -1,4 +1,5 @@
 """Dataset-level segmentation metrics from one confusion matrix."""
+
 from __future__ import annotations
 
 import torch

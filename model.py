@@ -1,4 +1,5 @@
 """Residual U-Net with scaled dot-product self-attention at the bottleneck."""
+
 from __future__ import annotations
 
 import torch
@@ -78,9 +79,7 @@ class ResidualAttnUNet(nn.Module):
             self.encoders.append(ResidualBlock(channels, width))
             channels = width
         bottleneck = 2 * widths[-1]
-        self.bottleneck = nn.Sequential(
-            ResidualBlock(channels, bottleneck, dropout), SelfAttention2d(bottleneck)
-        )
+        self.bottleneck = nn.Sequential(ResidualBlock(channels, bottleneck, dropout), SelfAttention2d(bottleneck))
         self.decoders = nn.ModuleList()
         channels = bottleneck
         for width in reversed(widths):

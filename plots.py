@@ -1,4 +1,5 @@
 """Figures that explain a run: sample panels, the confusion matrix, training curves."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,16 +29,18 @@ def legend_handles(class_names: list[str]) -> list[Patch]:
     return [Patch(color=c / 255, label=name) for c, name in zip(colours(len(class_names)), class_names)]
 
 
-def sample_panel(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor,
-                 class_names: list[str]) -> Figure:
+def sample_panel(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor, class_names: list[str]) -> Figure:
     """One row per sample: image | ground truth | prediction, with one palette and a legend."""
     rows, k = len(images), len(class_names)
     fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows + 0.6), squeeze=False)
     for row in range(rows):
-        for col, (title, picture) in enumerate((
+        for col, (title, picture) in enumerate(
+            (
                 ("image", denormalise(images[row])),
                 ("ground truth", colourise(targets[row].cpu().numpy(), k)),
-                ("prediction", colourise(preds[row].cpu().numpy(), k)))):
+                ("prediction", colourise(preds[row].cpu().numpy(), k)),
+            )
+        ):
             axes[row, col].imshow(picture, interpolation="nearest")
             axes[row, col].set_axis_off()
             if row == 0:
@@ -56,8 +59,15 @@ def confusion_matrix_figure(matrix: torch.Tensor, class_names: list[str]) -> Fig
     ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, f"{normalised[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if normalised[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{normalised[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if normalised[i, j] > 0.5 else "black",
+            )
     ax.set_xticks(range(k), class_names, rotation=45, ha="right")
     ax.set_yticks(range(k), class_names)
     ax.set_xlabel("prediction")

@@ -4,6 +4,7 @@ Writes OUT/<image stem>.png (one label value per pixel) and OUT/classes.json, an
 summary. Masks that already exist are kept unless --overwrite, so a killed run resumes where it
 stopped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,17 +13,26 @@ import sys
 from pathlib import Path
 
 from coco import MODES, prepare_masks
-from utils import run_cli
+from utils import ArgumentParser, run_cli
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def get_args_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--images_dir", "--images-dir", type=Path, required=True)
-    p.add_argument("--annotations_file", "--annotations-file", type=Path, required=True,
-                   help="COCO instances_*.json (polygons, RLE or compressed RLE)")
+    p.add_argument(
+        "--annotations_file",
+        "--annotations-file",
+        type=Path,
+        required=True,
+        help="COCO instances_*.json (polygons, RLE or compressed RLE)",
+    )
     p.add_argument("--output_dir", "--output-dir", type=Path, required=True, help="mask folder to write")
-    p.add_argument("--mode", choices=MODES, default="categories",
-                   help="categories: one value per COCO category; groups: the 9 super-groups; binary: any object")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="categories",
+        help="categories: one value per COCO category; groups: the 9 super-groups; binary: any object",
+    )
     p.add_argument("--categories", help="comma-separated category names to keep (categories and binary modes)")
     p.add_argument("--max_images", "--max-images", type=int, help="only the first N images (by id)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering masks (0: inline)")
@@ -34,8 +44,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
-    summary = prepare_masks(args.images_dir, args.annotations_file, args.output_dir, args.mode, categories,
-                            args.max_images, args.workers, args.overwrite, args.crowd_as_object)
+    summary = prepare_masks(
+        args.images_dir,
+        args.annotations_file,
+        args.output_dir,
+        args.mode,
+        categories,
+        args.max_images,
+        args.workers,
+        args.overwrite,
+        args.crowd_as_object,
+    )
     print(summary.line())
     return 0
 

@@ -1,6 +1,8 @@
 """Helpers train.py and inference.py share: device, seeding, checkpoint I/O, colours."""
+
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import random
@@ -13,12 +15,32 @@ import numpy as np
 import torch
 
 # Fixed palette so a class keeps its colour across runs, panels and overlays.
-PALETTE = np.array([
-    [0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128],
-    [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0], [170, 255, 195], [128, 128, 0],
-    [255, 215, 180], [0, 0, 128], [128, 128, 128],
-], dtype=np.uint8)
+PALETTE = np.array(
+    [
+        [0, 0, 0],
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [210, 245, 60],
+        [250, 190, 212],
+        [0, 128, 128],
+        [220, 190, 255],
+        [170, 110, 40],
+        [255, 250, 200],
+        [128, 0, 0],
+        [170, 255, 195],
+        [128, 128, 0],
+        [255, 215, 180],
+        [0, 0, 128],
+        [128, 128, 128],
+    ],
+    dtype=np.uint8,
+)
 IGNORE_COLOUR = np.array([255, 255, 255], dtype=np.uint8)
 
 
@@ -30,12 +52,22 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names the file."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error instead of the usage dump: the mistake is the whole message."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def run_cli(main: Callable[[], int | None]) -> int:
     """Run a script's main(); user mistakes become one line on stderr and exit status 2."""
     try:
         return main() or 0
     except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        message = str(err).strip()
+        if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep its last line
+            message = message.splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

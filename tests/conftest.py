@@ -15,8 +15,20 @@ def tiny_demo(tmp_path_factory) -> Path:
     return make_demo_data(tmp_path_factory.mktemp("data") / "demo", num_train=24, num_val=8, size=48, seed=1)
 
 
-TINY_TRAIN_FLAGS = ["--image-size", "32", "--widths", "4,8,16,32", "--batch-size", "4", "--workers", "0",
-                    "--augment", "none", "--lr", "3e-3"]
+TINY_TRAIN_FLAGS = [
+    "--image-size",
+    "32",
+    "--widths",
+    "4,8,16,32",
+    "--batch-size",
+    "4",
+    "--workers",
+    "0",
+    "--augment",
+    "none",
+    "--lr",
+    "3e-3",
+]
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +37,20 @@ def trained_run(tiny_demo, tmp_path_factory) -> Path:
     import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    assert train.main(["--data-root", str(tiny_demo), "--epochs", "2", "--save-every", "1",
-                       "--run-dir", str(run_dir), *TINY_TRAIN_FLAGS]) == 0
+    assert (
+        train.main(
+            [
+                "--data-root",
+                str(tiny_demo),
+                "--epochs",
+                "2",
+                "--save-every",
+                "1",
+                "--run-dir",
+                str(run_dir),
+                *TINY_TRAIN_FLAGS,
+            ]
+        )
+        == 0
+    )
     return run_dir

@@ -12,8 +12,12 @@ from coco import CocoError, class_table, prepare_masks, render_mask
 from conftest import ROOT, TINY_TRAIN_FLAGS
 from utils import load_checkpoint
 
-CATEGORIES = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 44, "name": "bottle"},
-              {"id": 90, "name": "toothbrush"}]
+CATEGORIES = [
+    {"id": 1, "name": "person"},
+    {"id": 3, "name": "car"},
+    {"id": 44, "name": "bottle"},
+    {"id": 90, "name": "toothbrush"},
+]
 
 
 def square(x0, y0, x1, y1):
@@ -76,8 +80,13 @@ def rle_counts(binary):
 
 def test_malformed_annotations_are_skipped_and_counted():
     table = class_table(CATEGORIES, "categories")
-    anns = [annotation(1, [[1, 1, 5, 1]]), annotation(1, [[1, 1, 5, 1, 5]]), annotation(7, square(0, 0, 3, 3)),
-            annotation(1, {"size": [10, 10], "counts": "not an rle!"}), annotation(3, square(2, 2, 6, 6))]
+    anns = [
+        annotation(1, [[1, 1, 5, 1]]),
+        annotation(1, [[1, 1, 5, 1, 5]]),
+        annotation(7, square(0, 0, 3, 3)),
+        annotation(1, {"size": [10, 10], "counts": "not an rle!"}),
+        annotation(3, square(2, 2, 6, 6)),
+    ]
     mask, used, skipped = render_mask(10, 10, anns, table)
     assert used == 1
     assert skipped == {"malformed polygon": 2, "category id not in categories": 1, "bad RLE": 1}
@@ -115,9 +124,21 @@ def test_missing_images_are_counted_and_not_coco_json_is_one_line(tiny_demo, tmp
     (tmp_path / "b.json").write_text(json.dumps({"images": []}))
     with pytest.raises(CocoError, match="b.json: not COCO instances format"):
         prepare_masks(tiny_demo / "images/val", tmp_path / "b.json", tmp_path / "m2")
-    result = subprocess.run([sys.executable, str(ROOT / "prepare_masks.py"), "--images_dir", str(tiny_demo / "images/val"),
-                             "--annotations_file", str(tmp_path / "b.json"), "--output_dir", str(tmp_path / "m3")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "prepare_masks.py"),
+            "--images_dir",
+            str(tiny_demo / "images/val"),
+            "--annotations_file",
+            str(tmp_path / "b.json"),
+            "--output_dir",
+            str(tmp_path / "m3"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "not COCO instances format" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -125,11 +146,26 @@ def test_missing_images_are_counted_and_not_coco_json_is_one_line(tiny_demo, tmp
 def test_train_reads_coco_annotations_directly(tiny_demo, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "COCO_CACHE", tmp_path / "cache")
     run_dir = tmp_path / "run"
-    assert train.main(["--train-coco", str(tiny_demo / "annotations/instances_train.json"),
-                       "--train-images", str(tiny_demo / "images/train"),
-                       "--val-coco", str(tiny_demo / "annotations/instances_val.json"),
-                       "--val-images", str(tiny_demo / "images/val"),
-                       "--epochs", "1", "--run-dir", str(run_dir), *TINY_TRAIN_FLAGS]) == 0
+    assert (
+        train.main(
+            [
+                "--train-coco",
+                str(tiny_demo / "annotations/instances_train.json"),
+                "--train-images",
+                str(tiny_demo / "images/train"),
+                "--val-coco",
+                str(tiny_demo / "annotations/instances_val.json"),
+                "--val-images",
+                str(tiny_demo / "images/val"),
+                "--epochs",
+                "1",
+                "--run-dir",
+                str(run_dir),
+                *TINY_TRAIN_FLAGS,
+            ]
+        )
+        == 0
+    )
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert state["mapping"]["names"] == ["background", "ellipse", "rectangle", "triangle", "star"]
     assert len(list((tmp_path / "cache").glob("*/*.png"))) == 32

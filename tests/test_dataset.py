@@ -7,8 +7,15 @@ import torch
 from PIL import Image
 
 import dataset
-from dataset import (IGNORE_INDEX, BadSampleError, DataError, SegmentationFolder, SkipBadSamples,
-                     build_transforms, make_weighted_sampler)
+from dataset import (
+    IGNORE_INDEX,
+    BadSampleError,
+    DataError,
+    SegmentationFolder,
+    SkipBadSamples,
+    build_transforms,
+    make_weighted_sampler,
+)
 
 
 def write_pair(root: Path, stem: str, mask: np.ndarray, image: np.ndarray | None = None) -> None:

@@ -15,8 +15,13 @@ from utils import load_checkpoint
 
 
 def run_inference(*args):
-    return subprocess.run([sys.executable, str(ROOT / "inference.py"), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "inference.py"), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def folder_hashes(folder):
@@ -39,8 +44,16 @@ def mixed_folder(tiny_demo, tmp_path):
 def test_masks_at_original_size_with_original_values_and_inputs_untouched(trained_run, mixed_folder, tmp_path):
     before = folder_hashes(mixed_folder)
     out = tmp_path / "out"
-    result = run_inference("--input_dir", mixed_folder, "--checkpoint", trained_run / "checkpoints/best.pt",
-                           "--output_dir", out, "--workers", "0")
+    result = run_inference(
+        "--input_dir",
+        mixed_folder,
+        "--checkpoint",
+        trained_run / "checkpoints/best.pt",
+        "--output_dir",
+        out,
+        "--workers",
+        "0",
+    )
     assert result.returncode == 0, result.stderr
     assert folder_hashes(mixed_folder) == before
     assert re.search(r"empty\.jpg: unreadable image", result.stderr)
@@ -53,15 +66,33 @@ def test_masks_at_original_size_with_original_values_and_inputs_untouched(traine
             assert set(np.unique(np.asarray(mask)).tolist()) <= values
         with Image.open(out / "overlays" / f"{name}.png") as overlay:
             assert overlay.size[1] >= size[1] and overlay.mode == "RGB"
-    rerun = run_inference("--input_dir", mixed_folder, "--checkpoint", trained_run / "checkpoints/best.pt",
-                          "--output_dir", out, "--workers", "0")
+    rerun = run_inference(
+        "--input_dir",
+        mixed_folder,
+        "--checkpoint",
+        trained_run / "checkpoints/best.pt",
+        "--output_dir",
+        out,
+        "--workers",
+        "0",
+    )
     assert "0 images segmented" in rerun.stdout and "2 already done" in rerun.stdout
 
 
 def test_evaluation_equals_torchmetrics_on_the_written_masks(trained_run, tiny_demo, tmp_path):
     out = tmp_path / "out"
-    result = run_inference("--input_dir", tiny_demo / "images/val", "--checkpoint", trained_run / "checkpoints/best.pt",
-                           "--output_dir", out, "--masks_dir", tiny_demo / "masks/val", "--tta", "--save-probs")
+    result = run_inference(
+        "--input_dir",
+        tiny_demo / "images/val",
+        "--checkpoint",
+        trained_run / "checkpoints/best.pt",
+        "--output_dir",
+        out,
+        "--masks_dir",
+        tiny_demo / "masks/val",
+        "--tta",
+        "--save-probs",
+    )
     assert result.returncode == 0, result.stderr
     printed = float(re.search(r"mIoU (\d\.\d+)", result.stdout).group(1))
     mapping = LabelMapping.from_dict(load_checkpoint(trained_run / "checkpoints/best.pt")["mapping"])
@@ -77,13 +108,24 @@ def test_evaluation_equals_torchmetrics_on_the_written_masks(trained_run, tiny_d
     np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2)
 
 
-@pytest.mark.parametrize("make_args, message", [
-    (lambda folder, ckpt: ["--input_dir", folder, "--checkpoint", ckpt, "--output_dir", folder / "out"],
-     "must not be inside --input_dir"),
-    (lambda folder, ckpt: ["--input_dir", folder / "missing", "--checkpoint", ckpt], "missing: no such folder"),
-    (lambda folder, ckpt: ["--input_dir", folder / "wide.jpg", "--checkpoint", ckpt], "must be a folder, not a file"),
-    (lambda folder, ckpt: ["--input_dir", folder, "--checkpoint", folder / "wide.jpg"], "not a loadable checkpoint"),
-])
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (
+            lambda folder, ckpt: ["--input_dir", folder, "--checkpoint", ckpt, "--output_dir", folder / "out"],
+            "must not be inside --input_dir",
+        ),
+        (lambda folder, ckpt: ["--input_dir", folder / "missing", "--checkpoint", ckpt], "missing: no such folder"),
+        (
+            lambda folder, ckpt: ["--input_dir", folder / "wide.jpg", "--checkpoint", ckpt],
+            "must be a folder, not a file",
+        ),
+        (
+            lambda folder, ckpt: ["--input_dir", folder, "--checkpoint", folder / "wide.jpg"],
+            "not a loadable checkpoint",
+        ),
+    ],
+)
 def test_user_mistakes_exit_2_and_write_nothing(trained_run, mixed_folder, make_args, message):
     before = folder_hashes(mixed_folder)
     result = run_inference(*make_args(mixed_folder, trained_run / "checkpoints/best.pt"))
@@ -96,6 +138,14 @@ def test_a_folder_with_nothing_readable_exits_non_zero(trained_run, tmp_path):
     folder = tmp_path / "bad"
     folder.mkdir()
     (folder / "a.jpg").write_bytes(b"\xff\xd8\xff")
-    result = run_inference("--input_dir", folder, "--checkpoint", trained_run / "checkpoints/best.pt",
-                           "--output_dir", tmp_path / "out", "--workers", "0")
+    result = run_inference(
+        "--input_dir",
+        folder,
+        "--checkpoint",
+        trained_run / "checkpoints/best.pt",
+        "--output_dir",
+        tmp_path / "out",
+        "--workers",
+        "0",
+    )
     assert result.returncode == 1 and "a.jpg" in result.stderr

@@ -35,7 +35,9 @@ def test_weighted_ce_is_the_weighted_mean_of_negative_log_likelihoods():
     log_probs = logits.log_softmax(1).gather(1, target.unsqueeze(1)).squeeze(1)
     w = weights[target]
     expected = -(w * log_probs).sum() / w.sum()
-    assert build_loss("weighted_ce", class_weights=weights)(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert build_loss("weighted_ce", class_weights=weights)(logits, target).item() == pytest.approx(
+        expected.item(), rel=1e-5
+    )
 
 
 def test_unknown_loss_and_missing_weights_are_refused():

@@ -13,8 +13,9 @@ def random_batches(seed: int, batches: int = 3):
     g = torch.Generator().manual_seed(seed)
     for _ in range(batches):
         target = torch.randint(0, K, (2, 24, 24), generator=g)
-        pred = torch.where(torch.rand(target.shape, generator=g) < 0.6, target,
-                           torch.randint(0, K, target.shape, generator=g))
+        pred = torch.where(
+            torch.rand(target.shape, generator=g) < 0.6, target, torch.randint(0, K, target.shape, generator=g)
+        )
         target[torch.rand(target.shape, generator=g) < 0.1] = 255
         yield pred, target
 

@@ -43,8 +43,9 @@ def test_the_logged_val_miou_equals_a_fresh_evaluation_of_the_checkpoint(trained
     from model import ResidualAttnUNet
 
     state = load_checkpoint(trained_run / "checkpoints" / "last.pt")
-    val = SegmentationFolder(tiny_demo / "images/val", tiny_demo / "masks/val", state["image_size"],
-                             LabelMapping.from_dict(state["mapping"]))
+    val = SegmentationFolder(
+        tiny_demo / "images/val", tiny_demo / "masks/val", state["image_size"], LabelMapping.from_dict(state["mapping"])
+    )
     model = ResidualAttnUNet(**state["model_args"])
     model.load_state_dict(state["model"])
     model.eval()
@@ -58,8 +59,12 @@ def test_the_logged_val_miou_equals_a_fresh_evaluation_of_the_checkpoint(trained
 
 def test_resume_continues_at_the_next_epoch_with_the_scheduled_learning_rate(trained_run, tmp_path):
     run_dir = tmp_path / "resumed"
-    assert train.main(["--resume", str(trained_run / "checkpoints" / "epoch_001.pt"), "--epochs", "2",
-                       "--run-dir", str(run_dir)]) == 0
+    assert (
+        train.main(
+            ["--resume", str(trained_run / "checkpoints" / "epoch_001.pt"), "--epochs", "2", "--run-dir", str(run_dir)]
+        )
+        == 0
+    )
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert [h["epoch"] for h in state["history"]] == [1, 2]
     lr = scalars(run_dir, "lr")
@@ -79,15 +84,19 @@ def test_resume_auto_with_more_epochs_continues_the_same_run(tiny_demo, tmp_path
 
 
 def run_script(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--image-size", "0"], "--image-size: '0' is not a positive integer"),
-    (["--widths", "64,,128"], "--widths: '64,,128' is not a comma-separated list"),
-    (["--data-root", "/nonexistent/data"], "/nonexistent/data/images/train: no such folder"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--image-size", "0"], "--image-size: '0' is not a positive integer"),
+        (["--widths", "64,,128"], "--widths: '64,,128' is not a comma-separated list"),
+        (["--data-root", "/nonexistent/data"], "--data-root /nonexistent/data: no such folder"),
+    ],
+)
 def test_user_mistakes_exit_2_with_one_line_and_no_traceback(flags, message):
     result = run_script(*flags, "--epochs", "1")
     assert result.returncode == 2
