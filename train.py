@@ -440,6 +440,7 @@ def checkpoint_state(model, optimizer, scheduler, scaler, epoch, args, mapping, 
         },
         "image_size": args.image_size,
         "args": plain_args,
+        "rng": torch.get_rng_state(),  # dropout draws from it; sampling and augmentation are seeded per epoch
     }
 
 
@@ -520,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["rng"])
         start_epoch, best_miou, history = checkpoint["epoch"], checkpoint["best_miou"], checkpoint["history"]
         print(f"resumed from {checkpoint['path']} at epoch {start_epoch}")
     step_model = torch.compile(model) if args.compile else model

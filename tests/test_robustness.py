@@ -252,6 +252,12 @@ def test_sigterm_saves_nothing_broken_and_resume_finishes_the_schedule(tiny_demo
     for epoch, lr in lrs.items():
         assert lr == pytest.approx(3e-3 * (1 + math.cos(math.pi * (epoch - 1) / 6)) / 2, rel=1e-5)
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    # Same order, augmentation and RNG: the resumed run ends where an uninterrupted one does.
+    flags[flags.index("--run-dir") + 1] = tmp_path / "uninterrupted"
+    assert run_train(*flags).returncode == 0
+    reference = load_checkpoint(tmp_path / "uninterrupted/checkpoints/last.pt")
+    for name, tensor in reference["model"].items():
+        torch.testing.assert_close(state["model"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_demo, tmp_path, monkeypatch, capsys):
