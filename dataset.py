@@ -283,7 +283,9 @@ class SegmentationFolder(Dataset):
         augment: str = "none",
         unknown_labels: str = "error",
         scan_workers: int = 4,
+        limit: int | None = None,
     ):
+        """limit keeps the first N pairs (after the label mapping is found on all of them)."""
         self.images_dir, self.masks_dir = Path(images_dir), Path(masks_dir)
         pairs = pair_files(self.images_dir, self.masks_dir)
         raw_counts = scan_masks([m for _, m in pairs], scan_workers)
@@ -312,6 +314,7 @@ class SegmentationFolder(Dataset):
                     )
         self.mapping = mapping
         self.lut = mapping.lookup_table()
+        self.pairs, per_image = self.pairs[:limit], per_image[:limit]
         self.class_counts = self._class_counts(per_image)
         self.image_size = image_size
         self.transform = build_transforms(image_size, augment)

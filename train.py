@@ -124,6 +124,9 @@ def get_args_parser() -> ArgumentParser:
     )
     data.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
     data.add_argument("--strict", action="store_true", help="stop at a bad sample instead of skipping it")
+    data.add_argument(
+        "--train-subset", type=positive_int, help="train on the first N training images only (classes from all)"
+    )
 
     model = p.add_argument_group("model and optimisation")
     model.add_argument(
@@ -281,7 +284,14 @@ def build_datasets(
 ) -> tuple[SegmentationFolder, SegmentationFolder]:
     paths = data_paths(args)
     train_set = SegmentationFolder(
-        paths.train_images, paths.train_masks, args.image_size, mapping, args.ignore_value, args.binary, args.augment
+        paths.train_images,
+        paths.train_masks,
+        args.image_size,
+        mapping,
+        args.ignore_value,
+        args.binary,
+        args.augment,
+        limit=args.train_subset,
     )
     val_set = SegmentationFolder(
         paths.val_images,
