@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -406,27 +407,56 @@ class SkipBadSamples(Dataset):
         raise BadSampleError(f"{self.max_tries} bad samples in a row: " + "; ".join(skipped))
 
 
-class EpochSampler(Sampler):
-    """Yields (seed, index) pairs whose order and augmentation depend only on (run seed, epoch).
+def epoch_seed(*parts: int) -> int:
+    """A non-negative 63-bit seed from integers (int tuple hashes are the same in every process)."""
+    return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
 
-    set_epoch() re-seeds the wrapped sampler's generator; each position in the epoch gets its own
-    augmentation seed. A resumed run, or one with another number of workers, sees the same
-    samples augmented the same way as an uninterrupted one.
+
+class EpochSampler(Sampler):
+    """Yields (seed, index) pairs whose order and augmentation depend only on (run seed, epoch, rank).
+
+    set_epoch() re-seeds the wrapped sampler (its own set_epoch, or its generator); each position in
+    the epoch gets its own augmentation seed. A resumed run, or one with another number of workers,
+    sees the same samples augmented the same way as an uninterrupted one.
     """
 
-    def __init__(self, sampler: Sampler, generator: torch.Generator, seed: int):
-        self.sampler, self.generator, self.seed, self.epoch = sampler, generator, seed, 0
+    def __init__(self, sampler: Sampler, seed: int, generator: torch.Generator | None = None, rank: int = 0):
+        self.sampler, self.seed, self.generator, self.rank, self.epoch = sampler, seed, generator, rank, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self.generator.manual_seed(hash((self.seed, epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        else:
+            self.generator.manual_seed(epoch_seed(self.seed, epoch))
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self):
         for position, index in enumerate(self.sampler):
-            yield hash((self.seed, self.epoch, position)) & 0x7FFF_FFFF_FFFF_FFFF, index
+            yield epoch_seed(self.seed, self.epoch, self.rank, position), index
+
+
+class DistributedWeightedSampler(Sampler):
+    """The weighted sampler under DDP: every rank draws the same weighted sample of the epoch
+    (a seed shared through set_epoch) and keeps every world_size-th draw starting at its rank.
+    """
+
+    def __init__(self, weights: torch.Tensor, num_replicas: int, rank: int, seed: int = 0):
+        self.weights, self.num_replicas, self.rank, self.seed, self.epoch = weights, num_replicas, rank, seed, 0
+        self.num_samples = math.ceil(len(weights) / num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        draws = torch.multinomial(self.weights, self.num_samples * self.num_replicas, True, generator=generator)
+        return iter(draws[self.rank :: self.num_replicas].tolist())
 
 
 def make_weighted_sampler(

@@ -15,13 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from coco import MODES, prepare_masks
 from dataset import (
     IGNORE_INDEX,
+    DistributedWeightedSampler,
     EpochSampler,
     LabelMapping,
     SegmentationFolder,
@@ -36,11 +39,12 @@ from plots import confusion_matrix_figure, curves_figure, sample_panel, save_fig
 from utils import (
     ArgumentParser,
     CheckpointError,
+    Distributed,
     UserError,
     autocast,
+    init_distributed,
     init_worker,
     load_checkpoint,
-    resolve_device,
     resolve_precision,
     run_cli,
     save_checkpoint,
@@ -159,6 +163,15 @@ def get_args_parser() -> ArgumentParser:
         help="NHWC memory format (faster convolutions on CPU and CUDA)",
     )
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument(
+        "--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm statistics over all ranks"
+    )
+    run.add_argument(
+        "--dist-timeout",
+        type=positive_int,
+        default=600,
+        help="seconds a rank waits for the others before the job fails (torchrun)",
+    )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--run-dir", type=Path, help="default runs/<data>-<time>: events, checkpoints/, samples/")
     run.add_argument("--save-every", type=positive_int, default=10, help="checkpoint and sample panel every N epochs")
@@ -308,10 +321,18 @@ def build_datasets(
     return train_set, val_set
 
 
-def build_loaders(args, train_set, val_set, device) -> tuple[DataLoader, DataLoader]:
-    """Weighted or uniform sampling whose order and augmentation are fixed by (seed, epoch)."""
+def build_loaders(args, train_set, val_set, device, ddp: Distributed) -> tuple[DataLoader, DataLoader]:
+    """Weighted or uniform sampling fixed by (seed, epoch); under DDP each rank takes its own share.
+
+    Validation is split into disjoint shards (no padding), so the all-reduced confusion matrix
+    counts every validation image exactly once.
+    """
     generator = torch.Generator()
-    if args.sampler == "weighted":
+    if ddp.world_size > 1 and args.sampler == "weighted":
+        sampler = DistributedWeightedSampler(train_set.sample_weights(), ddp.world_size, ddp.rank, args.seed)
+    elif ddp.world_size > 1:
+        sampler = DistributedSampler(train_set, ddp.world_size, ddp.rank, shuffle=True, seed=args.seed)
+    elif args.sampler == "weighted":
         sampler = make_weighted_sampler(train_set, generator)
     else:
         sampler = RandomSampler(train_set, generator=generator)
@@ -325,12 +346,13 @@ def build_loaders(args, train_set, val_set, device) -> tuple[DataLoader, DataLoa
     train_loader = DataLoader(
         SkipBadSamples(train_set, args.strict),
         args.batch_size,
-        sampler=EpochSampler(sampler, generator, args.seed),
+        sampler=EpochSampler(sampler, args.seed, generator, ddp.rank),
         drop_last=True,
         **loader_options,
     )
+    val_shard = range(ddp.rank, len(val_set), ddp.world_size)
     val_loader = DataLoader(
-        SkipBadSamples(val_set, args.strict, replace=False), args.batch_size, shuffle=False, **loader_options
+        SkipBadSamples(val_set, args.strict, replace=False), args.batch_size, sampler=val_shard, **loader_options
     )
     return train_loader, val_loader
 
@@ -360,6 +382,16 @@ class GracefulStop:
     def requested(self) -> bool:
         return self.signum is not None
 
+    def agreed(self, ddp: Distributed, device: torch.device) -> bool:
+        """Under DDP every rank stops after the same step, or one would wait for the others for ever."""
+        if not ddp.enabled:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=device)
+        ddp.all_reduce_sum(flag)
+        if flag.item() and self.signum is None:
+            self.signum = signal.SIGTERM
+        return bool(flag.item())
+
     @property
     def exit_code(self) -> int:
         return 128 + int(self.signum)
@@ -369,8 +401,30 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def train_step(model, images, masks, loss_fn, optimizer, scaler, device, precision) -> torch.Tensor:
+    """Forward in the chosen precision, loss in fp32, backward, update; the loss stays on the device."""
+    with autocast(device, precision):
+        logits = model(images)
+    loss = loss_fn(logits, masks)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
 def train_one_epoch(
-    model, loader, loss_fn, optimizer, scaler, device, precision, memory_format, epoch: int, stop: GracefulStop
+    model,
+    loader,
+    loss_fn,
+    optimizer,
+    scaler,
+    device,
+    precision,
+    memory_format,
+    epoch: int,
+    stop: GracefulStop,
+    ddp: Distributed = Distributed(),
 ) -> tuple[float, list[str]]:
     """One pass over the sampler; returns the mean loss and the bad samples that were skipped."""
     model.train()
@@ -378,39 +432,44 @@ def train_one_epoch(
     first_bad_step = torch.zeros((), dtype=torch.long, device=device)
     skipped: list[str] = []
     steps = 0
-    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True, disable=not ddp.is_main)
     for steps, (images, masks, skipped_here) in enumerate(bar, 1):
         skipped.extend(line for s in skipped_here for line in s.splitlines())
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         masks = masks.to(device, non_blocking=True)
-        with autocast(device, precision):
-            logits = model(images)
-        loss = loss_fn(logits, masks)
+        loss = train_step(model, images, masks, loss_fn, optimizer, scaler, device, precision)
         # Recorded on the device and read at log points only: no host sync per step.
         first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(loss), steps, first_bad_step)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        total_loss += loss.detach()
+        total_loss += loss
         if steps % 10 == 0 or steps == len(loader) or stop.requested:
             if first_bad_step.item():
                 raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {first_bad_step.item()}")
             bar.set_postfix(loss=f"{total_loss.item() / steps:.4f}")  # a host sync point
-        if stop.requested:
+        if stop.agreed(ddp, device):
             break
     return total_loss.item() / max(steps, 1), skipped
 
 
 @torch.inference_mode()
-def evaluate(model, loader, loss_fn, num_classes: int, device, precision, memory_format, epoch: int):
-    """Loss and confusion matrix over the whole validation set, the first batch for a panel, bad files."""
+def evaluate(
+    model,
+    loader,
+    loss_fn,
+    num_classes: int,
+    device,
+    precision,
+    memory_format,
+    epoch: int,
+    ddp: Distributed = Distributed(),
+):
+    """Loss and confusion matrix over the whole validation set (all ranks), a first batch, bad files."""
     model.eval()
     matrix = ConfusionMatrix(num_classes, device=device)
     total_loss = torch.zeros((), device=device)
     total_pixels = torch.zeros((), device=device)
     first_batch, skipped = None, []
-    for images, masks, skipped_here in tqdm(loader, desc=f"epoch {epoch} val", leave=False, dynamic_ncols=True):
+    bar = tqdm(loader, desc=f"epoch {epoch} val", leave=False, dynamic_ncols=True, disable=not ddp.is_main)
+    for images, masks, skipped_here in bar:
         skipped.extend(line for s in skipped_here for line in s.splitlines())
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         masks = masks.to(device, non_blocking=True)
@@ -425,6 +484,8 @@ def evaluate(model, loader, loss_fn, num_classes: int, device, precision, memory
         if first_batch is None:
             first_batch = (images[:PANEL_SAMPLES].cpu(), masks[:PANEL_SAMPLES].cpu(), preds[:PANEL_SAMPLES].cpu())
     matrix.reduce()
+    ddp.all_reduce_sum(total_loss)
+    ddp.all_reduce_sum(total_pixels)
     return (total_loss / total_pixels.clamp_min(1)).item(), matrix, first_batch, skipped
 
 
@@ -463,59 +524,138 @@ def skip_report(train_skipped: list[str], val_skipped: list[str]) -> str:
     return ("  " + "  ".join(parts)) if parts else ""
 
 
-def log_epoch(
-    writer: SummaryWriter,
-    epoch: int,
-    train_loss: float,
-    val_loss: float,
-    metrics: dict,
-    class_names: list[str],
-    lr: float,
-) -> None:
-    writer.add_scalar("loss/train", train_loss, epoch)
-    writer.add_scalar("loss/val", val_loss, epoch)
-    writer.add_scalar("val/miou", metrics["miou"], epoch)
-    writer.add_scalar("val/mdice", metrics["mdice"], epoch)
-    writer.add_scalar("val/pixel_acc", metrics["pixel_acc"], epoch)
-    writer.add_scalar("lr", lr, epoch)
-    for name, iou in zip(class_names, metrics["iou"].tolist()):
-        writer.add_scalar(f"iou/{name}", iou, epoch)
+class Reporter:
+    """Everything a run leaves behind: console, TensorBoard, checkpoints, figures. Rank 0 only."""
+
+    def __init__(self, run_dir: Path, active: bool, purge_step: int | None):
+        self.run_dir, self.active = run_dir, active
+        self.checkpoints = run_dir / "checkpoints"
+        self.writer = SummaryWriter(str(run_dir), purge_step=purge_step) if active else None
+
+    def print(self, *args, **kwargs) -> None:
+        if self.active:
+            print(*args, **kwargs)
+
+    def epoch(
+        self, epoch: int, epochs: int, record: dict, metrics: dict, class_names: list[str], seconds: float, skipped: str
+    ) -> None:
+        if not self.active:
+            return
+        for tag, key in (
+            ("loss/train", "train_loss"),
+            ("loss/val", "val_loss"),
+            ("val/miou", "miou"),
+            ("val/mdice", "mdice"),
+            ("val/pixel_acc", "pixel_acc"),
+            ("lr", "lr"),
+        ):
+            self.writer.add_scalar(tag, record[key], epoch)
+        for name, iou in zip(class_names, metrics["iou"].tolist()):
+            self.writer.add_scalar(f"iou/{name}", iou, epoch)
+        print(
+            f"epoch {epoch}/{epochs}  train loss {record['train_loss']:.4f}  val loss {record['val_loss']:.4f}  "
+            f"mIoU {record['miou']:.4f}  mDice {record['mdice']:.4f}  pixel acc {record['pixel_acc']:.4f}  "
+            f"lr {record['lr']:.2e}  {seconds:.1f}s" + skipped
+        )
+
+    def save(self, state: dict, improved: bool, numbered: bool) -> None:
+        if not self.active:
+            return
+        save_checkpoint(state, self.checkpoints / "last.pt")
+        if improved:
+            save_checkpoint(state, self.checkpoints / "best.pt")
+        if numbered:
+            save_checkpoint(state, self.checkpoints / f"epoch_{state['epoch']:03d}.pt")
+
+    def figures(self, epoch: int, first_batch, matrix: ConfusionMatrix, class_names: list[str]) -> None:
+        """The sample panel and confusion matrix, as PNGs under samples/ and in TensorBoard."""
+        if not self.active:
+            return
+        (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        for tag, fig in (
+            ("samples", sample_panel(*first_batch, class_names)),
+            ("confusion_matrix", confusion_matrix_figure(matrix.matrix, class_names)),
+        ):
+            fig.savefig(self.run_dir / "samples" / f"{tag}_epoch_{epoch:03d}.png", dpi=100)
+            self.writer.add_figure(tag, fig, epoch)  # also closes the figure
+
+    def finish(self, history: list[dict], args: argparse.Namespace, best_miou: float, val_images: Path) -> None:
+        if not self.active:
+            return
+        if history:
+            save_figure(curves_figure(history), self.run_dir / "curves.png")
+            hparams = {
+                k: str(v) if isinstance(v, (Path, tuple, list)) or v is None else v for k, v in vars(args).items()
+            }
+            self.writer.add_hparams(hparams, {"hparam/best_miou": best_miou}, run_name="hparams")
+        self.writer.close()
+        print(
+            f"\nbest val mIoU {best_miou:.4f}\n"
+            f"TensorBoard logs: {self.run_dir}\ncheckpoints: {self.checkpoints} (best.pt, last.pt)\n"
+            f"sample images: {self.run_dir / 'samples'}\ncurves: {self.run_dir / 'curves.png'}\nnext:\n"
+            f"  tensorboard --logdir {self.run_dir.parent}\n"
+            f"  python inference.py --input_dir {val_images} --checkpoint {self.checkpoints / 'best.pt'}"
+        )
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
-def save_figures(
-    writer: SummaryWriter, run_dir: Path, epoch: int, first_batch, matrix: ConfusionMatrix, class_names: list[str]
-) -> None:
-    """The sample panel and confusion matrix, as PNGs under samples/ and in TensorBoard."""
-    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-    for tag, fig in (
-        ("samples", sample_panel(*first_batch, class_names)),
-        ("confusion_matrix", confusion_matrix_figure(matrix.matrix, class_names)),
-    ):
-        fig.savefig(run_dir / "samples" / f"{tag}_epoch_{epoch:03d}.png", dpi=100)
-        writer.add_figure(tag, fig, epoch)  # also closes the figure
+def prepare_data(args, checkpoint: dict | None, ddp: Distributed) -> tuple[SegmentationFolder, SegmentationFolder]:
+    """Rank 0 builds the demo, renders COCO masks and scans labels first; the others then read its caches."""
+    mapping = LabelMapping.from_dict(checkpoint["mapping"]) if checkpoint else None
+    for turn in ("main", "others"):
+        if (turn == "main") == ddp.is_main:
+            if args.demo:
+                make_demo_data(DEMO_ROOT, **DEMO_IMAGES)
+            datasets = build_datasets(args, mapping)
+        ddp.barrier()
+    return datasets
+
+
+def build_model(args, num_classes: int, device: torch.device, ddp: Distributed):
+    """The model to save (plain) and the one to step (compiled and/or DDP-wrapped)."""
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = ResidualAttnUNet(3, num_classes, args.widths, args.dropout)
+    if args.sync_bn:
+        if device.type != "cuda" or not ddp.enabled:
+            raise UserError("--sync-bn needs a torchrun job on CUDA GPUs (SyncBatchNorm does not run on the CPU)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device, memory_format=memory_format)
+    step_model = torch.compile(model) if args.compile else model
+    if ddp.enabled:
+        step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, step_model, memory_format
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     args, checkpoint = parse_args(argv)
-    device = resolve_device(args.device)
+    ddp, device = init_distributed(args.device, args.dist_timeout)
+    try:
+        return train(args, checkpoint, ddp, device)
+    finally:
+        if ddp.enabled:
+            dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, checkpoint: dict | None, ddp: Distributed, device: torch.device) -> int:
+    args.run_dir = ddp.broadcast(args.run_dir)  # a timestamped name must be the same on every rank
+    if not ddp.is_main:
+        logging.getLogger().setLevel(logging.ERROR)
     precision = resolve_precision(args.precision, device)
     seed_everything(args.seed)
-    if args.demo:
+    if args.demo and ddp.is_main:
         print(
             f"demo run: data {DEMO_ROOT} ({DEMO_IMAGES['num_train']} train, {DEMO_IMAGES['num_val']} val images), "
             f"image size {args.image_size}, widths {','.join(map(str, args.widths))}, {args.epochs} epochs, "
             f"batch {args.batch_size}"
         )
-        make_demo_data(DEMO_ROOT, **DEMO_IMAGES)
-
-    mapping = LabelMapping.from_dict(checkpoint["mapping"]) if checkpoint else None
-    train_set, val_set = build_datasets(args, mapping)
+    train_set, val_set = prepare_data(args, checkpoint, ddp)
     mapping, class_names = train_set.mapping, train_set.mapping.names
-    train_loader, val_loader = build_loaders(args, train_set, val_set, device)
-
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = ResidualAttnUNet(3, mapping.num_classes, args.widths, args.dropout).to(device, memory_format=memory_format)
+    train_loader, val_loader = build_loaders(args, train_set, val_set, device, ddp)
+    model, step_model, memory_format = build_model(args, mapping.num_classes, device, ddp)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cuda", "cpu"))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -533,17 +673,16 @@ def main(argv: list[str] | None = None) -> int:
         scaler.load_state_dict(checkpoint["scaler"])
         torch.set_rng_state(checkpoint["rng"])
         start_epoch, best_miou, history = checkpoint["epoch"], checkpoint["best_miou"], checkpoint["history"]
-        print(f"resumed from {checkpoint['path']} at epoch {start_epoch}")
-    step_model = torch.compile(model) if args.compile else model
-
-    run_dir = args.run_dir
-    ckpt_dir = run_dir / "checkpoints"
-    print(
+    report = Reporter(args.run_dir, ddp.is_main, purge_step=start_epoch + 1 if checkpoint else None)
+    if checkpoint:
+        report.print(f"resumed from {checkpoint['path']} at epoch {start_epoch}")
+    report.print(
         f"{len(train_set)} training and {len(val_set)} validation images, {mapping.num_classes} classes "
         f"({', '.join(class_names)}); {count_parameters(model) / 1e6:.2f} M parameters; "
         f"{device.type}, {precision}, {'channels_last' if args.channels_last else 'NCHW'}"
+        + (f"; {ddp.world_size} processes, batch {args.batch_size} each" if ddp.enabled else "")
     )
-    writer = SummaryWriter(str(run_dir), purge_step=start_epoch + 1 if checkpoint else None)
+    last = report.checkpoints / "last.pt"
     epochs_without_gain = 0
     with GracefulStop() as stop:
         for epoch in range(start_epoch + 1, args.epochs + 1):
@@ -552,82 +691,86 @@ def main(argv: list[str] | None = None) -> int:
             lr = optimizer.param_groups[0]["lr"]
             try:
                 train_loss, skipped = train_one_epoch(
-                    step_model, train_loader, loss_fn, optimizer, scaler, device, precision, memory_format, epoch, stop
+                    step_model,
+                    train_loader,
+                    loss_fn,
+                    optimizer,
+                    scaler,
+                    device,
+                    precision,
+                    memory_format,
+                    epoch,
+                    stop,
+                    ddp,
                 )
             except NonFiniteLoss as err:
                 print(
-                    f"error: {err}; stopped without saving. last good checkpoint: {ckpt_dir / 'last.pt'} "
+                    f"error: {err}; stopped without saving. last good checkpoint: {last} "
                     f"(try a lower --lr or --precision fp32)",
                     file=sys.stderr,
                 )
                 return 1
             if stop.requested:
                 saved = (
-                    f"{ckpt_dir / 'last.pt'} holds epoch {epoch - 1}"
+                    f"{last} holds epoch {epoch - 1}"
                     if epoch > start_epoch + 1 or checkpoint
                     else "no epoch had finished, nothing was saved"
                 )
-                print(
+                report.print(
                     f"stopped by signal {stop.signum} during epoch {epoch}; {saved}; continue with "
-                    f"--resume auto --run-dir {run_dir}",
+                    f"--resume auto --run-dir {args.run_dir}",
                     file=sys.stderr,
                 )
+                report.close()
                 return stop.exit_code
             val_loss, matrix, first_batch, val_skipped = evaluate(
-                step_model, val_loader, loss_fn, mapping.num_classes, device, precision, memory_format, epoch
+                model, val_loader, loss_fn, mapping.num_classes, device, precision, memory_format, epoch, ddp
             )
             scheduler.step()
             metrics = matrix.compute()
-            history.append(
-                {
-                    "epoch": epoch,
-                    "train_loss": train_loss,
-                    "val_loss": val_loss,
-                    "miou": metrics["miou"],
-                    "mdice": metrics["mdice"],
-                    "pixel_acc": metrics["pixel_acc"],
-                    "lr": lr,
-                }
-            )
-            log_epoch(writer, epoch, train_loss, val_loss, metrics, class_names, lr)
+            record = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "miou": metrics["miou"],
+                "mdice": metrics["mdice"],
+                "pixel_acc": metrics["pixel_acc"],
+                "lr": lr,
+            }
+            history.append(record)
             improved = metrics["miou"] > best_miou
             best_miou = max(best_miou, metrics["miou"])
             epochs_without_gain = 0 if improved else epochs_without_gain + 1
             stopping = args.early_stop and epochs_without_gain >= args.early_stop
-            state = checkpoint_state(model, optimizer, scheduler, scaler, epoch, args, mapping, best_miou, history)
-            save_checkpoint(state, ckpt_dir / "last.pt")
-            if improved:
-                save_checkpoint(state, ckpt_dir / "best.pt")
-            if epoch % args.save_every == 0 or epoch == args.epochs or stopping:
-                save_checkpoint(state, ckpt_dir / f"epoch_{epoch:03d}.pt")
-                save_figures(writer, run_dir, epoch, first_batch, matrix, class_names)
-            print(
-                f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
-                f"mIoU {metrics['miou']:.4f}  mDice {metrics['mdice']:.4f}  pixel acc {metrics['pixel_acc']:.4f}  "
-                f"lr {lr:.2e}  {time.time() - started:.1f}s" + skip_report(skipped, val_skipped)
+            numbered = epoch % args.save_every == 0 or epoch == args.epochs or stopping
+            report.save(
+                checkpoint_state(model, optimizer, scheduler, scaler, epoch, args, mapping, best_miou, history),
+                improved,
+                numbered,
+            )
+            if numbered:
+                report.figures(epoch, first_batch, matrix, class_names)
+            report.epoch(
+                epoch,
+                args.epochs,
+                record,
+                metrics,
+                class_names,
+                time.time() - started,
+                skip_report(skipped, val_skipped),
             )
             if stop.requested:
-                print(
+                report.print(
                     f"stopped by signal {stop.signum} after epoch {epoch}; continue with "
-                    f"--resume auto --run-dir {run_dir}",
+                    f"--resume auto --run-dir {args.run_dir}",
                     file=sys.stderr,
                 )
+                report.close()
                 return stop.exit_code
             if stopping:
-                print(f"early stop: no better val mIoU for {args.early_stop} epochs (best {best_miou:.4f})")
+                report.print(f"early stop: no better val mIoU for {args.early_stop} epochs (best {best_miou:.4f})")
                 break
-    if history:
-        save_figure(curves_figure(history), run_dir / "curves.png")
-        hparams = {k: str(v) if isinstance(v, (Path, tuple, list)) or v is None else v for k, v in vars(args).items()}
-        writer.add_hparams(hparams, {"hparam/best_miou": best_miou}, run_name="hparams")
-    writer.close()
-    print(
-        f"\nbest val mIoU {best_miou:.4f}\n"
-        f"TensorBoard logs: {run_dir}\ncheckpoints: {ckpt_dir} (best.pt, last.pt)\n"
-        f"sample images: {run_dir / 'samples'}\ncurves: {run_dir / 'curves.png'}\nnext:\n"
-        f"  tensorboard --logdir {run_dir.parent}\n"
-        f"  python inference.py --input_dir {val_set.images_dir} --checkpoint {ckpt_dir / 'best.pt'}"
-    )
+    report.finish(history, args, best_miou, val_set.images_dir)
     return 0
 
 

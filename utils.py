@@ -8,11 +8,14 @@ import os
 import random
 import signal
 import sys
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 # Fixed palette so a class keeps its colour across runs, panels and overlays.
 PALETTE = np.array(
@@ -83,6 +86,56 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: MPS is not available")
     return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process stands in a torchrun job; a plain `python train.py` is rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def broadcast(self, value):
+        """Rank 0's value on every rank (for what each rank would otherwise choose on its own)."""
+        if not self.enabled:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+
+def init_distributed(device_name: str, timeout_s: float) -> tuple[Distributed, torch.device]:
+    """Join the torchrun job when its variables are set: gloo on CPUs, nccl with one GPU per process.
+
+    The timeout makes a rank whose peer died fail instead of waiting for it for ever.
+    """
+    device = resolve_device(device_name)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Distributed(), device
+    ddp = Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        device = torch.device("cuda", ddp.local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+    return ddp, device
 
 
 def cpu_has_native_bf16() -> bool:

@@ -1,0 +1,241 @@
+"""The numbers in the README: training and inference throughput against what the hardware allows.
+
+All rows come from one run, so their ratios hold on a noisy machine: measured fp32 and bf16
+matrix-multiply ceilings, training images/s and achieved GFLOP/s (counted with FlopCounterMode)
+for the naive fp32 NCHW eager step, the default fast path and torch.compile, inference over a
+folder for a naive per-image loop and for inference.py, and data-loader images/s per worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.transforms.v2 import functional as TF
+
+import inference
+from dataset import MEAN, STD, LabelMapping, SegmentationFolder, make_demo_data
+from losses import build_loss
+from model import ResidualAttnUNet
+from train import positive_int, train_step, widths_type
+from utils import ArgumentParser, resolve_device, resolve_precision, save_checkpoint
+
+
+def get_args_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--widths", type=widths_type, default=(64, 128, 256, 512))
+    p.add_argument("--image-size", type=positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--classes", type=positive_int, default=10)
+    p.add_argument("--steps", type=positive_int, default=4, help="timed training steps per row")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before each row")
+    p.add_argument("--images", type=positive_int, default=32, help="images in the inference and loader folder")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile row")
+    return p
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def timer(device: torch.device, result: dict):
+    synchronize(device)
+    started = time.perf_counter()
+    yield
+    synchronize(device)
+    result["seconds"] = time.perf_counter() - started
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory of the row on CUDA; on the CPU, the process's peak RSS so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 8) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    timing = {}
+    with timer(device, timing):
+        for _ in range(repeats):
+            a @ b
+    return 2 * n**3 * repeats / timing["seconds"] / 1e9
+
+
+def training_flops_per_image(args, device) -> float:
+    """Forward + backward FLOPs of one image, counted by PyTorch's own FlopCounterMode."""
+    model = ResidualAttnUNet(3, args.classes, args.widths).to(device)
+    images = torch.randn(1, 3, args.image_size, args.image_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(images).sum().backward()
+    return counter.get_total_flops()
+
+
+def bench_training(args, device, precision: str, channels_last: bool, compile_model: bool) -> dict:
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = ResidualAttnUNet(3, args.classes, args.widths).to(device, memory_format=memory_format)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    loss_fn = build_loss("ce")
+    step_model = torch.compile(model) if compile_model else model
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    images = images.contiguous(memory_format=memory_format)
+    masks = torch.randint(0, args.classes, (args.batch_size, args.image_size, args.image_size), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    first = {}
+    with timer(device, first):
+        train_step(step_model, images, masks, loss_fn, optimizer, scaler, device, precision)
+    for _ in range(args.warmup):
+        train_step(step_model, images, masks, loss_fn, optimizer, scaler, device, precision)
+    timing = {}
+    with timer(device, timing):
+        for _ in range(args.steps):
+            loss = train_step(step_model, images, masks, loss_fn, optimizer, scaler, device, precision)
+        loss.item()
+    return {
+        "images_per_s": args.batch_size * args.steps / timing["seconds"],
+        "first_step_s": first["seconds"],
+        "peak_mb": peak_memory_mb(device),
+    }
+
+
+def make_folder(args, root: Path) -> Path:
+    """Demo-style JPEGs and masks at 1.25x the model's size, so inference resizes as it would."""
+    return make_demo_data(root / "data", num_train=args.images, num_val=1, size=int(args.image_size * 1.25))
+
+
+def write_checkpoint(args, path: Path) -> None:
+    model = ResidualAttnUNet(3, args.classes, args.widths)
+    mapping = LabelMapping(list(range(args.classes)), [f"class {k}" for k in range(args.classes)])
+    state = {
+        "model": model.state_dict(),
+        "mapping": mapping.to_dict(),
+        "image_size": args.image_size,
+        "model_args": {"in_channels": 3, "num_classes": args.classes, "widths": list(args.widths), "dropout": 0.0},
+    }
+    save_checkpoint(state, path)
+
+
+def naive_inference(args, device, files: list[Path], checkpoint: Path, output: Path) -> None:
+    """The baseline: one image at a time, fp32, NCHW, decode and write in the same thread."""
+    state = torch.load(checkpoint, weights_only=True)
+    model = ResidualAttnUNet(**state["model_args"]).to(device).eval()
+    model.load_state_dict(state["model"])
+    output.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        image = Image.open(path).convert("RGB")
+        x = TF.to_dtype(TF.pil_to_tensor(image.resize((args.image_size, args.image_size))), torch.float32, scale=True)
+        x = TF.normalize(x, MEAN, STD)[None].to(device)
+        with torch.no_grad():
+            logits = F.interpolate(model(x), size=(image.height, image.width), mode="bilinear")
+        Image.fromarray(logits.argmax(1)[0].byte().cpu().numpy()).save(output / f"{path.stem}.png")
+
+
+def bench_inference(args, device, root: Path) -> dict:
+    folder = make_folder(args, root) / "images" / "train"
+    files = sorted(folder.glob("*.jpg"))
+    checkpoint = root / "bench.pt"
+    write_checkpoint(args, checkpoint)
+    naive_inference(args, device, files[:2], checkpoint, root / "warm")
+    naive, fast = {}, {}
+    with timer(device, naive):
+        naive_inference(args, device, files, checkpoint, root / "naive")
+    with timer(device, fast):
+        inference.main(
+            [
+                "--input_dir",
+                str(folder),
+                "--checkpoint",
+                str(checkpoint),
+                "--output_dir",
+                str(root / "fast"),
+                "--batch-size",
+                str(args.batch_size),
+                "--device",
+                device.type,
+            ]
+        )
+    return {"naive": len(files) / naive["seconds"], "fast": len(files) / fast["seconds"]}
+
+
+def bench_loader(args, root: Path, workers: int) -> float:
+    data = root / "data"
+    dataset = SegmentationFolder(data / "images/train", data / "masks/train", args.image_size, augment="basic")
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers, shuffle=True)
+    next(iter(loader))  # start-up of the workers is not throughput
+    timing = {}
+    with timer(torch.device("cpu"), timing):
+        count = sum(len(images) for images, _ in loader)
+    return count / timing["seconds"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    fast_precision = resolve_precision("auto", device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(
+        f"device: {device.type} ({name}); widths {','.join(map(str, args.widths))}, {args.image_size} px, "
+        f"batch {args.batch_size}, {args.steps} timed steps; torch {torch.__version__}"
+    )
+    ceilings = {"fp32": matmul_gflops(torch.float32, device), "bf16": matmul_gflops(torch.bfloat16, device)}
+    ceilings["fp16"] = ceilings["bf16"]
+    flops = training_flops_per_image(args, device)
+    print(
+        f"matmul ceilings: fp32 {ceilings['fp32']:.0f} GFLOP/s, bf16 {ceilings['bf16']:.0f} GFLOP/s; "
+        f"training step: {flops / 1e9:.1f} GFLOP per image\n"
+    )
+    rows = [
+        ("fp32 NCHW eager (baseline)", "fp32", False, False),
+        (f"default: {fast_precision} channels_last", fast_precision, True, False),
+    ]
+    if not args.skip_compile:
+        rows.append((f"--compile: {fast_precision} channels_last", fast_precision, True, True))
+    print(f"{'training':<34} {'images/s':>9} {'GFLOP/s':>9} {'of ceiling':>11} {'speed-up':>9} {'peak MB':>9}")
+    baseline = None
+    for label, precision, channels_last, compile_model in rows:
+        result = bench_training(args, device, precision, channels_last, compile_model)
+        baseline = baseline or result["images_per_s"]
+        achieved = result["images_per_s"] * flops / 1e9
+        extra = f"  (first step, compile included: {result['first_step_s']:.1f} s)" if compile_model else ""
+        print(
+            f"{label:<34} {result['images_per_s']:>9.2f} {achieved:>9.0f} "
+            f"{achieved / ceilings[precision]:>10.0%} {result['images_per_s'] / baseline:>8.2f}x "
+            f"{result['peak_mb']:>9.0f}{extra}"
+        )
+    root = Path(tempfile.mkdtemp(prefix="bench-"))
+    try:
+        speeds = bench_inference(args, device, root)
+        print(f"\n{'inference over a folder':<34} {'images/s':>9} {'speed-up':>9}")
+        print(f"{'naive per-image fp32 loop':<34} {speeds['naive']:>9.2f} {1:>8.2f}x")
+        print(
+            f"{'inference.py (batched, workers)':<34} {speeds['fast']:>9.2f} {speeds['fast'] / speeds['naive']:>8.2f}x"
+        )
+        print(f"\n{'data loader (decode+resize+augment)':<34} {'images/s':>9}")
+        for workers in (1, 2):
+            print(f"{f'{workers} worker' + ('s' if workers > 1 else ''):<34} {bench_loader(args, root, workers):>9.1f}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
