@@ -47,8 +47,9 @@ def torchrun(*args, timeout=240):
 def ddp_run(odd_demo, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ddp-run") / "run"
     # fp32: the check below compares argmaxes to 1e-6, which bf16 rounding under another thread count would not meet
-    result = torchrun("--data-root", odd_demo, "--epochs", "1", "--precision", "fp32", "--run-dir", run_dir,
-                      *TINY_TRAIN_FLAGS)
+    result = torchrun(
+        "--data-root", odd_demo, "--epochs", "1", "--precision", "fp32", "--run-dir", run_dir, *TINY_TRAIN_FLAGS
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir, result
 
