@@ -9,10 +9,12 @@ folder for a naive per-image loop and for inference.py, and data-loader images/s
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import resource
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,9 +41,10 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--classes", type=positive_int, default=10)
     p.add_argument("--steps", type=positive_int, default=4, help="timed training steps per row")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before each row")
-    p.add_argument("--images", type=positive_int, default=32, help="images in the inference and loader folder")
+    p.add_argument("--images", type=positive_int, default=64, help="images in the inference and loader folder")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile row")
+    p.add_argument("--parts", default="training,inference,loader", help="comma-separated parts to run")
     return p
 
 
@@ -60,7 +63,7 @@ def timer(device: torch.device, result: dict):
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory of the row on CUDA; on the CPU, the process's peak RSS so far."""
+    """Peak GPU memory on CUDA; on the CPU, the peak RSS of the process (each row has its own)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -117,11 +120,6 @@ def bench_training(args, device, precision: str, channels_last: bool, compile_mo
     }
 
 
-def make_folder(args, root: Path) -> Path:
-    """Demo-style JPEGs and masks at 1.25x the model's size, so inference resizes as it would."""
-    return make_demo_data(root / "data", num_train=args.images, num_val=1, size=int(args.image_size * 1.25))
-
-
 def write_checkpoint(args, path: Path) -> None:
     model = ResidualAttnUNet(3, args.classes, args.widths)
     mapping = LabelMapping(list(range(args.classes)), [f"class {k}" for k in range(args.classes)])
@@ -146,11 +144,11 @@ def naive_inference(args, device, files: list[Path], checkpoint: Path, output: P
         x = TF.normalize(x, MEAN, STD)[None].to(device)
         with torch.no_grad():
             logits = F.interpolate(model(x), size=(image.height, image.width), mode="bilinear")
-        Image.fromarray(logits.argmax(1)[0].byte().cpu().numpy()).save(output / f"{path.stem}.png")
+        Image.fromarray(logits.max(1).indices[0].byte().cpu().numpy()).save(output / f"{path.stem}.png")
 
 
-def bench_inference(args, device, root: Path) -> dict:
-    folder = make_folder(args, root) / "images" / "train"
+def bench_inference(args, device, root: Path, folder: Path) -> dict:
+    """Demo-style JPEGs at 1.25x the model's size, so both paths resize as real inference would."""
     files = sorted(folder.glob("*.jpg"))
     checkpoint = root / "bench.pt"
     write_checkpoint(args, checkpoint)
@@ -176,8 +174,7 @@ def bench_inference(args, device, root: Path) -> dict:
     return {"naive": len(files) / naive["seconds"], "fast": len(files) / fast["seconds"]}
 
 
-def bench_loader(args, root: Path, workers: int) -> float:
-    data = root / "data"
+def bench_loader(args, data: Path, workers: int) -> float:
     dataset = SegmentationFolder(data / "images/train", data / "masks/train", args.image_size, augment="basic")
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers, shuffle=True)
     next(iter(loader))  # start-up of the workers is not throughput
@@ -187,15 +184,8 @@ def bench_loader(args, root: Path, workers: int) -> float:
     return count / timing["seconds"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    device = resolve_device(args.device)
+def report_training(args, device: torch.device) -> None:
     fast_precision = resolve_precision("auto", device)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    print(
-        f"device: {device.type} ({name}); widths {','.join(map(str, args.widths))}, {args.image_size} px, "
-        f"batch {args.batch_size}, {args.steps} timed steps; torch {torch.__version__}"
-    )
     ceilings = {"fp32": matmul_gflops(torch.float32, device), "bf16": matmul_gflops(torch.bfloat16, device)}
     ceilings["fp16"] = ceilings["bf16"]
     flops = training_flops_per_image(args, device)
@@ -209,29 +199,50 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if not args.skip_compile:
         rows.append((f"--compile: {fast_precision} channels_last", fast_precision, True, True))
-    print(f"{'training':<34} {'images/s':>9} {'GFLOP/s':>9} {'of ceiling':>11} {'speed-up':>9} {'peak MB':>9}")
+    memory = "peak GPU MB" if device.type == "cuda" else "peak RSS MB"
+    print(f"{'training':<34} {'images/s':>9} {'GFLOP/s':>9} {'of ceiling':>11} {'speed-up':>9} {memory:>12}")
     baseline = None
     for label, precision, channels_last, compile_model in rows:
-        result = bench_training(args, device, precision, channels_last, compile_model)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as isolated:
+            # A fresh process per row: its peak memory is its own, and no row warms the next one's caches.
+            result = isolated.submit(bench_training, args, device, precision, channels_last, compile_model).result()
         baseline = baseline or result["images_per_s"]
         achieved = result["images_per_s"] * flops / 1e9
         extra = f"  (first step, compile included: {result['first_step_s']:.1f} s)" if compile_model else ""
         print(
             f"{label:<34} {result['images_per_s']:>9.2f} {achieved:>9.0f} "
             f"{achieved / ceilings[precision]:>10.0%} {result['images_per_s'] / baseline:>8.2f}x "
-            f"{result['peak_mb']:>9.0f}{extra}"
+            f"{result['peak_mb']:>12.0f}{extra}"
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    parts = set(args.parts.split(","))
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(
+        f"device: {device.type} ({name}); widths {','.join(map(str, args.widths))}, {args.image_size} px, "
+        f"batch {args.batch_size}, {args.steps} timed steps; torch {torch.__version__}"
+    )
+    if "training" in parts:
+        report_training(args, device)
     root = Path(tempfile.mkdtemp(prefix="bench-"))
     try:
-        speeds = bench_inference(args, device, root)
-        print(f"\n{'inference over a folder':<34} {'images/s':>9} {'speed-up':>9}")
-        print(f"{'naive per-image fp32 loop':<34} {speeds['naive']:>9.2f} {1:>8.2f}x")
-        print(
-            f"{'inference.py (batched, workers)':<34} {speeds['fast']:>9.2f} {speeds['fast'] / speeds['naive']:>8.2f}x"
-        )
-        print(f"\n{'data loader (decode+resize+augment)':<34} {'images/s':>9}")
-        for workers in (1, 2):
-            print(f"{f'{workers} worker' + ('s' if workers > 1 else ''):<34} {bench_loader(args, root, workers):>9.1f}")
+        data = make_demo_data(root / "data", num_train=args.images, num_val=1, size=int(args.image_size * 1.25))
+        if "inference" in parts:
+            speeds = bench_inference(args, device, root, data / "images" / "train")
+            print(f"\n{'inference over a folder':<34} {'images/s':>9} {'speed-up':>9}")
+            print(f"{'naive per-image fp32 loop':<34} {speeds['naive']:>9.2f} {1:>8.2f}x")
+            print(
+                f"{'inference.py (batched, workers)':<34} {speeds['fast']:>9.2f} "
+                f"{speeds['fast'] / speeds['naive']:>8.2f}x"
+            )
+        if "loader" in parts:
+            print(f"\n{'data loader (decode+resize+augment)':<34} {'images/s':>9}")
+            for workers in (1, 2):
+                label = f"{workers} worker" + ("s" if workers > 1 else "")
+                print(f"{label:<34} {bench_loader(args, data, workers):>9.1f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 class ResidualBlock(nn.Module):
@@ -24,6 +25,13 @@ class ResidualBlock(nn.Module):
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)
             )
+
+    def fold_batchnorm(self) -> None:
+        """Inference only: fold each BatchNorm's eval statistics into the convolution before it."""
+        self.conv1, self.bn1 = fuse_conv_bn_eval(self.conv1, self.bn1), nn.Identity()
+        self.conv2, self.bn2 = fuse_conv_bn_eval(self.conv2, self.bn2), nn.Identity()
+        if isinstance(self.shortcut, nn.Sequential):
+            self.shortcut = fuse_conv_bn_eval(*self.shortcut)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.dropout(self.act(self.bn1(self.conv1(x))))
@@ -87,6 +95,15 @@ class ResidualAttnUNet(nn.Module):
             channels = width
         self.head = nn.Conv2d(channels, num_classes, 1)
         self.stride = 2 ** len(widths)
+
+    def fold_batchnorm(self) -> "ResidualAttnUNet":
+        """For inference (eval mode): BatchNorm folded into the convolutions, same outputs, less work."""
+        if self.training:
+            raise RuntimeError("fold_batchnorm() needs eval mode: it freezes the running statistics")
+        for module in self.modules():
+            if isinstance(module, ResidualBlock):
+                module.fold_batchnorm()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]

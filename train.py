@@ -479,7 +479,7 @@ def evaluate(
         pixels = (masks != IGNORE_INDEX).sum()
         total_loss += torch.where(pixels > 0, loss_fn(logits, masks) * pixels, 0.0)
         total_pixels += pixels
-        preds = logits.argmax(1)
+        preds = logits.max(1).indices  # same as argmax(1), which is ~15x slower on CPUs
         matrix.update(preds, masks)
         if first_batch is None:
             first_batch = (images[:PANEL_SAMPLES].cpu(), masks[:PANEL_SAMPLES].cpu(), preds[:PANEL_SAMPLES].cpu())

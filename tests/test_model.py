@@ -61,3 +61,16 @@ def test_tiny_model_overfits_four_images(tiny_demo):
         matrix.update(model(images).argmax(1), masks)
     assert time.time() - started < 60
     assert matrix.compute()["miou"] > 0.95
+
+
+def test_folding_batchnorm_keeps_the_outputs():
+    torch.manual_seed(0)
+    model = ResidualAttnUNet(3, 4, TINY)
+    model(torch.randn(4, 3, 32, 32))  # training step: running statistics move away from their defaults
+    model.eval()
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        expected = model(x)
+        folded = model.fold_batchnorm()
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        torch.testing.assert_close(folded(x), expected, rtol=1e-4, atol=1e-4)
