@@ -597,9 +597,15 @@ class Reporter:
             f"  python inference.py --input_dir {val_images} --checkpoint {self.checkpoints / 'best.pt'}"
         )
 
-    def close(self) -> None:
+    def stopped(self, stop: GracefulStop, when: str) -> int:
+        """Say how to continue after SIGINT/SIGTERM; returns the exit status (130 or 143)."""
+        self.print(
+            f"stopped by signal {stop.signum} {when}; continue with --resume auto --run-dir {self.run_dir}",
+            file=sys.stderr,
+        )
         if self.writer is not None:
             self.writer.close()
+        return stop.exit_code
 
 
 def prepare_data(args, checkpoint: dict | None, ddp: Distributed) -> tuple[SegmentationFolder, SegmentationFolder]:
@@ -716,13 +722,7 @@ def train(args: argparse.Namespace, checkpoint: dict | None, ddp: Distributed, d
                     if epoch > start_epoch + 1 or checkpoint
                     else "no epoch had finished, nothing was saved"
                 )
-                report.print(
-                    f"stopped by signal {stop.signum} during epoch {epoch}; {saved}; continue with "
-                    f"--resume auto --run-dir {args.run_dir}",
-                    file=sys.stderr,
-                )
-                report.close()
-                return stop.exit_code
+                return report.stopped(stop, f"during epoch {epoch}; {saved}")
             val_loss, matrix, first_batch, val_skipped = evaluate(
                 model, val_loader, loss_fn, mapping.num_classes, device, precision, memory_format, epoch, ddp
             )
@@ -760,13 +760,7 @@ def train(args: argparse.Namespace, checkpoint: dict | None, ddp: Distributed, d
                 skip_report(skipped, val_skipped),
             )
             if stop.requested:
-                report.print(
-                    f"stopped by signal {stop.signum} after epoch {epoch}; continue with "
-                    f"--resume auto --run-dir {args.run_dir}",
-                    file=sys.stderr,
-                )
-                report.close()
-                return stop.exit_code
+                return report.stopped(stop, f"after epoch {epoch}")
             if stopping:
                 report.print(f"early stop: no better val mIoU for {args.early_stop} epochs (best {best_miou:.4f})")
                 break

@@ -44,7 +44,7 @@ def mixed_folder(tiny_demo, tmp_path):
 def test_masks_at_original_size_with_original_values_and_inputs_untouched(trained_run, mixed_folder, tmp_path):
     before = folder_hashes(mixed_folder)
     out = tmp_path / "out"
-    result = run_inference(
+    args = [
         "--input_dir",
         mixed_folder,
         "--checkpoint",
@@ -53,7 +53,8 @@ def test_masks_at_original_size_with_original_values_and_inputs_untouched(traine
         out,
         "--workers",
         "0",
-    )
+    ]
+    result = run_inference(*args)
     assert result.returncode == 0, result.stderr
     assert folder_hashes(mixed_folder) == before
     assert re.search(r"empty\.jpg: unreadable image", result.stderr)
@@ -66,16 +67,7 @@ def test_masks_at_original_size_with_original_values_and_inputs_untouched(traine
             assert set(np.unique(np.asarray(mask)).tolist()) <= values
         with Image.open(out / "overlays" / f"{name}.png") as overlay:
             assert overlay.size[1] >= size[1] and overlay.mode == "RGB"
-    rerun = run_inference(
-        "--input_dir",
-        mixed_folder,
-        "--checkpoint",
-        trained_run / "checkpoints/best.pt",
-        "--output_dir",
-        out,
-        "--workers",
-        "0",
-    )
+    rerun = run_inference(*args)
     assert "0 images segmented" in rerun.stdout and "2 already done" in rerun.stdout
 
 
