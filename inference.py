@@ -23,7 +23,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from dataset import IMAGE_EXTENSIONS, MEAN, STD, BadSampleError, LabelMapping, read_image, read_mask
+from dataset import IMAGE_EXTENSIONS, MEAN, STD, BadSampleError, LabelMapping, list_images, read_image, read_mask
 from metrics import ConfusionMatrix
 from model import ResidualAttnUNet
 from utils import (
@@ -232,8 +232,7 @@ def find_inputs(input_dir: Path, recursive: bool) -> list[Path]:
         raise UserError(f"{input_dir}: no such folder")
     if not input_dir.is_dir():
         raise UserError(f"{input_dir}: --input_dir must be a folder, not a file")
-    pattern = "**/*" if recursive else "*"
-    files = sorted(p for p in input_dir.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = list_images(input_dir, recursive)
     if not files:
         raise UserError(f"{input_dir}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return files
@@ -268,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in relative
     ]
     todo = [i for i, d in enumerate(done) if args.overwrite or evaluating or not d]
-    masks = {p.stem: p for p in args.masks_dir.iterdir()} if evaluating else {}
+    masks = {p.stem: p for p in list_images(args.masks_dir)} if evaluating else {}
     matrix = ConfusionMatrix(predictor.mapping.num_classes)
     lut = predictor.mapping.lookup_table()
     loader = DataLoader(
