@@ -1,5 +1,6 @@
 import hashlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -141,3 +142,17 @@ def test_a_folder_with_nothing_readable_exits_non_zero(trained_run, tmp_path):
         "0",
     )
     assert result.returncode == 1 and "a.jpg" in result.stderr
+
+
+def test_recursive_mirrors_subfolders(trained_run, tiny_demo, tmp_path):
+    folder = tmp_path / "nested"
+    (folder / "a" / "b").mkdir(parents=True)
+    sources = sorted((tiny_demo / "images/val").iterdir())
+    shutil.copy(sources[0], folder / "top.jpg")
+    shutil.copy(sources[1], folder / "a" / "b" / "deep.jpg")
+    out = tmp_path / "out"
+    args = ["--input_dir", folder, "--checkpoint", trained_run / "checkpoints/best.pt", "--output_dir", out]
+    assert "1 images segmented" in run_inference(*args, "--workers", "0").stdout
+    assert run_inference(*args, "--workers", "0", "--recursive").returncode == 0
+    assert (out / "masks" / "top.png").is_file() and (out / "masks" / "a" / "b" / "deep.png").is_file()
+    assert (out / "overlays" / "a" / "b" / "deep.png").is_file()
