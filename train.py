@@ -600,7 +600,8 @@ class Reporter:
     def stopped(self, stop: GracefulStop, when: str) -> int:
         """Say how to continue after SIGINT/SIGTERM; returns the exit status (130 or 143)."""
         self.print(
-            f"stopped by signal {stop.signum} {when}; continue with --resume auto --run-dir {self.run_dir}",
+            f"stopped by {signal.Signals(stop.signum).name} {when}; "
+            f"continue with --resume auto --run-dir {self.run_dir}",
             file=sys.stderr,
         )
         if self.writer is not None:
