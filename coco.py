@@ -195,7 +195,7 @@ def render_mask(
     for ann in annotations:
         if ann.get("category_id") not in table.values:
             skipped[
-                "category not selected"
+                "category outside the chosen classes"
                 if ann.get("category_id") in table.known_ids
                 else "category id not in categories"
             ] += 1
