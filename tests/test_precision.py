@@ -51,3 +51,11 @@ def test_precision_auto_and_fp16_rules():
     assert resolve_precision("fp32", CPU) == "fp32"
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
         resolve_precision("fp16", CPU)
+
+
+def test_compiled_model_matches_eager():
+    torch.manual_seed(0)
+    model = ResidualAttnUNet(3, 3, (4, 8)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-4)
