@@ -137,7 +137,9 @@ def get_args_parser() -> ArgumentParser:
         "--widths", type=widths_type, default=(64, 128, 256, 512), help="encoder widths, comma-separated"
     )
     model.add_argument("--dropout", type=float, default=0.0, help="Dropout2d in the bottleneck and decoder blocks")
-    model.add_argument("--loss", choices=LOSSES, default="ce")
+    model.add_argument("--loss", choices=LOSSES, default="ce", help="weighted_ce: class weights from mask statistics")
+    model.add_argument("--dice-weight", type=float, default=1.0, help="weight of the Dice term of dice_ce")
+    model.add_argument("--ce-weight", type=float, default=1.0, help="weight of the cross-entropy term of dice_ce")
     model.add_argument("--epochs", type=positive_int, default=50)
     model.add_argument("--batch-size", type=positive_int, default=8)
     model.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate, cosine-annealed to 0 over --epochs")
@@ -666,7 +668,9 @@ def train(args: argparse.Namespace, checkpoint: dict | None, ddp: Distributed, d
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cuda", "cpu"))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    loss_fn = build_loss(args.loss, train_set.class_weights.to(device)).to(device)
+    loss_fn = build_loss(
+        args.loss, train_set.class_weights.to(device), dice_weight=args.dice_weight, ce_weight=args.ce_weight
+    ).to(device)
     start_epoch, best_miou, history = 0, -1.0, []
     if checkpoint:
         if checkpoint["model_args"]["num_classes"] != mapping.num_classes:

@@ -45,3 +45,13 @@ def test_unknown_loss_and_missing_weights_are_refused():
         build_loss("focal")
     with pytest.raises(ValueError, match="class_weights"):
         build_loss("weighted_ce")
+
+
+def test_dice_ce_term_weights():
+    target = torch.randint(0, 3, (2, 6, 6))
+    logits = torch.randn(2, 3, 6, 6)
+    ce = F.cross_entropy(logits, target)
+    assert build_loss("dice_ce", dice_weight=0.0)(logits, target).item() == pytest.approx(ce.item(), rel=1e-6)
+    both = build_loss("dice_ce")(logits, target).item()
+    dice_only = build_loss("dice_ce", ce_weight=0.0)(logits, target).item()
+    assert both == pytest.approx(ce.item() + dice_only, rel=1e-6)
