@@ -9,7 +9,6 @@ painted over them.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from utils import PALETTE, UserError
+from utils import PALETTE, UserError, replace_atomically
 
 IGNORE_VALUE = 255
 MODES = ("categories", "groups", "binary")
@@ -223,9 +222,8 @@ def write_png_atomically(mask: np.ndarray, path: Path) -> None:
     """A temporary name, then a rename: a killed run never leaves a half-written mask."""
     image = Image.fromarray(mask, mode="L").convert("P")
     image.putpalette(PALETTE.ravel().tolist())
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with replace_atomically(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def _render_one(task: tuple) -> tuple[str, int, Counter, bool]:

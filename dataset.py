@@ -19,7 +19,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from utils import PALETTE, UserError
+from coco import decode_segmentation, write_png_atomically
+from utils import UserError, replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +165,8 @@ def scan_masks(mask_paths: list[Path], workers: int = 4) -> dict[str, dict[int, 
         )
     counts = {path.name: result for path, result in zip(mask_paths, results)}
     try:
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "counts": counts}))
-        os.replace(tmp, cache)
+        with replace_atomically(cache) as tmp:
+            tmp.write_text(json.dumps({"key": key, "counts": counts}))
     except OSError:
         log.info("%s: cannot write the label-scan cache; the next run scans again", cache)
     return counts
@@ -532,8 +532,6 @@ def _demo_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
     Objects are rasterised by pycocotools, as their COCO polygons will be, so the index masks and
     the COCO file describe exactly the same pixels.
     """
-    from coco import decode_segmentation
-
     kinds = [int(k) for k in rng.integers(1, 4, rng.integers(2, 5))]
     if rng.random() < DEMO_RARE_PROBABILITY:
         kinds.append(4)
@@ -580,7 +578,6 @@ def make_demo_data(root: str | Path, num_train: int = 600, num_val: int = 150, s
     staging = root.with_name(f".{root.name}.tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     rng = np.random.default_rng(seed)
-    palette = PALETTE.ravel().tolist()
     categories = [{"id": k, "name": name, "supercategory": "shape"} for k, name in DEMO_CLASSES.items()]
     for split, count in (("train", num_train), ("val", num_val)):
         (staging / "images" / split).mkdir(parents=True)
@@ -590,9 +587,7 @@ def make_demo_data(root: str | Path, num_train: int = 600, num_val: int = 150, s
             image, mask, objects = _demo_sample(rng, size)
             name = f"{split}_{index:05d}"
             Image.fromarray(image).save(staging / "images" / split / f"{name}.jpg", quality=92)
-            indexed = Image.fromarray(mask).convert("P")
-            indexed.putpalette(palette)
-            indexed.save(staging / "masks" / split / f"{name}.png")
+            write_png_atomically(mask, staging / "masks" / split / f"{name}.png")
             image_id = index + 1
             images.append({"id": image_id, "file_name": f"{name}.jpg", "width": size, "height": size})
             for kind, polygon in objects:

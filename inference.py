@@ -19,11 +19,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
+from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from dataset import IMAGE_EXTENSIONS, MEAN, STD, BadSampleError, LabelMapping, list_images, read_image, read_mask
+from dataset import (
+    IMAGE_EXTENSIONS,
+    BadSampleError,
+    LabelMapping,
+    build_transforms,
+    list_images,
+    read_image,
+    read_mask,
+)
 from metrics import ConfusionMatrix
 from model import ResidualAttnUNet
 from utils import (
@@ -33,6 +41,7 @@ from utils import (
     colours,
     init_worker,
     load_checkpoint,
+    replace_atomically,
     resolve_device,
     resolve_precision,
     run_cli,
@@ -120,13 +129,7 @@ class InputImages(Dataset):
 
     def __init__(self, paths: list[Path], image_size: int):
         self.paths = paths
-        self.transform = v2.Compose(
-            [
-                v2.Resize((image_size, image_size), antialias=True),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(MEAN, STD),
-            ]
-        )
+        self.transform = build_transforms(image_size, "none")  # exactly what validation sees
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -137,7 +140,8 @@ class InputImages(Dataset):
         except BadSampleError as err:
             return index, None, str(err)
         pixels = TF.pil_to_tensor(image)
-        return index, self.transform(pixels), pixels  # the original travels along for the overlay
+        resized = self.transform(tv_tensors.Image(pixels)).as_subclass(torch.Tensor)
+        return index, resized, pixels  # the original travels along for the overlay
 
 
 def collate(items):
@@ -193,17 +197,11 @@ def write_prediction(
     image = Image.fromarray(original.permute(1, 2, 0).numpy())
     files = {"mask": Image.fromarray(values), "overlay": overlay_with_legend(image, labels, mapping.names)}
     for kind, content in files.items():
-        path = targets[kind]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        content.save(tmp, format="PNG")
-        tmp.replace(path)
+        with replace_atomically(targets[kind]) as tmp:
+            content.save(tmp, format="PNG")
     if probs is not None:
-        path = targets["probs"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(f".{path.name}.tmp"), "wb") as handle:
+        with replace_atomically(targets["probs"]) as tmp, open(tmp, "wb") as handle:
             np.save(handle, probs.astype(np.float16))
-        path.with_name(f".{path.name}.tmp").replace(path)
 
 
 def evaluate_against(mask_path: Path, labels: np.ndarray, lut: np.ndarray, matrix: ConfusionMatrix) -> bool:

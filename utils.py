@@ -8,10 +8,11 @@ import os
 import random
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -190,12 +191,22 @@ def colourise(labels: np.ndarray, num_classes: int, ignore_index: int = 255) -> 
     return table[labels.astype(np.int64).clip(0, 255)]
 
 
-def save_checkpoint(state: dict, path: Path) -> None:
-    """Write to a temporary file and rename, so a crash never leaves a half-written checkpoint."""
+@contextlib.contextmanager
+def replace_atomically(path: Path) -> Iterator[Path]:
+    """Yields a temporary name beside path, renamed onto path once written: a crash or a kill never
+    leaves a half-written file, and a failed write leaves no temporary behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    with replace_atomically(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
