@@ -470,6 +470,7 @@ def make_weighted_sampler(
 
 DEMO_CLASSES = {1: "ellipse", 2: "rectangle", 3: "triangle", 4: "star"}  # star is the rare class
 DEMO_RARE_PROBABILITY = 0.08
+DEMO_STYLES = ("colour", "texture")
 
 
 def _polygon_area(points: np.ndarray) -> float:
@@ -500,11 +501,19 @@ def _demo_polygon(kind: int, rng: np.random.Generator, size: int) -> np.ndarray:
     return local @ rotation.T + [cx, cy]
 
 
-def _demo_texture(kind: int, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Each class has its own colour and texture: stripes, checks, speckles, a radial glow."""
+def _demo_texture(kind: int, rng: np.random.Generator, size: int, style: str) -> np.ndarray:
+    """Each class has its own texture: stripes, checks, speckles, a radial glow.
+
+    In the colour style each class also has its own colour, so even a few images generalise; in the
+    texture style the colour is random, the model has to learn texture and outline, and a small
+    slice overfits as real data does.
+    """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    base = {1: (200, 50, 50), 2: (50, 80, 200), 3: (50, 170, 70), 4: (240, 200, 40)}[kind]
-    colour = np.array(base, np.float32) * rng.uniform(0.8, 1.15)
+    if style == "colour":
+        base = {1: (200, 50, 50), 2: (50, 80, 200), 3: (50, 170, 70), 4: (240, 200, 40)}[kind]
+        colour = np.array(base, np.float32) * rng.uniform(0.8, 1.15)
+    else:
+        colour = rng.uniform(40, 240, 3).astype(np.float32)
     if kind == 1:
         pattern = 0.75 + 0.25 * np.sin(yy * rng.uniform(0.8, 1.2))
     elif kind == 2:
@@ -526,7 +535,9 @@ def _demo_background(rng: np.random.Generator, size: int) -> np.ndarray:
     return (0.6 * grey + 0.4 * smooth + rng.normal(0, 14, (size, size, 3))).clip(0, 255).astype(np.uint8)
 
 
-def _demo_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, np.ndarray]]]:
+def _demo_sample(
+    rng: np.random.Generator, size: int, style: str
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, np.ndarray]]]:
     """One image, its index mask and its objects, larger objects first so smaller ones lie in front.
 
     Objects are rasterised by pycocotools, as their COCO polygons will be, so the index masks and
@@ -540,7 +551,7 @@ def _demo_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
     mask = np.zeros((size, size), np.uint8)
     for kind, polygon in objects:
         inside = decode_segmentation([polygon.ravel().tolist()], size, size).astype(bool)
-        image[inside] = _demo_texture(kind, rng, size)[inside]
+        image[inside] = _demo_texture(kind, rng, size, style)[inside]
         mask[inside] = kind
     return image, mask, objects
 
@@ -559,7 +570,9 @@ def _coco_annotation(ann_id: int, image_id: int, kind: int, polygon: np.ndarray)
     }
 
 
-def make_demo_data(root: str | Path, num_train: int = 600, num_val: int = 150, size: int = 96, seed: int = 0) -> Path:
+def make_demo_data(
+    root: str | Path, num_train: int = 600, num_val: int = 150, size: int = 96, seed: int = 0, style: str = "colour"
+) -> Path:
     """Build (once, deterministically) the demo set: JPEG images, index-PNG masks and COCO json.
 
     Layout: root/images/{train,val}/*.jpg, root/masks/{train,val}/*.png, root/masks/classes.json,
@@ -569,7 +582,9 @@ def make_demo_data(root: str | Path, num_train: int = 600, num_val: int = 150, s
     import shutil
 
     root = Path(root)
-    recipe = {"num_train": num_train, "num_val": num_val, "size": size, "seed": seed, "version": 2}
+    if style not in DEMO_STYLES:
+        raise ValueError(f"unknown demo style {style!r}; choose {' or '.join(DEMO_STYLES)}")
+    recipe = {"num_train": num_train, "num_val": num_val, "size": size, "seed": seed, "style": style, "version": 2}
     marker = root / "demo.json"
     if marker.is_file() and json.loads(marker.read_text()) == recipe:
         return root
@@ -584,7 +599,7 @@ def make_demo_data(root: str | Path, num_train: int = 600, num_val: int = 150, s
         (staging / "masks" / split).mkdir(parents=True)
         images, annotations = [], []
         for index in range(count):
-            image, mask, objects = _demo_sample(rng, size)
+            image, mask, objects = _demo_sample(rng, size, style)
             name = f"{split}_{index:05d}"
             Image.fromarray(image).save(staging / "images" / split / f"{name}.jpg", quality=92)
             write_png_atomically(mask, staging / "masks" / split / f"{name}.png")

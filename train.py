@@ -1,6 +1,7 @@
 """Train the residual self-attention U-Net: flags -> data, model, optimiser -> the epoch loop.
 
-With no data flags it builds the demo dataset under data/demo and trains on that.
+With no data flags it builds the demo dataset under data/demo (--demo-style texture: data/demo-texture)
+and trains on that.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from coco import MODES, prepare_masks
 from dataset import (
+    DEMO_STYLES,
     IGNORE_INDEX,
     DistributedWeightedSampler,
     EpochSampler,
@@ -51,7 +53,7 @@ from utils import (
     seed_everything,
 )
 
-DEMO_ROOT = Path("data/demo")
+DEMO_ROOTS = {"colour": Path("data/demo"), "texture": Path("data/demo-texture")}
 COCO_CACHE = Path("data/coco_masks")
 DEMO_IMAGES = {"num_train": 600, "num_val": 150, "size": 96}
 DEMO_SETTINGS = {"image_size": 96, "widths": (16, 32, 64, 128), "epochs": 30, "batch_size": 16}
@@ -88,7 +90,14 @@ def widths_type(text: str) -> tuple[int, ...]:
 
 def get_args_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data = p.add_argument_group("data (none given: the built-in demo under data/demo)")
+    data = p.add_argument_group("data (none given: the built-in demo under data/demo or data/demo-texture)")
+    data.add_argument(
+        "--demo-style",
+        choices=DEMO_STYLES,
+        default="colour",
+        help="the demo's classes differ in colour and texture, or (texture) in texture and outline only: harder, "
+        "a small slice overfits",
+    )
     data.add_argument("--data-root", type=Path, help="reads DIR/images/{train,val} and DIR/masks/{train,val}")
     data.add_argument("--train-images", type=Path, help="training image folder (overrides --data-root)")
     data.add_argument("--train-masks", type=Path, help="training mask folder (overrides --data-root)")
@@ -240,12 +249,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
             if args.run_dir is None:
                 args.run_dir = path.parent.parent
     args.demo = not any(getattr(args, flag, None) for flag in DATA_FLAGS)
+    if "demo_style" in given and not args.demo:
+        raise UserError("--demo-style chooses the built-in demo; it does not apply with data flags")
     if args.demo and checkpoint is None:
         for name, value in DEMO_SETTINGS.items():
             if name not in given:
                 setattr(args, name, value)
     if args.run_dir is None:
-        name = "demo" if args.demo else (args.data_root or args.train_images).resolve().name
+        name = DEMO_ROOTS[args.demo_style].name if args.demo else (args.data_root or args.train_images).resolve().name
         args.run_dir = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if checkpoint is None and (args.run_dir / "checkpoints" / "last.pt").exists():
         raise UserError(
@@ -277,7 +288,7 @@ def coco_mask_dir(annotations: Path, images: Path, mode: str) -> Path:
 
 def data_paths(args: argparse.Namespace) -> DataPaths:
     """The four folders, rendering COCO annotations into cached mask folders where given."""
-    root = DEMO_ROOT if args.demo else args.data_root
+    root = DEMO_ROOTS[args.demo_style] if args.demo else args.data_root
     if root is not None and not root.is_dir():
         raise UserError(f"--data-root {root}: {'not a folder' if root.exists() else 'no such folder'}")
     paths = {}
@@ -617,7 +628,7 @@ def prepare_data(args, checkpoint: dict | None, ddp: Distributed) -> tuple[Segme
     for turn in ("main", "others"):
         if (turn == "main") == ddp.is_main:
             if args.demo:
-                make_demo_data(DEMO_ROOT, **DEMO_IMAGES)
+                make_demo_data(DEMO_ROOTS[args.demo_style], **DEMO_IMAGES, style=args.demo_style)
             datasets = build_datasets(args, mapping)
         ddp.barrier()
     return datasets
@@ -657,7 +668,8 @@ def train(args: argparse.Namespace, checkpoint: dict | None, ddp: Distributed, d
     seed_everything(args.seed)
     if args.demo and ddp.is_main:
         print(
-            f"demo run: data {DEMO_ROOT} ({DEMO_IMAGES['num_train']} train, {DEMO_IMAGES['num_val']} val images), "
+            f"demo run: data {DEMO_ROOTS[args.demo_style]} ({DEMO_IMAGES['num_train']} train, "
+            f"{DEMO_IMAGES['num_val']} val images), "
             f"image size {args.image_size}, widths {','.join(map(str, args.widths))}, {args.epochs} epochs, "
             f"batch {args.batch_size}"
         )

@@ -186,3 +186,27 @@ def test_validation_transform_is_deterministic_and_training_one_is_not(tiny_demo
 def test_unknown_augmentation_is_refused():
     with pytest.raises(ValueError, match="augmentation"):
         build_transforms(32, "extreme")
+
+
+def object_colours(root: Path) -> dict[int, np.ndarray]:
+    """Mean RGB of each class in each demo image, grouped by class."""
+    per_class: dict[int, list[np.ndarray]] = {}
+    for mask_path in sorted((root / "masks/train").glob("*.png")):
+        mask = np.asarray(Image.open(mask_path))
+        image = np.asarray(Image.open(root / "images/train" / f"{mask_path.stem}.jpg"), np.float32)
+        for kind in np.unique(mask[mask > 0]):
+            per_class.setdefault(int(kind), []).append(image[mask == kind].mean(0))
+    return {kind: np.array(means) for kind, means in per_class.items()}
+
+
+def test_texture_demo_gives_the_class_away_by_texture_and_outline_not_by_colour(tmp_path):
+    """The colour demo keeps one colour per class; the texture demo spreads every class over all colours."""
+    spread = {}
+    for style in dataset.DEMO_STYLES:
+        root = dataset.make_demo_data(tmp_path / style, num_train=40, num_val=1, size=32, seed=3, style=style)
+        colours = object_colours(root)
+        assert set(colours) >= {1, 2, 3}
+        spread[style] = np.mean([means.std(0).mean() for kind, means in colours.items() if kind != 4])
+    assert spread["colour"] < 15 and spread["texture"] > 25
+    with pytest.raises(ValueError, match="unknown demo style 'stripes'"):
+        dataset.make_demo_data(tmp_path / "other", style="stripes")

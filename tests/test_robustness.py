@@ -135,6 +135,7 @@ def test_a_bad_validation_image_is_left_out_not_counted_twice(demo_copy, tmp_pat
         "other classes",
         "coco is a folder",
         "negative size",
+        "demo style with data",
     ],
 )
 def test_user_mistakes_get_one_line_and_exit_2(case, demo_copy, trained_run, tmp_path):
@@ -167,6 +168,7 @@ def test_user_mistakes_get_one_line_and_exit_2(case, demo_copy, trained_run, tmp
             ["is not a file"],
         ),
         "negative size": (["--image-size", "-3"], ["--image-size: '-3' is not a positive integer"]),
+        "demo style with data": (["--data-root", demo_copy, "--demo-style", "texture"], ["--demo-style", "data flags"]),
     }[case]
     if case == "unknown val value":
         mask = np.asarray(Image.open(demo_copy / "masks/val/val_00000.png")).copy()
