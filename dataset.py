@@ -237,8 +237,16 @@ class LabelMapping:
         return cls(list(data["values"]), list(data["names"]), int(data["ignore_value"]), bool(data["binary"]))
 
 
-def build_transforms(image_size: int, augment: str = "none") -> v2.Compose:
-    """Joint image/mask transforms; masks resize nearest and rotate in the ignore label."""
+def normalize_images() -> v2.Compose:
+    """uint8 images (plain tensors and batches too) to the model's float input; masks pass untouched."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+def build_transforms(image_size: int, augment: str = "none", normalize: bool = True) -> v2.Compose:
+    """Joint image/mask transforms; masks resize nearest and rotate in the ignore label.
+
+    normalize=False stops at resized uint8 images, for inference to normalise whole batches on the device.
+    """
     size = (image_size, image_size)
     fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
     if augment == "none":
@@ -255,9 +263,7 @@ def build_transforms(image_size: int, augment: str = "none") -> v2.Compose:
         ]
     else:
         raise ValueError(f"unknown augmentation {augment!r}; choose none, basic or strong")
-    return v2.Compose(
-        [*geometry, v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True), v2.Normalize(MEAN, STD)]
-    )
+    return v2.Compose([*geometry, *(normalize_images().transforms if normalize else [])])
 
 
 def align_mask(mask: np.ndarray, image: Image.Image, upright: Image.Transpose | None, mask_path: Path) -> np.ndarray:

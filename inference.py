@@ -11,7 +11,7 @@ import logging
 import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
@@ -28,6 +29,7 @@ from dataset import (
     BadSampleError,
     LabelMapping,
     build_transforms,
+    normalize_images,
     list_images,
     read_image,
     read_mask,
@@ -37,9 +39,9 @@ from model import ResidualAttnUNet
 from utils import (
     ArgumentParser,
     UserError,
-    autocast,
     colours,
     init_worker,
+    keep_freed_cpu_memory,
     load_checkpoint,
     replace_atomically,
     resolve_device,
@@ -48,6 +50,7 @@ from utils import (
 )
 
 log = logging.getLogger("inference")
+INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def get_args_parser() -> ArgumentParser:
@@ -71,11 +74,22 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--save-probs", action="store_true", help="also write per-class probabilities as float16 .npy")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist (default: skip them)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=2, help="processes decoding images")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="processes decoding images; default 2 on a GPU, 0 on the CPU, whose cores the model already fills",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     return p
+
+
+def decoding_workers(requested: int | None, device: torch.device) -> int:
+    """On the CPU, decoding processes take cores from the model (2.9x vs 4.5x the naive loop on 2 cores)."""
+    if requested is not None:
+        return requested
+    return 0 if device.type == "cpu" else 2
 
 
 def newest_checkpoint(runs: Path = Path("runs")) -> Path:
@@ -94,14 +108,17 @@ class Predictor:
     device: torch.device
     precision: str
     memory_format: torch.memory_format
+    normalize: v2.Compose = field(default_factory=normalize_images)  # on the device, a batch at a time
 
     @classmethod
     def from_checkpoint(cls, path: Path, device: torch.device, precision: str, channels_last: bool) -> "Predictor":
         state = load_checkpoint(path)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        model = ResidualAttnUNet(**state["model_args"])
-        model.load_state_dict(state["model"])
-        model.eval().fold_batchnorm().to(device, memory_format=memory_format)
+        with torch.device("meta"):  # no random initialisation of weights about to be replaced
+            model = ResidualAttnUNet(**state["model_args"])
+        model.load_state_dict(state["model"], assign=True)
+        # Weights cast once to the inference dtype: autocast would cast every weight on every batch.
+        model.eval().fold_batchnorm().to(device, INFERENCE_DTYPES[precision], memory_format=memory_format)
         return cls(
             model, LabelMapping.from_dict(state["mapping"]), int(state["image_size"]), device, precision, memory_format
         )
@@ -109,11 +126,11 @@ class Predictor:
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor, sizes: list[tuple[int, int]], tta: bool) -> list[torch.Tensor]:
         """Softmax at each image's original (height, width), as (classes, H, W) float32."""
-        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-        with autocast(self.device, self.precision):
-            logits = self.model(images)
-            if tta:
-                flipped = self.model(images.flip(-1)).flip(-1)
+        images = self.normalize(images.to(self.device, non_blocking=True))  # uint8 travels, a quarter of float
+        images = images.to(INFERENCE_DTYPES[self.precision], memory_format=self.memory_format)
+        logits = self.model(images)
+        if tta:
+            flipped = self.model(images.flip(-1)).flip(-1)
         probs = logits.float().softmax(1)
         if tta:
             probs = (probs + flipped.float().softmax(1)) / 2
@@ -129,7 +146,7 @@ class InputImages(Dataset):
 
     def __init__(self, paths: list[Path], image_size: int):
         self.paths = paths
-        self.transform = build_transforms(image_size, "none")  # exactly what validation sees
+        self.transform = build_transforms(image_size, "none", normalize=False)  # validation's resize
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -254,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{args.masks_dir}: --masks_dir is not a folder")
     checkpoint = args.checkpoint or newest_checkpoint()
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        keep_freed_cpu_memory()
     predictor = Predictor.from_checkpoint(
         checkpoint, device, resolve_precision(args.precision, device), args.channels_last
     )
@@ -271,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     loader = DataLoader(
         InputImages([inputs[i] for i in todo], predictor.image_size),
         args.batch_size,
-        num_workers=args.workers,
+        num_workers=decoding_workers(args.workers, device),
         collate_fn=collate,
         worker_init_fn=init_worker,
         pin_memory=device.type == "cuda",

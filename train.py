@@ -46,6 +46,7 @@ from utils import (
     autocast,
     init_distributed,
     init_worker,
+    keep_freed_cpu_memory,
     load_checkpoint,
     resolve_precision,
     run_cli,
@@ -665,6 +666,8 @@ def train(args: argparse.Namespace, checkpoint: dict | None, ddp: Distributed, d
     if not ddp.is_main:
         logging.getLogger().setLevel(logging.ERROR)
     precision = resolve_precision(args.precision, device)
+    if device.type == "cpu":
+        keep_freed_cpu_memory()
     seed_everything(args.seed)
     if args.demo and ddp.is_main:
         print(

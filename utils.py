@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import random
 import signal
@@ -143,6 +145,25 @@ def cpu_has_native_bf16() -> bool:
     """AVX-512 BF16 or AMX: bf16 matrix work runs several times faster than fp32 there."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt() parameters, from malloc.h
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Keep freed CPU memory in the heap instead of handing it back to the OS after every tensor.
+
+    PyTorch's CPU allocator does not cache, and glibc serves each block over 32 MB with a fresh
+    mmap, so every large activation page-faults in anew on every step. Keeping freed blocks (as
+    jemalloc or tcmalloc would) made a CPU training step about 1.6x and the inference forward about
+    1.5x faster on the machine in the README. False, and nothing changed, where the C library has
+    no mallopt (macOS, Windows, musl).
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

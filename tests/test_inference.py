@@ -156,3 +156,20 @@ def test_recursive_mirrors_subfolders(trained_run, tiny_demo, tmp_path):
     assert run_inference(*args, "--workers", "0", "--recursive").returncode == 0
     assert (out / "masks" / "top.png").is_file() and (out / "masks" / "a" / "b" / "deep.png").is_file()
     assert (out / "overlays" / "a" / "b" / "deep.png").is_file()
+
+
+def test_the_model_sees_what_validation_feeds_it(trained_run, tiny_demo):
+    """Inference decodes uint8 in the loader and normalises whole batches; the input must equal validation's."""
+    from dataset import SegmentationFolder
+    from inference import InputImages, Predictor, collate
+
+    predictor = Predictor.from_checkpoint(
+        trained_run / "checkpoints" / "best.pt", torch.device("cpu"), "fp32", channels_last=False
+    )
+    validation = SegmentationFolder(tiny_demo / "images/val", tiny_demo / "masks/val", predictor.image_size)
+    inputs = InputImages([image for image, _ in validation.pairs], predictor.image_size)
+    _, batch, _, _ = collate([inputs[i] for i in range(len(inputs))])
+    normalized = predictor.normalize(batch)
+    expected = torch.stack([validation[i][0] for i in range(len(validation))])
+    assert batch.dtype == torch.uint8 and normalized.shape == expected.shape
+    torch.testing.assert_close(normalized, expected, rtol=0, atol=1e-6)
