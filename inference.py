@@ -86,7 +86,7 @@ def get_args_parser() -> ArgumentParser:
 
 
 def decoding_workers(requested: int | None, device: torch.device) -> int:
-    """On the CPU, decoding processes take cores from the model (2.9x vs 4.5x the naive loop on 2 cores)."""
+    """On the CPU, decoding processes take cores from the model (7.0-9.1 vs 9.9-10.5 images/s on 2 cores)."""
     if requested is not None:
         return requested
     return 0 if device.type == "cpu" else 2

@@ -156,8 +156,8 @@ def keep_freed_cpu_memory() -> bool:
     PyTorch's CPU allocator does not cache, and glibc serves each block over 32 MB with a fresh
     mmap, so every large activation page-faults in anew on every step. Keeping freed blocks (as
     jemalloc or tcmalloc would) made a CPU training step about 1.6x and the inference forward about
-    1.5x faster on the machine in the README. False, and nothing changed, where the C library has
-    no mallopt (macOS, Windows, musl).
+    1.5x faster on the machine in the README, for 30-45% more peak memory. False, and nothing
+    changed, where the C library has no mallopt (macOS, Windows, musl).
     """
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt

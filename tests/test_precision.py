@@ -1,8 +1,13 @@
-"""Every precision and memory-format path computes what fp32 NCHW computes, within stated tolerances."""
+"""Every precision and memory-format path computes what fp32 NCHW computes, within stated tolerances;
+the CPU allocator setting does what it is there for."""
+
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from conftest import ROOT
 from losses import build_loss
 from model import ResidualAttnUNet
 from train import train_step
@@ -59,3 +64,41 @@ def test_compiled_model_matches_eager():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+PAGE_FAULT_PROBE = """
+import resource, sys
+import torch
+sys.path.insert(0, sys.argv[2])
+from utils import keep_freed_cpu_memory
+if sys.argv[1] == "keep" and not keep_freed_cpu_memory():
+    print("unsupported")
+    raise SystemExit
+x = torch.randn(16 * 2**20)  # 64 MB: above glibc's largest mmap threshold
+
+
+def page_faults_of_a_few_elementwise_ops():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        doubled = x * 2
+        torch.nn.functional.silu(doubled + x)
+        del doubled
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+print([page_faults_of_a_few_elementwise_ops() for _ in range(3)][-1])
+"""
+
+
+def test_kept_memory_serves_new_large_tensors_without_page_faults():
+    """By default every new 64 MB tensor is a fresh mmap: 16,384 pages faulted in, twelve times a round."""
+    faults = {}
+    for mode in ("default", "keep"):
+        result = subprocess.run(
+            [sys.executable, "-c", PAGE_FAULT_PROBE, mode, str(ROOT)], capture_output=True, text=True, check=True
+        )
+        if result.stdout.strip() == "unsupported":
+            pytest.skip("this C library has no mallopt")
+        faults[mode] = int(result.stdout)
+    assert faults["default"] > 100_000
+    assert faults["keep"] < 16_384
