@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from conftest import ROOT
@@ -173,3 +174,23 @@ def test_the_model_sees_what_validation_feeds_it(trained_run, tiny_demo):
     expected = torch.stack([validation[i][0] for i in range(len(validation))])
     assert batch.dtype == torch.uint8 and normalized.shape == expected.shape
     torch.testing.assert_close(normalized, expected, rtol=0, atol=1e-6)
+
+
+def test_bf16_predictor_agrees_with_fp32(trained_run, tiny_demo):
+    """The bf16 path casts the folded model itself (no autocast): probabilities within 0.02, labels 99% equal."""
+    from dataset import SegmentationFolder
+    from inference import Predictor
+
+    cpu = torch.device("cpu")
+    checkpoint = trained_run / "checkpoints" / "best.pt"
+    fp32 = Predictor.from_checkpoint(checkpoint, cpu, "fp32", channels_last=False)
+    bf16 = Predictor.from_checkpoint(checkpoint, cpu, "bf16", channels_last=True)
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    validation = SegmentationFolder(tiny_demo / "images/val", tiny_demo / "masks/val", fp32.image_size)
+    images = torch.stack([TF.pil_to_tensor(Image.open(path).convert("RGB")) for path, _ in validation.pairs])
+    images = TF.resize(images, [fp32.image_size] * 2, antialias=True)
+    sizes = [(48, 48)] * len(images)
+    reference = torch.stack(fp32.probabilities(images, sizes, tta=False))
+    low = torch.stack(bf16.probabilities(images, sizes, tta=False))
+    assert (low - reference).abs().max() < 0.02
+    assert (low.max(1).indices == reference.max(1).indices).float().mean() > 0.99
