@@ -439,8 +439,12 @@ def train_one_epoch(
     epoch: int,
     stop: GracefulStop,
     ddp: Distributed = Distributed(),
+    time_first_step: bool = False,
 ) -> tuple[float, list[str]]:
-    """One pass over the sampler; returns the mean loss and the bad samples that were skipped."""
+    """One pass over the sampler; returns the mean loss and the bad samples that were skipped.
+
+    time_first_step: say how long the first step took, which with --compile holds the compilation.
+    """
     model.train()
     total_loss = torch.zeros((), device=device)
     first_bad_step = torch.zeros((), dtype=torch.long, device=device)
@@ -451,7 +455,11 @@ def train_one_epoch(
         skipped.extend(line for s in skipped_here for line in s.splitlines())
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         masks = masks.to(device, non_blocking=True)
+        step_started = time.perf_counter()
         loss = train_step(model, images, masks, loss_fn, optimizer, scaler, device, precision)
+        if time_first_step and steps == 1 and ddp.is_main:
+            loss.item()  # waits for the step: once per run
+            tqdm.write(f"first step, torch.compile included: {time.perf_counter() - step_started:.1f} s")
         # Recorded on the device and read at log points only: no host sync per step.
         first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(loss), steps, first_bad_step)
         total_loss += loss
@@ -728,6 +736,7 @@ def train(args: argparse.Namespace, checkpoint: dict | None, ddp: Distributed, d
                     epoch,
                     stop,
                     ddp,
+                    time_first_step=args.compile and epoch == start_epoch + 1,
                 )
             except NonFiniteLoss as err:
                 print(

@@ -109,3 +109,12 @@ def test_an_existing_run_is_never_overwritten(trained_run):
     result = run_script("--run-dir", str(trained_run), "--epochs", "1")
     assert result.returncode == 2 and "already holds a run" in result.stderr
     assert (trained_run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_compiled_training_says_what_its_first_step_cost_and_saves_plain_weights(tiny_demo, tmp_path, capsys):
+    run_dir = tmp_path / "compiled"
+    flags = ["--data-root", str(tiny_demo), "--epochs", "1", "--run-dir", str(run_dir), "--compile"]
+    assert train.main([*flags, *TINY_TRAIN_FLAGS]) == 0
+    assert "first step, torch.compile included:" in capsys.readouterr().out
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert not any(name.startswith("_orig_mod") for name in state["model"])  # loads into an uncompiled model
