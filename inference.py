@@ -213,9 +213,11 @@ def write_prediction(
     values = values.astype(np.uint8 if values.max(initial=0) < 256 else np.uint16)
     image = Image.fromarray(original.permute(1, 2, 0).numpy())
     files = {"mask": Image.fromarray(values), "overlay": overlay_with_legend(image, labels, mapping.names)}
+    # Overlays are for looking at: zlib level 1 writes them 4-5x faster than the default 6, 13% larger.
+    compress_level = {"mask": 6, "overlay": 1}
     for kind, content in files.items():
         with replace_atomically(targets[kind]) as tmp:
-            content.save(tmp, format="PNG")
+            content.save(tmp, format="PNG", compress_level=compress_level[kind])
     if probs is not None:
         with replace_atomically(targets["probs"]) as tmp, open(tmp, "wb") as handle:
             np.save(handle, probs.astype(np.float16))
