@@ -98,8 +98,8 @@ def training_flops_per_image(args, device) -> float:
 
 def bench_training(args, device, precision: str, channels_last: bool, compile_model: bool, keep_memory: bool) -> dict:
     torch.manual_seed(0)
-    if keep_memory and device.type == "cpu":
-        keep_freed_cpu_memory()
+    if keep_memory:
+        keep_freed_cpu_memory(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = ResidualAttnUNet(3, args.classes, args.widths).to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))

@@ -37,6 +37,7 @@ from dataset import (
 from metrics import ConfusionMatrix
 from model import ResidualAttnUNet
 from utils import (
+    PRECISION_DTYPES,
     ArgumentParser,
     UserError,
     colours,
@@ -50,7 +51,6 @@ from utils import (
 )
 
 log = logging.getLogger("inference")
-INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def get_args_parser() -> ArgumentParser:
@@ -118,7 +118,7 @@ class Predictor:
             model = ResidualAttnUNet(**state["model_args"])
         model.load_state_dict(state["model"], assign=True)
         # Weights cast once to the inference dtype: autocast would cast every weight on every batch.
-        model.eval().fold_batchnorm().to(device, INFERENCE_DTYPES[precision], memory_format=memory_format)
+        model.eval().fold_batchnorm().to(device, PRECISION_DTYPES[precision], memory_format=memory_format)
         return cls(
             model, LabelMapping.from_dict(state["mapping"]), int(state["image_size"]), device, precision, memory_format
         )
@@ -127,7 +127,7 @@ class Predictor:
     def probabilities(self, images: torch.Tensor, sizes: list[tuple[int, int]], tta: bool) -> list[torch.Tensor]:
         """Softmax at each image's original (height, width), as (classes, H, W) float32."""
         images = self.normalize(images.to(self.device, non_blocking=True))  # uint8 travels, a quarter of float
-        images = images.to(INFERENCE_DTYPES[self.precision], memory_format=self.memory_format)
+        images = images.to(PRECISION_DTYPES[self.precision], memory_format=self.memory_format)
         logits = self.model(images)
         if tta:
             flipped = self.model(images.flip(-1)).flip(-1)
@@ -273,8 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{args.masks_dir}: --masks_dir is not a folder")
     checkpoint = args.checkpoint or newest_checkpoint()
     device = resolve_device(args.device)
-    if device.type == "cpu":
-        keep_freed_cpu_memory()
+    keep_freed_cpu_memory(device)
     predictor = Predictor.from_checkpoint(
         checkpoint, device, resolve_precision(args.precision, device), args.channels_last
     )

@@ -674,8 +674,7 @@ def train(args: argparse.Namespace, checkpoint: dict | None, ddp: Distributed, d
     if not ddp.is_main:
         logging.getLogger().setLevel(logging.ERROR)
     precision = resolve_precision(args.precision, device)
-    if device.type == "cpu":
-        keep_freed_cpu_memory()
+    keep_freed_cpu_memory(device)
     seed_everything(args.seed)
     if args.demo and ddp.is_main:
         print(

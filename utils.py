@@ -150,15 +150,17 @@ def cpu_has_native_bf16() -> bool:
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt() parameters, from malloc.h
 
 
-def keep_freed_cpu_memory() -> bool:
-    """Keep freed CPU memory in the heap instead of handing it back to the OS after every tensor.
+def keep_freed_cpu_memory(device: torch.device) -> bool:
+    """On the CPU, keep freed memory in the heap instead of handing it back to the OS after every tensor.
 
     PyTorch's CPU allocator does not cache, and glibc serves each block over 32 MB with a fresh
     mmap, so every large activation page-faults in anew on every step. Keeping freed blocks (as
     jemalloc or tcmalloc would) made a CPU training step about 1.6x and the inference forward about
     1.5x faster on the machine in the README, for 30-45% more peak memory. False, and nothing
-    changed, where the C library has no mallopt (macOS, Windows, musl).
+    changed, on other devices or where the C library has no mallopt (macOS, Windows, musl).
     """
+    if device.type != "cpu":
+        return False
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError, TypeError):
@@ -177,10 +179,13 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision])
 
 
 def seed_everything(seed: int) -> None:

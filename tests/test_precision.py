@@ -71,7 +71,7 @@ import resource, sys
 import torch
 sys.path.insert(0, sys.argv[2])
 from utils import keep_freed_cpu_memory
-if sys.argv[1] == "keep" and not keep_freed_cpu_memory():
+if sys.argv[1] == "keep" and not keep_freed_cpu_memory(torch.device("cpu")):
     print("unsupported")
     raise SystemExit
 x = torch.randn(16 * 2**20)  # 64 MB: above glibc's largest mmap threshold
