@@ -25,12 +25,18 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms.v2 import functional as TF
 
-import inference
-from dataset import MEAN, STD, LabelMapping, SegmentationFolder, make_demo_data
+from checkpoints import save_checkpoint
+from cli import ArgumentParser, add_device_flag, positive_int, widths_type
+from dataset import MEAN, STD, SegmentationFolder
+from demo import make_demo_data
+from engine import build_optimizer, train_step
+from image_io import list_images
+from labels import LabelMapping
 from losses import build_loss
 from model import ResidualAttnUNet
-from train import positive_int, train_step, widths_type
-from utils import ArgumentParser, keep_freed_cpu_memory, resolve_device, resolve_precision, save_checkpoint
+from predictions import Outputs, segment_folder
+from predictor import Predictor
+from utils import Runtime, keep_freed_cpu_memory, resolve_device, resolve_precision
 
 
 def get_args_parser() -> ArgumentParser:
@@ -42,7 +48,7 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=4, help="timed training steps per row")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before each row")
     p.add_argument("--images", type=positive_int, default=64, help="images in the inference and loader folder")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    add_device_flag(p)
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile row")
     p.add_argument("--parts", default="training,inference,loader", help="comma-separated parts to run")
     return p
@@ -96,30 +102,29 @@ def training_flops_per_image(args, device) -> float:
     return counter.get_total_flops()
 
 
-def bench_training(args, device, precision: str, channels_last: bool, compile_model: bool, keep_memory: bool) -> dict:
+def bench_training(args, runtime: Runtime, compile_model: bool, keep_memory: bool) -> dict:
     torch.manual_seed(0)
+    device = runtime.device
     if keep_memory:
         keep_freed_cpu_memory(device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = ResidualAttnUNet(3, args.classes, args.widths).to(device, memory_format=memory_format)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    loss_fn = build_loss("ce")
+    model = ResidualAttnUNet(3, args.classes, args.widths).to(device, memory_format=runtime.memory_format)
+    parts = {"loss_fn": build_loss("ce"), "optimizer": build_optimizer(model, 1e-4, device)}
+    parts.update(scaler=runtime.grad_scaler(), runtime=runtime)
     step_model = torch.compile(model) if compile_model else model
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    images = images.contiguous(memory_format=memory_format)
+    images = images.contiguous(memory_format=runtime.memory_format)
     masks = torch.randint(0, args.classes, (args.batch_size, args.image_size, args.image_size), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     first = {}
     with timer(device, first):
-        train_step(step_model, images, masks, loss_fn, optimizer, scaler, device, precision)
+        train_step(step_model, images, masks, **parts)
     for _ in range(args.warmup):
-        train_step(step_model, images, masks, loss_fn, optimizer, scaler, device, precision)
+        train_step(step_model, images, masks, **parts)
     timing = {}
     with timer(device, timing):
         for _ in range(args.steps):
-            loss = train_step(step_model, images, masks, loss_fn, optimizer, scaler, device, precision)
+            loss = train_step(step_model, images, masks, **parts)
         loss.item()
     return {
         "images_per_s": args.batch_size * args.steps / timing["seconds"],
@@ -135,7 +140,7 @@ def write_checkpoint(args, path: Path) -> None:
         "model": model.state_dict(),
         "mapping": mapping.to_dict(),
         "image_size": args.image_size,
-        "model_args": {"in_channels": 3, "num_classes": args.classes, "widths": list(args.widths), "dropout": 0.0},
+        "model_args": model.config,
     }
     save_checkpoint(state, path)
 
@@ -156,9 +161,11 @@ def naive_inference(args, device, folder: Path, checkpoint: Path, output: Path) 
 
 
 def fast_inference(args, device, folder: Path, checkpoint: Path, output: Path) -> None:
-    """What a user runs: inference.py with its defaults."""
-    options = {"--input_dir": folder, "--checkpoint": checkpoint, "--output_dir": output, "--device": device.type}
-    inference.main([*(str(x) for pair in options.items() for x in pair), "--batch-size", str(args.batch_size)])
+    """What inference.py runs with its defaults: batched, native bf16, channels_last, BatchNorm folded."""
+    runtime = Runtime.from_flags(device.type, "auto", channels_last=True)
+    keep_freed_cpu_memory(runtime.device)
+    predictor = Predictor.from_checkpoint(checkpoint, runtime.device, runtime.precision, runtime.channels_last)
+    segment_folder(predictor, list_images(folder), folder, Outputs(output), batch_size=args.batch_size)
 
 
 def timed_inference(run, args, device, folders: dict[str, Path], checkpoint: Path) -> float:
@@ -204,23 +211,24 @@ def report_training(args, device: torch.device) -> None:
         f"matmul ceilings: fp32 {ceilings['fp32']:.0f} GFLOP/s, bf16 {ceilings['bf16']:.0f} GFLOP/s; "
         f"training step: {flops / 1e9:.1f} GFLOP per image\n"
     )
-    rows = [("fp32 NCHW eager (baseline)", "fp32", False, False, False)]
+    baseline, fast = Runtime(device, "fp32", channels_last=False), Runtime(device, fast_precision, channels_last=True)
+    rows = [("fp32 NCHW eager (baseline)", baseline, False, False)]
     if device.type == "cpu":
-        rows.append(("baseline + freed memory kept", "fp32", False, False, True))
-    rows.append((f"default: {fast_precision} channels_last", fast_precision, True, False, True))
+        rows.append(("baseline + freed memory kept", baseline, False, True))
+    rows.append((f"default: {fast_precision} channels_last", fast, False, True))
     if not args.skip_compile:
-        rows.append((f"--compile: {fast_precision} channels_last", fast_precision, True, True, True))
+        rows.append((f"--compile: {fast_precision} channels_last", fast, True, True))
     memory = "peak GPU MB" if device.type == "cuda" else "peak RSS MB"
     print(f"{'training':<34} {'images/s':>9} {'GFLOP/s':>9} {'of ceiling':>11} {'speed-up':>9} {memory:>12}")
-    baseline = None
-    for label, precision, channels_last, compile_model, keep_memory in rows:
-        result = isolated(bench_training, args, device, precision, channels_last, compile_model, keep_memory)
-        baseline = baseline or result["images_per_s"]
+    baseline_speed = None
+    for label, runtime, compile_model, keep_memory in rows:
+        result = isolated(bench_training, args, runtime, compile_model, keep_memory)
+        baseline_speed = baseline_speed or result["images_per_s"]
         achieved = result["images_per_s"] * flops / 1e9
         extra = f"  (first step, compile included: {result['first_step_s']:.1f} s)" if compile_model else ""
         print(
             f"{label:<34} {result['images_per_s']:>9.2f} {achieved:>9.0f} "
-            f"{achieved / ceilings[precision]:>10.0%} {result['images_per_s'] / baseline:>8.2f}x "
+            f"{achieved / ceilings[runtime.precision]:>10.0%} {result['images_per_s'] / baseline_speed:>8.2f}x "
             f"{result['peak_mb']:>12.0f}{extra}"
         )
 

@@ -8,6 +8,7 @@ painted over them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -19,9 +20,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from utils import PALETTE, UserError, replace_atomically
+from labels import IGNORE_INDEX
+from utils import PALETTE, UserError, refuse_inside, replace_atomically, require_folder
 
-IGNORE_VALUE = 255
+COCO_CACHE = Path("data/coco_masks")  # where train.py keeps the masks it renders from COCO files
 MODES = ("categories", "groups", "binary")
 
 # The reference design's nine super-groups (mask values 1..9 in this order) and their priorities.
@@ -211,7 +213,7 @@ def render_mask(
             objects.append((table.priorities[cat], -int(binary.sum()), table.values[cat], binary))
     mask = np.zeros((height, width), np.uint8)
     for binary in crowds:
-        mask[binary] = IGNORE_VALUE
+        mask[binary] = IGNORE_INDEX
     # Painted in increasing priority, then decreasing area: the last painted wins a pixel.
     for _, _, value, binary in sorted(objects, key=lambda o: (o[0], o[1])):
         mask[binary] = value
@@ -226,22 +228,34 @@ def write_png_atomically(mask: np.ndarray, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
-def _render_one(task: tuple) -> tuple[str, int, Counter, bool]:
-    image_path, out_path, height, width, annotations, table, crowd_as_object = task
+@dataclass(frozen=True)
+class RenderTask:
+    """One image's mask to render: what a render process needs, and nothing it must share."""
+
+    image_path: Path
+    out_path: Path
+    height: int
+    width: int
+    annotations: list[dict]
+    table: ClassTable
+    crowd_as_object: bool
+
+
+def _render_one(task: RenderTask) -> tuple[str, int, Counter, bool]:
     try:
-        with Image.open(image_path) as image:
-            image.size  # header only: the image is checked, never decoded
+        Image.open(task.image_path).close()  # reads the header only: the image is checked, never decoded
     except (OSError, SyntaxError):
-        return image_path.name, 0, Counter(), False
-    mask, used, skipped = render_mask(height, width, annotations, table, crowd_as_object)
-    write_png_atomically(mask, out_path)
-    return image_path.name, used, skipped, True
+        return task.image_path.name, 0, Counter(), False
+    mask, used, skipped = render_mask(task.height, task.width, task.annotations, task.table, task.crowd_as_object)
+    write_png_atomically(mask, task.out_path)
+    return task.image_path.name, used, skipped, True
 
 
 def prepare_masks(
     images_dir: Path,
     annotations_file: Path,
     output_dir: Path,
+    *,
     mode: str = "categories",
     categories: list[str] | None = None,
     max_images: int | None = None,
@@ -250,11 +264,8 @@ def prepare_masks(
     crowd_as_object: bool = False,
 ) -> Summary:
     """Render one index PNG per image into output_dir (plus classes.json); existing masks are kept."""
-    if not images_dir.is_dir():
-        raise UserError(f"{images_dir}: not a folder of images")
-    inside = output_dir.resolve()
-    if inside == images_dir.resolve() or images_dir.resolve() in inside.parents:
-        raise UserError(f"{output_dir}: must not be inside the images folder {images_dir}")
+    require_folder(images_dir)
+    refuse_inside(output_dir, images_dir, f"{output_dir}: must not be inside the images folder {images_dir}")
     coco = load_coco(annotations_file)
     table = class_table(coco["categories"], mode, categories)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -269,17 +280,10 @@ def prepare_masks(
         if out_path.exists() and not overwrite:
             summary.existing += 1
             continue
-        tasks.append(
-            (
-                images_dir / info["file_name"],
-                out_path,
-                int(info["height"]),
-                int(info["width"]),
-                by_image.get(info["id"], []),
-                table,
-                crowd_as_object,
-            )
-        )
+        annotations = by_image.get(info["id"], [])
+        image_path = images_dir / info["file_name"]
+        size = int(info["height"]), int(info["width"])
+        tasks.append(RenderTask(image_path, out_path, *size, annotations, table, crowd_as_object))
     for name, used, skipped, ok in tqdm(
         _render_all(tasks, workers),
         total=len(tasks),
@@ -296,9 +300,22 @@ def prepare_masks(
     return summary
 
 
-def _render_all(tasks: list[tuple], workers: int):
+def _render_all(tasks: list[RenderTask], workers: int):
     if workers == 0:
         yield from map(_render_one, tasks)
         return
     with ProcessPoolExecutor(workers) as pool:
         yield from pool.map(_render_one, tasks, chunksize=16)
+
+
+def cached_masks(annotations: Path, images: Path, mode: str) -> Path:
+    """Masks rendered from a COCO file once, under COCO_CACHE, keyed on the file, its images and the mode."""
+    stat = annotations.stat() if annotations.is_file() else None
+    key = hashlib.sha256(
+        f"{annotations.resolve()}|{images.resolve()}|{mode}|"
+        f"{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode()
+    ).hexdigest()[:12]
+    masks = COCO_CACHE / f"{annotations.stem}-{mode}-{key}"
+    summary = prepare_masks(images, annotations, masks, mode=mode, workers=0)
+    print(f"{annotations}: {summary.line()} -> {masks}")
+    return masks

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labels import IGNORE_INDEX
+
 LOSSES = ("ce", "dice_ce", "weighted_ce")
 
 
@@ -16,7 +18,9 @@ class DiceCELoss(nn.Module):
     averaged away by the images that lack it.
     """
 
-    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, ignore_index: int = 255, smooth: float = 1.0):
+    def __init__(
+        self, dice_weight: float = 1.0, ce_weight: float = 1.0, ignore_index: int = IGNORE_INDEX, smooth: float = 1.0
+    ):
         super().__init__()
         self.dice_weight, self.ce_weight = dice_weight, ce_weight
         self.ignore_index, self.smooth = ignore_index, smooth
@@ -45,7 +49,7 @@ class CrossEntropy(nn.CrossEntropyLoss):
 def build_loss(
     name: str,
     class_weights: torch.Tensor | None = None,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     dice_weight: float = 1.0,
     ce_weight: float = 1.0,
 ) -> nn.Module:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from labels import IGNORE_INDEX
+
 
 class ConfusionMatrix:
     """Accumulates a (num_classes x num_classes) matrix, rows = target, columns = prediction.
@@ -14,7 +16,7 @@ class ConfusionMatrix:
     left out of the means.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str = "cpu"):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, device: torch.device | str = "cpu"):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)

@@ -72,6 +72,11 @@ class Up(nn.Module):
 
 
 class ResidualAttnUNet(nn.Module):
+    """Encoder of residual blocks, attention bottleneck, decoder with skip concatenation.
+
+    `config` holds the constructor arguments: they travel in the checkpoint so the model can be rebuilt.
+    """
+
     def __init__(
         self,
         in_channels: int = 3,
@@ -81,6 +86,12 @@ class ResidualAttnUNet(nn.Module):
     ):
         super().__init__()
         widths = tuple(widths)
+        self.config = {
+            "in_channels": in_channels,
+            "num_classes": num_classes,
+            "widths": list(widths),
+            "dropout": dropout,
+        }
         self.encoders = nn.ModuleList()
         channels = in_channels
         for width in widths:
@@ -96,7 +107,7 @@ class ResidualAttnUNet(nn.Module):
         self.head = nn.Conv2d(channels, num_classes, 1)
         self.stride = 2 ** len(widths)
 
-    def fold_batchnorm(self) -> "ResidualAttnUNet":
+    def fold_batchnorm(self) -> ResidualAttnUNet:
         """For inference (eval mode): BatchNorm folded into the convolutions, same outputs, less work."""
         if self.training:
             raise RuntimeError("fold_batchnorm() needs eval mode: it freezes the running statistics")
@@ -117,7 +128,7 @@ class ResidualAttnUNet(nn.Module):
             skips.append(x)
             x = F.max_pool2d(x, 2)
         x = self.bottleneck(x)
-        for decoder, skip in zip(self.decoders, reversed(skips)):
+        for decoder, skip in zip(self.decoders, reversed(skips), strict=True):
             x = decoder(x, skip)
         return self.head(x)[..., :height, :width]
 

@@ -14,7 +14,16 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from dataset import MEAN, STD  # noqa: E402
-from utils import colourise, colours  # noqa: E402
+from utils import colours  # noqa: E402
+
+IGNORE_COLOUR = np.array([255, 255, 255], dtype=np.uint8)
+
+
+def colourise(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(H, W) class indices -> (H, W, 3) uint8 colours; ignored pixels (and any index past the classes) white."""
+    table = np.tile(IGNORE_COLOUR, (256, 1))
+    table[:num_classes] = colours(num_classes)
+    return table[labels.astype(np.int64).clip(0, 255)]
 
 
 def denormalise(image: torch.Tensor) -> np.ndarray:
@@ -26,7 +35,8 @@ def denormalise(image: torch.Tensor) -> np.ndarray:
 
 
 def legend_handles(class_names: list[str]) -> list[Patch]:
-    return [Patch(color=c / 255, label=name) for c, name in zip(colours(len(class_names)), class_names)]
+    palette = colours(len(class_names))
+    return [Patch(color=c / 255, label=name) for c, name in zip(palette, class_names, strict=True)]
 
 
 def sample_panel(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor, class_names: list[str]) -> Figure:

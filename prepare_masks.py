@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from cli import ArgumentParser, non_negative_int, positive_int, run_cli
 from coco import MODES, prepare_masks
-from utils import ArgumentParser, run_cli
 
 
 def get_args_parser() -> ArgumentParser:
@@ -34,10 +34,14 @@ def get_args_parser() -> ArgumentParser:
         help="categories: one value per COCO category; groups: the 9 super-groups; binary: any object",
     )
     p.add_argument("--categories", help="comma-separated category names to keep (categories and binary modes)")
-    p.add_argument("--max_images", "--max-images", type=int, help="only the first N images (by id)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering masks (0: inline)")
+    p.add_argument("--max_images", "--max-images", type=positive_int, help="only the first N images (by id)")
+    p.add_argument(
+        "--workers", type=non_negative_int, default=os.cpu_count() or 1, help="processes rendering masks (0: inline)"
+    )
     p.add_argument("--overwrite", action="store_true", help="re-render masks that already exist")
-    p.add_argument("--crowd-as-object", action="store_true", help="paint iscrowd regions as their class, not 255")
+    p.add_argument(
+        "--crowd-as-object", action="store_true", help="paint iscrowd regions as their class, not 255 (ignored)"
+    )
     return p
 
 
@@ -48,12 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         args.images_dir,
         args.annotations_file,
         args.output_dir,
-        args.mode,
-        categories,
-        args.max_images,
-        args.workers,
-        args.overwrite,
-        args.crowd_as_object,
+        mode=args.mode,
+        categories=categories,
+        max_images=args.max_images,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        crowd_as_object=args.crowd_as_object,
     )
     print(summary.line())
     return 0

@@ -1,20 +1,19 @@
-"""Helpers train.py and inference.py share: device, seeding, checkpoint I/O, colours."""
+"""Helpers every script shares: device, precision and where tensors run (Runtime), seeding, the torchrun
+job, the CPU allocator setting, atomic writes, path checks, class colours."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import ctypes.util
 import os
 import random
 import signal
-import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -47,34 +46,27 @@ PALETTE = np.array(
     ],
     dtype=np.uint8,
 )
-IGNORE_COLOUR = np.array([255, 255, 255], dtype=np.uint8)
 
 
 class UserError(Exception):
     """A mistake in flags, paths or files: reported as one line on stderr with exit status 2."""
 
 
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used; the message names the file."""
+def require_folder(path: Path, flag: str = "") -> Path:
+    """The one wording for a missing folder or a file where a folder belongs; flag names the option."""
+    label = f"{flag} {path}" if flag else str(path)
+    if not path.exists():
+        raise UserError(f"{label}: no such folder")
+    if not path.is_dir():
+        raise UserError(f"{label}: not a folder")
+    return path
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error instead of the usage dump: the mistake is the whole message."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def run_cli(main: Callable[[], int | None]) -> int:
-    """Run a script's main(); user mistakes become one line on stderr and exit status 2."""
-    try:
-        return main() or 0
-    except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
-        message = str(err).strip()
-        if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep its last line
-            message = message.splitlines()[-1].split(": ", 1)[-1]
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+def refuse_inside(output: Path, inputs: Path, message: str) -> None:
+    """Outputs never land inside an input folder, so inputs are never modified or read back as inputs."""
+    target, source = output.resolve(), inputs.resolve()
+    if target == source or source in target.parents:
+        raise UserError(message)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -188,6 +180,39 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision])
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how tensors run: device, precision, memory format and the torchrun job, passed as one."""
+
+    device: torch.device
+    precision: str = "fp32"
+    channels_last: bool = False
+    ddp: Distributed = Distributed()
+
+    @classmethod
+    def from_flags(cls, device: str, precision: str, channels_last: bool, dist_timeout: float | None = None):
+        """Resolves auto choices; with dist_timeout, joins the torchrun job when one is running."""
+        if dist_timeout is None:
+            resolved, ddp = resolve_device(device), Distributed()
+        else:
+            ddp, resolved = init_distributed(device, dist_timeout)
+        return cls(resolved, resolve_precision(precision, resolved), channels_last, ddp)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.precision)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling is needed for fp16 only; bf16 and fp32 keep fp32's exponent range."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def describe(self) -> str:
+        return f"{self.device.type}, {self.precision}, {'channels_last' if self.channels_last else 'NCHW'}"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -210,13 +235,6 @@ def colours(num_classes: int) -> np.ndarray:
     return np.concatenate([PALETTE, extra])
 
 
-def colourise(labels: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
-    """(H, W) class indices -> (H, W, 3) uint8 colours; ignored pixels white."""
-    table = np.tile(IGNORE_COLOUR, (256, 1))
-    table[:num_classes] = colours(num_classes)
-    return table[labels.astype(np.int64).clip(0, 255)]
-
-
 @contextlib.contextmanager
 def replace_atomically(path: Path) -> Iterator[Path]:
     """Yields a temporary name beside path, renamed onto path once written: a crash or a kill never
@@ -228,22 +246,3 @@ def replace_atomically(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def save_checkpoint(state: dict, path: Path) -> None:
-    with replace_atomically(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """weights_only=True: a checkpoint from elsewhere can hold tensors and plain data, never code."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises many types for truncated, foreign or unsafe files
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line})") from None
-    if not isinstance(state, dict) or "model" not in state or "model_args" not in state:
-        raise CheckpointError(f"{path}: not a checkpoint written by train.py")
-    return state

@@ -1,3 +1,6 @@
+import contextlib
+import io
+import subprocess
 import sys
 from pathlib import Path
 
@@ -6,7 +9,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dataset import make_demo_data  # noqa: E402
+from cli import run_cli  # noqa: E402
+from demo import make_demo_data  # noqa: E402
+
+
+def run_in_process(main, *args) -> subprocess.CompletedProcess:
+    """What `python script.py ARGS` does (sys.exit(run_cli(main))), without a new interpreter's start-up.
+
+    A raw traceback would surface here as the exception itself, so the test fails on it as it would on stderr.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = run_cli(lambda: main([str(a) for a in args]))
+        except SystemExit as stop:  # argparse exits on a malformed flag
+            code = stop.code
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,11 @@ from torchvision import tv_tensors
 
 import plots
 import train
+from checkpoints import load_checkpoint
 from conftest import TINY_TRAIN_FLAGS
-from dataset import IGNORE_INDEX, SegmentationFolder, build_transforms
-from utils import load_checkpoint
+from dataset import SegmentationFolder, build_transforms
+from engine import EarlyStopping
+from labels import IGNORE_INDEX
 
 
 def red_blue_sample(size=64):
@@ -64,40 +66,49 @@ def test_validation_data_is_not_augmented(tiny_demo):
         assert torch.equal(image, expected_image) and torch.equal(mask, expected_mask.long())
 
 
-def test_early_stop_stops_after_n_epochs_without_improvement(tiny_demo, tmp_path, monkeypatch, capsys):
-    scripted = iter([0.5, 0.6, 0.6, 0.55, 0.7, 0.8])
-    real_evaluate = train.evaluate
+def test_early_stopping_stops_after_n_epochs_without_a_better_miou():
+    early = EarlyStopping(patience=2)
+    improved, stopped_at = [], None
+    for epoch, miou in enumerate([0.5, 0.6, 0.6, 0.55, 0.7, 0.8], 1):
+        improved.append(early.update(miou))
+        if early.should_stop:
+            stopped_at = epoch
+            break
+    assert stopped_at == 4 and early.best == 0.6
+    assert improved == [True, True, False, False]
+    never = EarlyStopping(patience=0)
+    for _ in range(20):
+        never.update(0.1)
+        assert not never.should_stop
+    resumed = EarlyStopping(patience=1, best=0.9)  # a resumed run keeps the best it had
+    assert not resumed.update(0.8) and resumed.should_stop
 
-    def plateauing_evaluate(*args, **kwargs):
-        loss, matrix, first_batch, skipped = real_evaluate(*args, **kwargs)
-        metrics = matrix.compute()
-        metrics["miou"] = next(scripted)
-        matrix.compute = lambda: metrics
-        return loss, matrix, first_batch, skipped
 
-    monkeypatch.setattr(train, "evaluate", plateauing_evaluate)
+def first_plateau(mious: list[float], patience: int) -> int | None:
+    """Reference rule, written out: the first epoch that ends `patience` epochs without a new best."""
+    best_epoch = 0
+    for epoch in range(1, len(mious)):
+        if mious[epoch] > mious[best_epoch]:
+            best_epoch = epoch
+        elif epoch - best_epoch >= patience:
+            return epoch + 1
+    return None
+
+
+def test_the_loop_stops_early_saves_the_stopping_epoch_and_keeps_the_best(tiny_demo, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert (
-        train.main(
-            [
-                "--data-root",
-                str(tiny_demo),
-                "--epochs",
-                "6",
-                "--early-stop",
-                "2",
-                "--run-dir",
-                str(run_dir),
-                *TINY_TRAIN_FLAGS,
-            ]
-        )
-        == 0
-    )
-    assert "early stop: no better val mIoU for 2 epochs (best 0.6000)" in capsys.readouterr().out
+    flags = [*TINY_TRAIN_FLAGS[:-1], "3e-2"]  # a high rate: validation mIoU does not rise every epoch
+    assert flags[-2] == "--lr"
+    args = ["--data-root", str(tiny_demo), "--epochs", "8", "--early-stop", "1", "--run-dir", str(run_dir), *flags]
+    assert train.main(args) == 0
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert state["epoch"] == 4
-    assert load_checkpoint(run_dir / "checkpoints" / "best.pt")["epoch"] == 2
-    assert (run_dir / "samples" / "samples_epoch_004.png").is_file()
+    mious = [h["miou"] for h in state["history"]]
+    stop = first_plateau(mious, patience=1)
+    assert stop is not None and state["epoch"] == stop == len(mious) < 8
+    assert f"early stop: no better val mIoU for 1 epochs (best {max(mious):.4f})" in capsys.readouterr().out
+    assert load_checkpoint(run_dir / "checkpoints" / "best.pt")["epoch"] == mious.index(max(mious)) + 1
+    assert (run_dir / "checkpoints" / f"epoch_{stop:03d}.pt").is_file()
+    assert (run_dir / "samples" / f"samples_epoch_{stop:03d}.png").is_file()
 
 
 def test_dropout_is_in_the_bottleneck_and_decoder_only():

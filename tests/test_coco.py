@@ -7,10 +7,11 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+import coco
 import train
+from checkpoints import load_checkpoint
 from coco import CocoError, class_table, prepare_masks, render_mask
 from conftest import ROOT, TINY_TRAIN_FLAGS
-from utils import load_checkpoint
 
 CATEGORIES = [
     {"id": 1, "name": "person"},
@@ -144,7 +145,7 @@ def test_missing_images_are_counted_and_not_coco_json_is_one_line(tiny_demo, tmp
 
 
 def test_train_reads_coco_annotations_directly(tiny_demo, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "COCO_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(coco, "COCO_CACHE", tmp_path / "cache")
     run_dir = tmp_path / "run"
     assert (
         train.main(

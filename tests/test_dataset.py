@@ -7,15 +7,12 @@ import torch
 from PIL import Image
 
 import dataset
-from dataset import (
-    IGNORE_INDEX,
-    BadSampleError,
-    DataError,
-    SegmentationFolder,
-    SkipBadSamples,
-    build_transforms,
-    make_weighted_sampler,
-)
+import demo
+import labels
+from dataset import SegmentationFolder, SkipBadSamples, build_transforms
+from image_io import BadSampleError, DataError
+from labels import IGNORE_INDEX
+from loaders import make_weighted_sampler
 
 
 def write_pair(root: Path, stem: str, mask: np.ndarray, image: np.ndarray | None = None) -> None:
@@ -77,6 +74,7 @@ def test_scan_is_cached_and_redone_when_a_mask_changes(tmp_path, monkeypatch):
     def no_reading(path):
         raise AssertionError(f"read {path} although the scan was cached")
 
+    monkeypatch.setattr(labels, "read_mask", no_reading)
     monkeypatch.setattr(dataset, "read_mask", no_reading)
     monkeypatch.setattr(dataset, "read_image", no_reading)
     data = folder(tmp_path)
@@ -202,11 +200,11 @@ def object_colours(root: Path) -> dict[int, np.ndarray]:
 def test_texture_demo_gives_the_class_away_by_texture_and_outline_not_by_colour(tmp_path):
     """The colour demo keeps one colour per class; the texture demo spreads every class over all colours."""
     spread = {}
-    for style in dataset.DEMO_STYLES:
-        root = dataset.make_demo_data(tmp_path / style, num_train=40, num_val=1, size=32, seed=3, style=style)
+    for style in demo.DEMO_STYLES:
+        root = demo.make_demo_data(tmp_path / style, num_train=40, num_val=1, size=32, seed=3, style=style)
         colours = object_colours(root)
         assert set(colours) >= {1, 2, 3}
         spread[style] = np.mean([means.std(0).mean() for kind, means in colours.items() if kind != 4])
     assert spread["colour"] < 15 and spread["texture"] > 25
     with pytest.raises(ValueError, match="unknown demo style 'stripes'"):
-        dataset.make_demo_data(tmp_path / "other", style="stripes")
+        demo.make_demo_data(tmp_path / "other", style="stripes")

@@ -7,21 +7,20 @@ import sys
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader
 
 import train
-from conftest import ROOT, TINY_TRAIN_FLAGS
-from dataset import (
-    DistributedWeightedSampler,
-    LabelMapping,
-    SegmentationFolder,
-    SkipBadSamples,
-    make_demo_data,
-    make_weighted_sampler,
-)
+from checkpoints import load_checkpoint
+from conftest import ROOT, TINY_TRAIN_FLAGS, run_in_process
+from dataset import SegmentationFolder, SkipBadSamples
+from demo import make_demo_data
+from engine import evaluate
+from labels import LabelMapping
+from loaders import DistributedWeightedSampler, make_weighted_sampler
+from losses import build_loss
 from model import ResidualAttnUNet
-from utils import load_checkpoint
+from utils import Runtime
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +53,7 @@ def ddp_run(odd_demo, tmp_path_factory):
     return run_dir, result
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_run_whose_miou_equals_a_single_process_evaluation(ddp_run, odd_demo):
     run_dir, result = ddp_run
     assert result.stdout.count("epoch 1/1") == 1  # only rank 0 reports
@@ -68,25 +68,20 @@ def test_two_processes_write_one_run_whose_miou_equals_a_single_process_evaluati
 
     model = ResidualAttnUNet(**state["model_args"]).to(memory_format=torch.channels_last)
     model.load_state_dict(state["model"])
-    val = SegmentationFolder(
-        odd_demo / "images/val", odd_demo / "masks/val", state["image_size"], LabelMapping.from_dict(state["mapping"])
-    )
+    mapping = LabelMapping.from_dict(state["mapping"])
+    val = SegmentationFolder(odd_demo / "images/val", odd_demo / "masks/val", state["image_size"], mapping=mapping)
     loader = DataLoader(SkipBadSamples(val, replace=False), batch_size=3)
-    _, matrix, _, _ = train.evaluate(
-        model,
-        loader,
-        train.build_loss("ce"),
-        val.num_classes,
-        torch.device("cpu"),
-        state["args"]["precision"] if state["args"]["precision"] != "auto" else "bf16",
-        torch.channels_last,
-        1,
+    precision = state["args"]["precision"] if state["args"]["precision"] != "auto" else "bf16"
+    runtime = Runtime(torch.device("cpu"), precision, channels_last=True)
+    _, matrix, _, _ = evaluate(
+        model, loader, loss_fn=build_loss("ce"), num_classes=val.num_classes, runtime=runtime, epoch=1
     )
     assert matrix.matrix.sum().item() == 9 * 32 * 32  # every validation pixel counted exactly once
     assert matrix.compute()["miou"] == pytest.approx(logged, abs=1e-6)
     assert state["history"][0]["miou"] == pytest.approx(logged, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_the_ddp_checkpoint_resumes_in_a_single_process(ddp_run, tmp_path):
     run_dir, _ = ddp_run
     assert (
@@ -138,25 +133,13 @@ def make_weighted_sampler_share(weights):
 
 
 def test_sync_bn_on_the_cpu_is_a_clear_error(tiny_demo, tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "--data-root",
-            str(tiny_demo),
-            "--sync-bn",
-            "--run-dir",
-            str(tmp_path / "run"),
-            *TINY_TRAIN_FLAGS,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = run_in_process(
+        train.main, "--data-root", tiny_demo, "--sync-bn", "--run-dir", tmp_path / "run", *TINY_TRAIN_FLAGS
     )
     assert result.returncode == 2 and "--sync-bn needs a torchrun job on CUDA GPUs" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_failing_rank_ends_the_whole_job_with_its_message(odd_demo, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(odd_demo, data)

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
 from torchmetrics.classification import MulticlassJaccardIndex
+from torchvision.transforms.v2 import functional as TF
 
+from checkpoints import load_checkpoint
 from conftest import ROOT
-from dataset import LabelMapping, read_mask
-from utils import load_checkpoint
+from image_io import read_mask
+from labels import LabelMapping
 
 
 def run_inference(*args):
@@ -112,7 +113,7 @@ def test_evaluation_equals_torchmetrics_on_the_written_masks(trained_run, tiny_d
         (lambda folder, ckpt: ["--input_dir", folder / "missing", "--checkpoint", ckpt], "missing: no such folder"),
         (
             lambda folder, ckpt: ["--input_dir", folder / "wide.jpg", "--checkpoint", ckpt],
-            "must be a folder, not a file",
+            "wide.jpg: not a folder",
         ),
         (
             lambda folder, ckpt: ["--input_dir", folder, "--checkpoint", folder / "wide.jpg"],
@@ -162,7 +163,8 @@ def test_recursive_mirrors_subfolders(trained_run, tiny_demo, tmp_path):
 def test_the_model_sees_what_validation_feeds_it(trained_run, tiny_demo):
     """Inference decodes uint8 in the loader and normalises whole batches; the input must equal validation's."""
     from dataset import SegmentationFolder
-    from inference import InputImages, Predictor, collate
+    from predictions import InputImages, collate
+    from predictor import Predictor
 
     predictor = Predictor.from_checkpoint(
         trained_run / "checkpoints" / "best.pt", torch.device("cpu"), "fp32", channels_last=False
@@ -179,7 +181,7 @@ def test_the_model_sees_what_validation_feeds_it(trained_run, tiny_demo):
 def test_bf16_predictor_agrees_with_fp32(trained_run, tiny_demo):
     """The bf16 path casts the folded model itself (no autocast): probabilities within 0.02, labels 99% equal."""
     from dataset import SegmentationFolder
-    from inference import Predictor
+    from predictor import Predictor
 
     cpu = torch.device("cpu")
     checkpoint = trained_run / "checkpoints" / "best.pt"

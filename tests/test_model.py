@@ -1,5 +1,4 @@
 import math
-import time
 
 import pytest
 import torch
@@ -40,27 +39,33 @@ def test_output_has_the_input_size(size):
 
 
 def test_default_widths_are_the_reference_design():
-    assert count_parameters(ResidualAttnUNet(3, 10)) == pytest.approx(33.7e6, rel=0.01)
+    assert count_parameters(ResidualAttnUNet(3, 10)) == 33_748_939  # the figure in the README
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_four_images(tiny_demo):
     torch.manual_seed(0)
     data = SegmentationFolder(tiny_demo / "images/train", tiny_demo / "masks/train", image_size=48)
-    images, masks = map(torch.stack, zip(*(data[i] for i in range(4))))
+    images, masks = map(torch.stack, zip(*(data[i] for i in range(4)), strict=True))
     model = ResidualAttnUNet(3, data.num_classes, (8, 16, 32, 64))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    started = time.time()
+    untrained = score(model, images, masks, data.num_classes)
     for _ in range(200):
         loss = torch.nn.functional.cross_entropy(model(images), masks, ignore_index=255)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    assert untrained < 0.5  # what it scores is learned, not given by the set-up
+    assert score(model, images, masks, data.num_classes) > 0.95
+
+
+def score(model, images, masks, num_classes) -> float:
     model.eval()
-    matrix = ConfusionMatrix(data.num_classes)
+    matrix = ConfusionMatrix(num_classes)
     with torch.no_grad():
         matrix.update(model(images).argmax(1), masks)
-    assert time.time() - started < 60
-    assert matrix.compute()["miou"] > 0.95
+    model.train()
+    return matrix.compute()["miou"]
 
 
 def test_folding_batchnorm_keeps_the_outputs():

@@ -7,11 +7,12 @@ import sys
 import pytest
 import torch
 
+import utils
 from conftest import ROOT
+from engine import train_step
 from losses import build_loss
 from model import ResidualAttnUNet
-from train import train_step
-from utils import autocast, resolve_precision, UserError
+from utils import Runtime, UserError, autocast, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -47,17 +48,21 @@ def test_training_in_bf16_reduces_the_loss():
     images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     masks = (images[:, 0] > 0).long() + (images[:, 1] > 1).long()
     loss_fn = build_loss("dice_ce")
-    losses = [train_step(model, images, masks, loss_fn, optimizer, scaler, CPU, "bf16").item() for _ in range(30)]
+    parts = {"loss_fn": loss_fn, "optimizer": optimizer, "scaler": scaler, "runtime": Runtime(CPU, "bf16")}
+    losses = [train_step(model, images, masks, **parts).item() for _ in range(30)]
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_precision_auto_and_fp16_rules():
-    assert resolve_precision("auto", CPU) in ("bf16", "fp32")
+def test_precision_auto_and_fp16_rules(monkeypatch):
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda native=native: native)
+        assert resolve_precision("auto", CPU) == expected
     assert resolve_precision("fp32", CPU) == "fp32"
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
         resolve_precision("fp16", CPU)
 
 
+@pytest.mark.slow
 def test_compiled_model_matches_eager():
     torch.manual_seed(0)
     model = ResidualAttnUNet(3, 3, (4, 8)).eval()

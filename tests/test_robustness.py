@@ -15,8 +15,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from conftest import ROOT, TINY_TRAIN_FLAGS
-from utils import load_checkpoint
+from checkpoints import load_checkpoint
+from conftest import ROOT, TINY_TRAIN_FLAGS, run_in_process
 
 
 def run_train(*args, timeout=180):
@@ -93,7 +93,8 @@ def test_bad_samples_are_skipped_and_reported_every_epoch(broken_demo, tmp_path,
 
 
 def test_strict_turns_a_bad_sample_into_an_error(broken_demo, tmp_path):
-    result = run_train(
+    result = run_in_process(
+        train.main,
         "--data-root",
         broken_demo,
         "--epochs",
@@ -177,7 +178,7 @@ def test_user_mistakes_get_one_line_and_exit_2(case, demo_copy, trained_run, tmp
     if case == "truncated checkpoint":
         (tmp_path / "cut.pt").write_bytes(last.read_bytes()[:2000])
     run_dir = tmp_path / "run"
-    result = run_train(*args, "--epochs", "1", "--run-dir", run_dir, "--workers", "0")
+    result = run_in_process(train.main, *args, "--epochs", "1", "--run-dir", run_dir, "--workers", "0")
     assert_user_error(result, *fragments)
     assert not (run_dir / "checkpoints").exists()
 
@@ -204,6 +205,7 @@ def test_a_forged_checkpoint_cannot_run_code(tmp_path, trained_run):
     assert not Exploit.marker.exists()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_nothing_broken_and_resume_finishes_the_schedule(tiny_demo, tmp_path):
     run_dir = tmp_path / "run"
     flags = [
@@ -234,8 +236,7 @@ def test_sigterm_saves_nothing_broken_and_resume_finishes_the_schedule(tiny_demo
     last = run_dir / "checkpoints" / "last.pt"
     deadline = time.time() + 120
     while not last.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)  # into the next epoch
+        time.sleep(0.05)  # polls for the condition: the first epoch is saved
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 143, err

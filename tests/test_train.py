@@ -8,8 +8,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from conftest import ROOT, TINY_TRAIN_FLAGS
-from utils import load_checkpoint
+from checkpoints import load_checkpoint
+from conftest import ROOT, TINY_TRAIN_FLAGS, run_in_process
 
 
 def scalars(run_dir, tag):
@@ -38,14 +38,14 @@ def test_training_writes_checkpoints_events_and_figures(trained_run):
 
 def test_the_logged_val_miou_equals_a_fresh_evaluation_of_the_checkpoint(trained_run, tiny_demo):
     """The metric in the logs is what the saved weights really score."""
-    from dataset import LabelMapping, SegmentationFolder
+    from dataset import SegmentationFolder
+    from labels import LabelMapping
     from metrics import ConfusionMatrix
     from model import ResidualAttnUNet
 
     state = load_checkpoint(trained_run / "checkpoints" / "last.pt")
-    val = SegmentationFolder(
-        tiny_demo / "images/val", tiny_demo / "masks/val", state["image_size"], LabelMapping.from_dict(state["mapping"])
-    )
+    mapping = LabelMapping.from_dict(state["mapping"])
+    val = SegmentationFolder(tiny_demo / "images/val", tiny_demo / "masks/val", state["image_size"], mapping=mapping)
     model = ResidualAttnUNet(**state["model_args"])
     model.load_state_dict(state["model"])
     model.eval()
@@ -57,6 +57,7 @@ def test_the_logged_val_miou_equals_a_fresh_evaluation_of_the_checkpoint(trained
     assert matrix.compute()["miou"] == pytest.approx(state["history"][-1]["miou"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_next_epoch_with_the_scheduled_learning_rate(trained_run, tmp_path):
     run_dir = tmp_path / "resumed"
     assert (
@@ -73,6 +74,7 @@ def test_resume_continues_at_the_next_epoch_with_the_scheduled_learning_rate(tra
     assert lr[2] == pytest.approx(base * (1 + math.cos(math.pi * 1 / 2)) / 2)
 
 
+@pytest.mark.slow
 def test_resume_auto_with_more_epochs_continues_the_same_run(tiny_demo, tmp_path):
     run_dir = tmp_path / "run"
     common = ["--data-root", str(tiny_demo), "--run-dir", str(run_dir), *TINY_TRAIN_FLAGS]
@@ -98,7 +100,7 @@ def run_script(*args, cwd=ROOT):
     ],
 )
 def test_user_mistakes_exit_2_with_one_line_and_no_traceback(flags, message):
-    result = run_script(*flags, "--epochs", "1")
+    result = run_in_process(train.main, *flags, "--epochs", "1")
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -111,6 +113,7 @@ def test_an_existing_run_is_never_overwritten(trained_run):
     assert (trained_run / "checkpoints" / "last.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_compiled_training_says_what_its_first_step_cost_and_saves_plain_weights(tiny_demo, tmp_path, capsys):
     run_dir = tmp_path / "compiled"
     flags = ["--data-root", str(tiny_demo), "--epochs", "1", "--run-dir", str(run_dir), "--compile"]

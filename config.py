@@ -1,0 +1,211 @@
+"""train.py's flags, and how they are filled in: typed flags win, then the checkpoint being resumed, then
+the demo's settings, then the parser's defaults."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from checkpoints import CheckpointError, load_checkpoint, newest_checkpoint
+from cli import ArgumentParser, add_hardware_flags, non_negative_int, positive_int, widths_type
+from coco import MODES
+from demo import DEMO_ROOTS, DEMO_STYLES
+from labels import IGNORE_INDEX
+from losses import LOSSES
+from utils import UserError
+
+DEMO_SETTINGS = {"image_size": 96, "widths": (16, 32, 64, 128), "epochs": 30, "batch_size": 16}
+DATA_FLAGS = ("data_root", "train_images", "train_masks", "val_images", "val_masks", "train_coco", "val_coco")
+MUST_MATCH_CHECKPOINT = ("widths", "binary", "ignore_value", "coco_mode")  # they fix the model or its classes
+
+
+def add_data_flags(p: ArgumentParser) -> None:
+    data = p.add_argument_group("data (none given: the built-in demo under data/demo or data/demo-texture)")
+    data.add_argument(
+        "--demo-style",
+        choices=DEMO_STYLES,
+        default="colour",
+        help="the demo's classes differ in colour and texture, or (texture) in texture and outline only: harder, "
+        "a small slice overfits",
+    )
+    data.add_argument("--data-root", type=Path, help="reads DIR/images/{train,val} and DIR/masks/{train,val}")
+    for split in ("train", "val"):
+        for kind in ("images", "masks"):
+            data.add_argument(f"--{split}-{kind}", type=Path, help=f"{split} {kind} folder (overrides --data-root)")
+    data.add_argument("--train-coco", type=Path, help="COCO instances json of the training images (rendered once)")
+    data.add_argument("--val-coco", type=Path, help="COCO instances json for the validation images")
+    data.add_argument(
+        "--coco-mode",
+        choices=MODES,
+        default="categories",
+        help="classes rendered from COCO: one per category, the 9 super-groups, or binary",
+    )
+    data.add_argument("--binary", action="store_true", help="every nonzero, non-ignore mask value becomes class 1")
+    data.add_argument("--ignore-value", type=int, default=IGNORE_INDEX, help="mask value that marks pixels to ignore")
+    data.add_argument(
+        "--ignore-unknown-labels",
+        action="store_true",
+        help="ignore validation mask values the training set never had, instead of stopping",
+    )
+    data.add_argument(
+        "--train-subset", type=positive_int, help="train on the first N training images only (classes from all)"
+    )
+
+
+def add_input_flags(p: ArgumentParser) -> None:
+    """How samples reach the model: size, augmentation, sampling, loader processes."""
+    inputs = p.add_argument_group("inputs")
+    inputs.add_argument(
+        "--image-size", type=positive_int, default=256, help="images and masks are resized to this square"
+    )
+    inputs.add_argument(
+        "--augment",
+        choices=("none", "basic", "strong"),
+        default="basic",
+        help="joint image/mask augmentation of the training set",
+    )
+    inputs.add_argument(
+        "--sampler",
+        choices=("weighted", "uniform"),
+        default="weighted",
+        help="weighted: images holding rare classes are drawn more often",
+    )
+    inputs.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
+    inputs.add_argument("--strict", action="store_true", help="stop at a bad sample instead of skipping it")
+
+
+def add_model_flags(p: ArgumentParser) -> None:
+    model = p.add_argument_group("model and optimisation")
+    model.add_argument(
+        "--widths", type=widths_type, default=(64, 128, 256, 512), help="encoder widths, comma-separated"
+    )
+    model.add_argument("--dropout", type=float, default=0.0, help="Dropout2d in the bottleneck and decoder blocks")
+    model.add_argument("--loss", choices=LOSSES, default="ce", help="weighted_ce: class weights from mask statistics")
+    model.add_argument("--dice-weight", type=float, default=1.0, help="weight of the Dice term of dice_ce")
+    model.add_argument("--ce-weight", type=float, default=1.0, help="weight of the cross-entropy term of dice_ce")
+    model.add_argument("--epochs", type=positive_int, default=50)
+    model.add_argument("--batch-size", type=positive_int, default=8)
+    model.add_argument(
+        "--lr", type=float, default=1e-4, help="Adam learning rate, cosine-annealed to 0 over --epochs"
+    )
+    model.add_argument(
+        "--early-stop",
+        type=non_negative_int,
+        default=0,
+        help="stop after N epochs without a better val mIoU (0: never)",
+    )
+
+
+def add_run_flags(p: ArgumentParser) -> None:
+    run = p.add_argument_group("hardware and bookkeeping")
+    add_hardware_flags(run)
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument(
+        "--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm statistics over all ranks"
+    )
+    run.add_argument(
+        "--dist-timeout",
+        type=positive_int,
+        default=600,
+        help="seconds a rank waits for the others before the job fails (torchrun)",
+    )
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--run-dir", type=Path, help="default runs/<data>-<time>: events, checkpoints/, samples/")
+    run.add_argument("--save-every", type=positive_int, default=10, help="checkpoint and sample panel every N epochs")
+    run.add_argument(
+        "--resume",
+        metavar="PATH|auto",
+        help="continue from a checkpoint; auto: last.pt of --run-dir, or of the newest run in runs/",
+    )
+
+
+def get_args_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        description="Train the residual self-attention U-Net. With no data flags it trains on the built-in demo.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for add_flags in (add_data_flags, add_input_flags, add_model_flags, add_run_flags):
+        add_flags(p)
+    return p
+
+
+def explicit_flags(parser: ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The flags the user typed, so demo and resume settings never override them.
+
+    argparse fills in a default only where the namespace lacks the attribute, so a namespace
+    pre-filled with a marker keeps the marker exactly where nothing was typed.
+    """
+    unset = object()
+    probe = argparse.Namespace(**{name: unset for name in vars(parser.parse_args([]))})
+    parser.parse_args(argv, probe)
+    return {name for name, value in vars(probe).items() if value is not unset}
+
+
+def flag_text(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def find_resume_checkpoint(resume: str, run_dir: Path | None) -> Path | None:
+    """auto: last.pt of the run dir, else of the most recently written run under runs/."""
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: --resume names no checkpoint file")
+        return path
+    if run_dir is not None:
+        path = run_dir / "checkpoints" / "last.pt"
+        return path if path.is_file() else None
+    return newest_checkpoint("last.pt")
+
+
+def apply_checkpoint_flags(args: argparse.Namespace, given: set[str], checkpoint: dict) -> None:
+    """Flags not typed again are taken from the checkpoint; typed ones that fix the model must agree with it."""
+    path, saved = checkpoint["path"], checkpoint["args"]
+    for name in MUST_MATCH_CHECKPOINT:
+        ours, theirs = flag_text(getattr(args, name)), flag_text(saved.get(name))
+        if name in given and ours != theirs:
+            raise CheckpointError(f"{path}: trained with --{name.replace('_', '-')} {theirs}, not {ours}")
+    for name, value in saved.items():
+        if name not in given and name not in ("resume", "run_dir") and hasattr(args, name):
+            setattr(args, name, Path(value) if name in DATA_FLAGS and value is not None else value)
+    args.widths = tuple(args.widths)
+    if args.run_dir is None:
+        args.run_dir = path.parent.parent
+
+
+def resumed_checkpoint(args: argparse.Namespace, given: set[str]) -> dict | None:
+    """The checkpoint --resume names, with its flags applied to args; None for a new run."""
+    if not args.resume:
+        return None
+    path = find_resume_checkpoint(args.resume, args.run_dir)
+    if path is None:
+        print("--resume auto: no checkpoint found, starting a new run")
+        return None
+    checkpoint = load_checkpoint(path)
+    checkpoint["path"] = path
+    apply_checkpoint_flags(args, given, checkpoint)
+    return checkpoint
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict | None]:
+    """Flags, filled in from the demo settings or from the checkpoint being resumed."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    given = explicit_flags(parser, argv)
+    checkpoint = resumed_checkpoint(args, given)
+    args.demo = not any(getattr(args, flag, None) for flag in DATA_FLAGS)
+    if "demo_style" in given and not args.demo:
+        raise UserError("--demo-style chooses the built-in demo; it does not apply with data flags")
+    if args.demo and checkpoint is None:
+        for name, value in DEMO_SETTINGS.items():
+            if name not in given:
+                setattr(args, name, value)
+    if args.run_dir is None:
+        name = DEMO_ROOTS[args.demo_style].name if args.demo else (args.data_root or args.train_images).resolve().name
+        args.run_dir = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if checkpoint is None and (args.run_dir / "checkpoints" / "last.pt").exists():
+        raise UserError(
+            f"{args.run_dir}: already holds a run; pass --resume auto to continue it or choose another --run-dir"
+        )
+    return args, checkpoint

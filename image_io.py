@@ -1,0 +1,88 @@
+"""Image and mask files -> arrays: every image mode to upright RGB, masks to label values, and the errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from utils import UserError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+class DataError(UserError):
+    """Data that cannot be used as it is; the message names the file or folder."""
+
+
+class BadSampleError(DataError):
+    """One image or mask that cannot be used; the message names the file."""
+
+
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A 2-D integer array of label values; colour masks are refused, not guessed at."""
+    try:
+        with Image.open(path) as mask:
+            mask.load()
+    except (OSError, SyntaxError) as err:
+        raise BadSampleError(f"{path}: unreadable mask ({err})") from None
+    if mask.mode in ("RGB", "RGBA", "LA"):
+        array = np.asarray(mask)
+        if mask.mode == "LA" or (array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all():
+            return array[..., 0]
+        raise BadSampleError(f"{path}: colour ({mask.mode}) mask; masks must hold one label value per pixel")
+    if mask.mode == "1":
+        return np.asarray(mask, dtype=np.uint8)
+    array = np.asarray(mask)
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise BadSampleError(f"{path}: unsupported mask mode {mask.mode}")
+    return array
+
+
+# EXIF orientation tag -> the transpose that shows the image upright (as ImageOps.exif_transpose does).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def read_image(path: Path) -> tuple[Image.Image, Image.Transpose | None]:
+    """RGB, shown upright, and the EXIF transpose that did it (masks may need the same).
+
+    Palette, grey, RGBA, CMYK and 16-bit images all convert.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            upright = _UPRIGHT.get(image.getexif().get(0x0112, 1))
+    except (OSError, SyntaxError, ValueError) as err:
+        raise BadSampleError(f"{path}: unreadable image ({err})") from None
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image)
+        scale = 1 / 256 if array.max() > 255 else 1
+        image = Image.fromarray((array * scale).clip(0, 255).astype(np.uint8))
+    elif image.mode in ("P", "LA", "PA") or "transparency" in image.info:
+        image = image.convert("RGBA")
+    image = image.convert("RGB")
+    return (image.transpose(upright) if upright is not None else image), upright
+
+
+def align_mask(mask: np.ndarray, image: Image.Image, upright: Image.Transpose | None, mask_path: Path) -> np.ndarray:
+    """Masks match the upright image; one drawn on the stored (pre-EXIF) pixels is turned the same way."""
+    width, height = image.size
+    if mask.shape == (height, width):
+        return mask
+    if upright is not None and mask.shape == (width, height):
+        return np.asarray(Image.fromarray(mask).transpose(upright))
+    raise BadSampleError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {width}x{height}")

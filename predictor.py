@@ -1,0 +1,57 @@
+"""A trained checkpoint as a function: batches of uint8 images -> class probabilities at each image's size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from checkpoints import load_checkpoint
+from dataset import normalize_images
+from labels import LabelMapping
+from model import ResidualAttnUNet
+from utils import PRECISION_DTYPES
+
+
+@dataclass
+class Predictor:
+    model: torch.nn.Module
+    mapping: LabelMapping
+    image_size: int
+    device: torch.device
+    precision: str
+    memory_format: torch.memory_format
+    normalize: v2.Compose = field(default_factory=normalize_images)  # on the device, a batch at a time
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, device: torch.device, precision: str, channels_last: bool) -> Predictor:
+        state = load_checkpoint(path)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        with torch.device("meta"):  # no random initialisation of weights about to be replaced
+            model = ResidualAttnUNet(**state["model_args"])
+        model.load_state_dict(state["model"], assign=True)
+        # Weights cast once to the inference dtype: autocast would cast every weight on every batch.
+        model.eval().fold_batchnorm().to(device, PRECISION_DTYPES[precision], memory_format=memory_format)
+        return cls(
+            model, LabelMapping.from_dict(state["mapping"]), int(state["image_size"]), device, precision, memory_format
+        )
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor, sizes: list[tuple[int, int]], tta: bool) -> list[torch.Tensor]:
+        """Softmax at each image's original (height, width), as (classes, H, W) float32."""
+        images = self.normalize(images.to(self.device, non_blocking=True))  # uint8 travels, a quarter of float
+        images = images.to(PRECISION_DTYPES[self.precision], memory_format=self.memory_format)
+        logits = self.model(images)
+        if tta:
+            flipped = self.model(images.flip(-1)).flip(-1)
+        probs = logits.float().softmax(1)
+        if tta:
+            probs = (probs + flipped.float().softmax(1)) / 2
+        # Interpolate class scores, not labels, to the full size (labels would turn blocky).
+        return [
+            F.interpolate(p[None], size=size, mode="bilinear", align_corners=False)[0].cpu()
+            for p, size in zip(probs, sizes, strict=True)
+        ]

@@ -1,0 +1,120 @@
+"""What a training run leaves behind: console lines, TensorBoard events, checkpoints, figures. Rank 0 only."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from checkpoints import save_checkpoint
+from engine import GracefulStop
+from metrics import ConfusionMatrix
+from plots import confusion_matrix_figure, curves_figure, sample_panel, save_figure
+
+SCALARS = {
+    "loss/train": "train_loss",
+    "loss/val": "val_loss",
+    "val/miou": "miou",
+    "val/mdice": "mdice",
+    "val/pixel_acc": "pixel_acc",
+    "lr": "lr",
+}
+
+
+def skip_report(train_skipped: list[str], val_skipped: list[str]) -> str:
+    parts = [
+        f"{split} skipped {len(set(bad))} bad samples: {'; '.join(sorted(set(bad))[:5])}"
+        for split, bad in (("train", train_skipped), ("val", val_skipped))
+        if bad
+    ]
+    return ("  " + "  ".join(parts)) if parts else ""
+
+
+class Reporter:
+    """Every method does nothing on ranks other than 0, so the loop needs no rank checks."""
+
+    def __init__(self, run_dir: Path, *, active: bool, purge_step: int | None, class_names: list[str], epochs: int):
+        self.run_dir, self.active, self.class_names, self.epochs = run_dir, active, class_names, epochs
+        self.checkpoints = run_dir / "checkpoints"
+        self.writer = SummaryWriter(str(run_dir), purge_step=purge_step) if active else None
+
+    def print(self, *args, **kwargs) -> None:
+        if self.active:
+            print(*args, **kwargs)
+
+    def epoch(self, record: dict, per_class_iou: torch.Tensor, seconds: float, skipped: str) -> None:
+        if not self.active:
+            return
+        epoch = record["epoch"]
+        for tag, key in SCALARS.items():
+            self.writer.add_scalar(tag, record[key], epoch)
+        for name, iou in zip(self.class_names, per_class_iou.tolist(), strict=True):
+            self.writer.add_scalar(f"iou/{name}", iou, epoch)
+        print(
+            f"epoch {epoch}/{self.epochs}  train loss {record['train_loss']:.4f}  val loss {record['val_loss']:.4f}  "
+            f"mIoU {record['miou']:.4f}  mDice {record['mdice']:.4f}  pixel acc {record['pixel_acc']:.4f}  "
+            f"lr {record['lr']:.2e}  {seconds:.1f}s" + skipped
+        )
+
+    def save(self, state: dict, *, improved: bool, numbered: bool) -> None:
+        if not self.active:
+            return
+        save_checkpoint(state, self.checkpoints / "last.pt")
+        if improved:
+            save_checkpoint(state, self.checkpoints / "best.pt")
+        if numbered:
+            save_checkpoint(state, self.checkpoints / f"epoch_{state['epoch']:03d}.pt")
+
+    def figures(self, epoch: int, first_batch: tuple, matrix: ConfusionMatrix) -> None:
+        """The sample panel and confusion matrix, as PNGs under samples/ and in TensorBoard."""
+        if not self.active:
+            return
+        (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        for tag, fig in (
+            ("samples", sample_panel(*first_batch, self.class_names)),
+            ("confusion_matrix", confusion_matrix_figure(matrix.matrix, self.class_names)),
+        ):
+            fig.savefig(self.run_dir / "samples" / f"{tag}_epoch_{epoch:03d}.png", dpi=100)
+            self.writer.add_figure(tag, fig, epoch)  # also closes the figure
+
+    def finish(self, history: list[dict], args: argparse.Namespace, best_miou: float, val_images: Path) -> None:
+        if not self.active:
+            return
+        if history:
+            save_figure(curves_figure(history), self.run_dir / "curves.png")
+            hparams = {
+                k: str(v) if isinstance(v, (Path, tuple, list)) or v is None else v for k, v in vars(args).items()
+            }
+            self.writer.add_hparams(hparams, {"hparam/best_miou": best_miou}, run_name="hparams")
+        self.writer.close()
+        print(
+            f"\nbest val mIoU {best_miou:.4f}\n"
+            f"TensorBoard logs: {self.run_dir}\ncheckpoints: {self.checkpoints} (best.pt, last.pt)\n"
+            f"sample images: {self.run_dir / 'samples'}\ncurves: {self.run_dir / 'curves.png'}\nnext:\n"
+            f"  tensorboard --logdir {self.run_dir.parent}\n"
+            f"  python inference.py --input_dir {val_images} --checkpoint {self.checkpoints / 'best.pt'}"
+        )
+
+    def stopped(self, stop: GracefulStop, when: str) -> int:
+        """Say how to continue after SIGINT/SIGTERM; returns the exit status (130 or 143)."""
+        self.print(
+            f"stopped by {signal.Signals(stop.signum).name} {when}; "
+            f"continue with --resume auto --run-dir {self.run_dir}",
+            file=sys.stderr,
+        )
+        if self.writer is not None:
+            self.writer.close()
+        return stop.exit_code
+
+    def non_finite(self, err: Exception) -> int:
+        """A diverged run: nothing of the epoch is saved; returns the exit status 1."""
+        print(
+            f"error: {err}; stopped without saving. last good checkpoint: {self.checkpoints / 'last.pt'} "
+            f"(try a lower --lr or --precision fp32)",
+            file=sys.stderr,
+        )
+        return 1
