@@ -26,7 +26,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms.v2 import functional as TF
 
 from checkpoints import save_checkpoint
-from cli import ArgumentParser, add_device_flag, positive_int, widths_type
+from cli import (
+    ArgumentParser,
+    add_device_flag,
+    image_size_type,
+    non_negative_int,
+    positive_int,
+    positive_int_upto,
+    widths_type,
+)
 from dataset import MEAN, STD, SegmentationFolder
 from demo import make_demo_data
 from engine import build_optimizer, train_step
@@ -42,11 +50,11 @@ from utils import Runtime, keep_freed_cpu_memory, resolve_device, resolve_precis
 def get_args_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--widths", type=widths_type, default=(64, 128, 256, 512))
-    p.add_argument("--image-size", type=positive_int, default=256)
+    p.add_argument("--image-size", type=image_size_type, default=256)
     p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--classes", type=positive_int, default=10)
+    p.add_argument("--classes", type=positive_int_upto(255), default=10)
     p.add_argument("--steps", type=positive_int, default=4, help="timed training steps per row")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps before each row")
+    p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps before each row")
     p.add_argument("--images", type=positive_int, default=64, help="images in the inference and loader folder")
     add_device_flag(p)
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile row")

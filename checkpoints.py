@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 
 import torch
 
 from labels import LabelMapping
+from model import ResidualAttnUNet
 from utils import UserError, replace_atomically
 
 RUNS = Path("runs")
@@ -54,8 +56,11 @@ def training_state(
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
+    """Serialised in memory first: torch.save reports a failing disk without its cause, Python's write does."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with replace_atomically(path) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
@@ -70,6 +75,38 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not isinstance(state, dict) or "model" not in state or "model_args" not in state:
         raise CheckpointError(f"{path}: not a checkpoint written by train.py")
     return state
+
+
+def load_model_weights(model: torch.nn.Module, state: dict, path: Path, *, assign: bool = False) -> None:
+    """load_state_dict, with one line naming the file and the first weight that is missing, extra or misshapen."""
+    weights = state.get("model")
+    if not isinstance(weights, dict) or not weights:
+        raise CheckpointError(f"{path}: holds no model weights")
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        found = weights.get(name)
+        if not isinstance(found, torch.Tensor):
+            raise CheckpointError(f"{path}: no weight {name} for a model of its model_args {state.get('model_args')}")
+        if found.shape != tensor.shape:
+            raise CheckpointError(
+                f"{path}: weight {name} is {tuple(found.shape)}, a model of its model_args needs {tuple(tensor.shape)}"
+            )
+    extra = next((name for name in weights if name not in expected), None)
+    if extra is not None:
+        raise CheckpointError(f"{path}: weight {extra} does not belong to a model of its model_args")
+    model.load_state_dict(weights, assign=assign)
+
+
+def model_from_checkpoint(state: dict, path: Path) -> ResidualAttnUNet:
+    """The model its model_args describe, with its weights; built on the meta device, so nothing is initialised
+    only to be overwritten."""
+    try:
+        with torch.device("meta"):
+            model = ResidualAttnUNet(**state["model_args"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: model_args {state.get('model_args')} describe no model ({err})") from None
+    load_model_weights(model, state, path, assign=True)
+    return model
 
 
 def newest_checkpoint(name: str, runs: Path = RUNS) -> Path | None:

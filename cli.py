@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import math
 import sys
 from collections.abc import Callable
 
@@ -16,16 +18,42 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def _replace_unprintable(err: UnicodeEncodeError) -> tuple[str, int]:
+    """Codec error handler: what the console cannot show prints as U+FFFD (or '?' where even that cannot be
+    encoded). File names that are not valid UTF-8 reach Python as lone surrogates, which no console encodes."""
+    try:
+        "\ufffd".encode(err.encoding)
+        mark = "\ufffd"
+    except (UnicodeError, LookupError):
+        mark = "?"
+    return mark * (err.end - err.start), err.end
+
+
+codecs.register_error("replace_unprintable", _replace_unprintable)
+
+
+def printable_output() -> None:
+    """Printing a path never fails: stdout and stderr replace what they cannot encode (the file is still read)."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace_unprintable")
+
+
 def run_cli(main: Callable[[], int | None]) -> int:
     """Run a script's main(); user mistakes become one line on stderr and exit status 2."""
+    printable_output()
     try:
         return main() or 0
-    except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+    except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as err:
         message = str(err).strip()
         if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep its last line
             message = message.splitlines()[-1].split(": ", 1)[-1]
         print(f"error: {message}", file=sys.stderr)
         return 2
+
+
+MAX_WIDTH = 4096  # channels per level; wider is a typo, and would allocate without end
+MAX_IMAGE_SIZE = 8192  # px; the memory check before training bounds what actually fits
 
 
 def positive_int(text: str) -> int:
@@ -42,16 +70,66 @@ def non_negative_int(text: str) -> int:
     return 0 if text.strip() == "0" else positive_int(text)
 
 
+def positive_int_upto(high: int) -> Callable[[str], int]:
+    """An argparse type: a positive integer no larger than high."""
+
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"{text!r} is larger than {high}")
+        return value
+
+    return parse
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from low to high, both included."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer from {low} to {high}")
+        return value
+
+    return parse
+
+
+def float_in(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False):
+    """An argparse type: a finite number in the interval; low_open/high_open leave out that end."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (math.isfinite(value) and above and below):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number in {interval}")
+        return value
+
+    return parse
+
+
 def widths_type(text: str) -> tuple[int, ...]:
     try:
         widths = tuple(int(part) for part in text.split(","))
     except ValueError:
         widths = ()
-    if not widths or any(w <= 0 for w in widths):
+    if not widths or any(not 0 < w <= MAX_WIDTH for w in widths):
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of positive integers, e.g. 64,128,256,512"
+            f"{text!r} is not a comma-separated list of integers from 1 to {MAX_WIDTH}, e.g. 64,128,256,512"
         )
     return widths
+
+
+image_size_type = positive_int_upto(MAX_IMAGE_SIZE)
+seed_type = int_in(0, 2**32 - 1)  # what NumPy's seeding accepts
+mask_value_type = int_in(0, 2**16 - 1)  # masks hold at most 16 bits
 
 
 def add_device_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

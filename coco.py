@@ -20,6 +20,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from image_io import DEFAULT_MAX_PIXELS
 from labels import IGNORE_INDEX
 from utils import PALETTE, UserError, refuse_inside, replace_atomically, require_folder
 
@@ -108,6 +109,7 @@ class Summary:
     annotations_used: int = 0
     skipped: Counter = field(default_factory=Counter)
     missing_images: list[str] = field(default_factory=list)
+    oversized_images: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
@@ -116,6 +118,7 @@ class Summary:
             f"{self.written} masks written, {self.existing} already there; {self.annotations_used} annotations "
             f"used, {sum(self.skipped.values())} skipped ({reasons}); "
             f"{len(self.missing_images)} images missing or unreadable{missing}"
+            + (f"; {len(self.oversized_images)} over --max-pixels" if self.oversized_images else "")
         )
 
 
@@ -163,28 +166,71 @@ def class_table(categories: list[dict], mode: str, selected: list[str] | None = 
     return ClassTable(values, priorities, names, sources, {int(c["id"]) for c in categories})
 
 
-def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray | str:
-    """A binary mask, or the reason the annotation cannot be used."""
+def compressed_counts(text: str) -> list[int] | None:
+    """COCO's compressed RLE string -> run lengths, as pycocotools' rleFrString reads it; None if malformed.
+
+    Each run is a variable-length number of 6-bit characters (offset 48): 5 value bits, a continuation
+    bit, a sign bit in the last one; from the third run on, each is stored as a difference to the run two back.
+    """
+    counts, position = [], 0
+    while position < len(text):
+        value = shift = 0
+        more = True
+        while more:
+            if position == len(text) or not 48 <= ord(text[position]) < 112:
+                return None
+            chunk = ord(text[position]) - 48
+            value |= (chunk & 0x1F) << shift
+            more, position, shift = bool(chunk & 0x20), position + 1, shift + 5
+            if not more and chunk & 0x10:
+                value |= -1 << shift
+        counts.append(value + counts[-2] if len(counts) > 2 else value)
+    return counts
+
+
+def _is_coordinate(value, limit: int) -> bool:
+    """A finite number within one image size of the image: pycocotools rasterises whatever it is given."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and -limit <= value <= 2 * limit
+
+
+def geometry_problem(segmentation, height: int, width: int) -> str | None:
+    """Why pycocotools must not see this segmentation (it would crash, hang or allocate without bound), or None."""
     if isinstance(segmentation, list):
         polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
         if not polygons:
             return "malformed polygon"
-        rles = mask_utils.frPyObjects(polygons, height, width)
-        return mask_utils.decode(mask_utils.merge(rles))
-    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-        if list(segmentation["size"]) != [height, width]:
-            return "bad RLE"
-        try:
-            rle = segmentation
-            if isinstance(segmentation["counts"], list):  # uncompressed RLE
-                rle = mask_utils.frPyObjects(segmentation, height, width)
-            elif isinstance(segmentation["counts"], str):
-                rle = {"size": segmentation["size"], "counts": segmentation["counts"].encode()}
-            decoded = mask_utils.decode(rle)
-        except (TypeError, ValueError, OverflowError):
-            return "bad RLE"
-        return decoded if decoded.shape == (height, width) else "bad RLE"
-    return "bad segmentation"
+        for polygon in polygons:
+            xs, ys = polygon[0::2], polygon[1::2]
+            if not all(_is_coordinate(x, width) for x in xs) or not all(_is_coordinate(y, height) for y in ys):
+                return "polygon coordinates not finite or far outside the image"
+        return None
+    if not (isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation):
+        return "bad segmentation"
+    counts = segmentation["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii", "replace")
+    if isinstance(counts, str):
+        counts = compressed_counts(counts)
+    valid = isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+    if list(segmentation["size"]) != [height, width] or not valid or sum(counts) != height * width:
+        return "bad RLE"
+    return None
+
+
+def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray | str:
+    """A binary mask, or the reason the annotation cannot be used."""
+    problem = geometry_problem(segmentation, height, width)
+    if problem is not None:
+        return problem
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygons, height, width)))
+    if isinstance(segmentation["counts"], list):  # uncompressed RLE
+        return mask_utils.decode(mask_utils.frPyObjects(segmentation, height, width))
+    counts = segmentation["counts"]
+    return mask_utils.decode(
+        {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
+    )
 
 
 def render_mask(
@@ -228,6 +274,24 @@ def write_png_atomically(mask: np.ndarray, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
+def usable_image_entries(images: list, summary: Summary) -> list[dict]:
+    """The entries of 'images' with an integer id, a file name and a positive height and width, by id;
+    the others are counted with the missing images."""
+    usable = []
+    for info in images:
+        fields = isinstance(info, dict) and [info.get(k) for k in ("id", "file_name", "height", "width")]
+        if (
+            fields
+            and isinstance(fields[0], int)
+            and isinstance(fields[1], str)
+            and all(isinstance(n, int) and n > 0 for n in fields[2:])
+        ):
+            usable.append(info)
+        else:
+            summary.missing_images.append(f"bad image entry {str(info)[:60]}")
+    return sorted(usable, key=lambda i: i["id"])
+
+
 @dataclass(frozen=True)
 class RenderTask:
     """One image's mask to render: what a render process needs, and nothing it must share."""
@@ -239,16 +303,20 @@ class RenderTask:
     annotations: list[dict]
     table: ClassTable
     crowd_as_object: bool
+    max_pixels: int
 
 
-def _render_one(task: RenderTask) -> tuple[str, int, Counter, bool]:
+def _render_one(task: RenderTask) -> tuple[str, int, Counter, str | None]:
+    """(image name, annotations used, skipped reasons, why the image was not rendered or None)."""
+    if task.height * task.width > task.max_pixels:
+        return task.image_path.name, 0, Counter(), "oversized"
     try:
         Image.open(task.image_path).close()  # reads the header only: the image is checked, never decoded
     except (OSError, SyntaxError):
-        return task.image_path.name, 0, Counter(), False
+        return task.image_path.name, 0, Counter(), "missing"
     mask, used, skipped = render_mask(task.height, task.width, task.annotations, task.table, task.crowd_as_object)
     write_png_atomically(mask, task.out_path)
-    return task.image_path.name, used, skipped, True
+    return task.image_path.name, used, skipped, None
 
 
 def prepare_masks(
@@ -262,6 +330,7 @@ def prepare_masks(
     workers: int = 0,
     overwrite: bool = False,
     crowd_as_object: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Summary:
     """Render one index PNG per image into output_dir (plus classes.json); existing masks are kept."""
     require_folder(images_dir)
@@ -275,23 +344,26 @@ def prepare_masks(
         by_image.setdefault(ann.get("image_id"), []).append(ann)
     summary = Summary()
     tasks = []
-    for info in sorted(coco["images"], key=lambda i: i["id"])[:max_images]:
+    for info in usable_image_entries(coco["images"], summary)[:max_images]:
         out_path = output_dir / f"{Path(info['file_name']).stem}.png"
         if out_path.exists() and not overwrite:
             summary.existing += 1
             continue
         annotations = by_image.get(info["id"], [])
         image_path = images_dir / info["file_name"]
-        size = int(info["height"]), int(info["width"])
-        tasks.append(RenderTask(image_path, out_path, *size, annotations, table, crowd_as_object))
-    for name, used, skipped, ok in tqdm(
+        size = info["height"], info["width"]
+        tasks.append(RenderTask(image_path, out_path, *size, annotations, table, crowd_as_object, max_pixels))
+    for name, used, skipped, problem in tqdm(
         _render_all(tasks, workers),
         total=len(tasks),
         desc="rendering masks",
         dynamic_ncols=True,
         disable=len(tasks) < 100,
     ):
-        if not ok:
+        if problem == "oversized":
+            summary.oversized_images.append(name)
+            continue
+        if problem == "missing":
             summary.missing_images.append(name)
             continue
         summary.written += 1
@@ -308,7 +380,7 @@ def _render_all(tasks: list[RenderTask], workers: int):
         yield from pool.map(_render_one, tasks, chunksize=16)
 
 
-def cached_masks(annotations: Path, images: Path, mode: str) -> Path:
+def cached_masks(annotations: Path, images: Path, mode: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
     """Masks rendered from a COCO file once, under COCO_CACHE, keyed on the file, its images and the mode."""
     stat = annotations.stat() if annotations.is_file() else None
     key = hashlib.sha256(
@@ -316,6 +388,6 @@ def cached_masks(annotations: Path, images: Path, mode: str) -> Path:
         f"{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode()
     ).hexdigest()[:12]
     masks = COCO_CACHE / f"{annotations.stem}-{mode}-{key}"
-    summary = prepare_masks(images, annotations, masks, mode=mode, workers=0)
+    summary = prepare_masks(images, annotations, masks, mode=mode, workers=0, max_pixels=max_pixels)
     print(f"{annotations}: {summary.line()} -> {masks}")
     return masks

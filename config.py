@@ -8,15 +8,27 @@ import time
 from pathlib import Path
 
 from checkpoints import CheckpointError, load_checkpoint, newest_checkpoint
-from cli import ArgumentParser, add_hardware_flags, non_negative_int, positive_int, widths_type
+from cli import (
+    ArgumentParser,
+    add_hardware_flags,
+    float_in,
+    image_size_type,
+    mask_value_type,
+    non_negative_int,
+    positive_int,
+    seed_type,
+    widths_type,
+)
 from coco import MODES
 from demo import DEMO_ROOTS, DEMO_STYLES
+from image_io import DEFAULT_MAX_PIXELS
 from labels import IGNORE_INDEX
 from losses import LOSSES
 from utils import UserError
 
 DEMO_SETTINGS = {"image_size": 96, "widths": (16, 32, 64, 128), "epochs": 30, "batch_size": 16}
 DATA_FLAGS = ("data_root", "train_images", "train_masks", "val_images", "val_masks", "train_coco", "val_coco")
+RESUME_KEYS = ("args", "epoch", "history", "best_miou", "mapping", "optimizer", "scheduler", "scaler", "rng")
 MUST_MATCH_CHECKPOINT = ("widths", "binary", "ignore_value", "coco_mode")  # they fix the model or its classes
 
 
@@ -42,7 +54,9 @@ def add_data_flags(p: ArgumentParser) -> None:
         help="classes rendered from COCO: one per category, the 9 super-groups, or binary",
     )
     data.add_argument("--binary", action="store_true", help="every nonzero, non-ignore mask value becomes class 1")
-    data.add_argument("--ignore-value", type=int, default=IGNORE_INDEX, help="mask value that marks pixels to ignore")
+    data.add_argument(
+        "--ignore-value", type=mask_value_type, default=IGNORE_INDEX, help="mask value that marks pixels to ignore"
+    )
     data.add_argument(
         "--ignore-unknown-labels",
         action="store_true",
@@ -57,7 +71,7 @@ def add_input_flags(p: ArgumentParser) -> None:
     """How samples reach the model: size, augmentation, sampling, loader processes."""
     inputs = p.add_argument_group("inputs")
     inputs.add_argument(
-        "--image-size", type=positive_int, default=256, help="images and masks are resized to this square"
+        "--image-size", type=image_size_type, default=256, help="images and masks are resized to this square"
     )
     inputs.add_argument(
         "--augment",
@@ -73,6 +87,12 @@ def add_input_flags(p: ArgumentParser) -> None:
     )
     inputs.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
     inputs.add_argument("--strict", action="store_true", help="stop at a bad sample instead of skipping it")
+    inputs.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        help="larger images and masks are bad samples (skipped and named), never decoded",
+    )
 
 
 def add_model_flags(p: ArgumentParser) -> None:
@@ -80,14 +100,22 @@ def add_model_flags(p: ArgumentParser) -> None:
     model.add_argument(
         "--widths", type=widths_type, default=(64, 128, 256, 512), help="encoder widths, comma-separated"
     )
-    model.add_argument("--dropout", type=float, default=0.0, help="Dropout2d in the bottleneck and decoder blocks")
+    model.add_argument(
+        "--dropout",
+        type=float_in(0, 1, high_open=True),
+        default=0.0,
+        help="Dropout2d in the bottleneck and decoder blocks",
+    )
     model.add_argument("--loss", choices=LOSSES, default="ce", help="weighted_ce: class weights from mask statistics")
-    model.add_argument("--dice-weight", type=float, default=1.0, help="weight of the Dice term of dice_ce")
-    model.add_argument("--ce-weight", type=float, default=1.0, help="weight of the cross-entropy term of dice_ce")
+    model.add_argument("--dice-weight", type=float_in(0), default=1.0, help="weight of the Dice term of dice_ce")
+    model.add_argument("--ce-weight", type=float_in(0), default=1.0, help="weight of the cross-entropy term of dice_ce")
     model.add_argument("--epochs", type=positive_int, default=50)
     model.add_argument("--batch-size", type=positive_int, default=8)
     model.add_argument(
-        "--lr", type=float, default=1e-4, help="Adam learning rate, cosine-annealed to 0 over --epochs"
+        "--lr",
+        type=float_in(0, low_open=True),
+        default=1e-4,
+        help="Adam learning rate, cosine-annealed to 0 over --epochs",
     )
     model.add_argument(
         "--early-stop",
@@ -110,7 +138,7 @@ def add_run_flags(p: ArgumentParser) -> None:
         default=600,
         help="seconds a rank waits for the others before the job fails (torchrun)",
     )
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=seed_type, default=0)
     run.add_argument("--run-dir", type=Path, help="default runs/<data>-<time>: events, checkpoints/, samples/")
     run.add_argument("--save-every", type=positive_int, default=10, help="checkpoint and sample panel every N epochs")
     run.add_argument(
@@ -183,6 +211,9 @@ def resumed_checkpoint(args: argparse.Namespace, given: set[str]) -> dict | None
         print("--resume auto: no checkpoint found, starting a new run")
         return None
     checkpoint = load_checkpoint(path)
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path}: not a training checkpoint, cannot resume from it (no {missing[0]})")
     checkpoint["path"] = path
     apply_checkpoint_flags(args, given, checkpoint)
     return checkpoint

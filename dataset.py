@@ -12,7 +12,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from image_io import BadSampleError, DataError, align_mask, list_images, read_image, read_mask
+from image_io import DEFAULT_MAX_PIXELS, BadSampleError, DataError, align_mask, list_images, read_image, read_mask
 from labels import IGNORE_INDEX, LUT_SIZE, LabelMapping, read_class_names, scan_masks
 from utils import require_folder
 
@@ -85,9 +85,11 @@ class SegmentationFolder(Dataset):
         unknown_labels: str = "error",
         scan_workers: int = 4,
         limit: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         """mapping: the training set's (None: found here); limit keeps the first N pairs, after the mapping."""
         self.images_dir, self.masks_dir = Path(images_dir), Path(masks_dir)
+        self.max_pixels = max_pixels
         self.pairs, per_image = self._readable_pairs(scan_workers)
         if mapping is None:
             totals: dict[int, int] = {}
@@ -107,7 +109,7 @@ class SegmentationFolder(Dataset):
     def _readable_pairs(self, scan_workers: int) -> tuple[list[tuple[Path, Path]], list[dict[int, int]]]:
         """The pairs whose mask the label scan could read, and each one's raw value counts."""
         pairs = pair_files(self.images_dir, self.masks_dir)
-        raw_counts = scan_masks([m for _, m in pairs], scan_workers)
+        raw_counts = scan_masks([m for _, m in pairs], scan_workers, self.max_pixels)
         bad = {name: err for name, err in raw_counts.items() if isinstance(err, str)}
         for err in list(bad.values())[:5]:
             log.warning("%s", err)
@@ -165,8 +167,8 @@ class SegmentationFolder(Dataset):
     def load(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
         """Decoded, mapped, full-size image and mask, before any transform."""
         image_path, mask_path = self.pairs[index]
-        image, upright = read_image(image_path)
-        mask = align_mask(read_mask(mask_path), image, upright, mask_path)
+        image, upright = read_image(image_path, self.max_pixels)
+        mask = align_mask(read_mask(mask_path, self.max_pixels), image, upright, mask_path)
         if mask.max() >= LUT_SIZE:
             raise BadSampleError(f"{mask_path}: mask value {mask.max()} is out of range")
         labels = self.lut[mask]

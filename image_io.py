@@ -10,6 +10,10 @@ from PIL import Image
 from utils import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+# Larger images are bad samples (--max-pixels). 100 MP is a 12000x8000 photo: 0.3 GB as uint8 RGB and 1.2 GB
+# as float, which fits beside the model on a 16 GB machine; a 20000x20000 scan (400 MP) does not.
+DEFAULT_MAX_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = None  # our limit replaces PIL's decompression-bomb check, so both never disagree
 
 
 class DataError(UserError):
@@ -25,13 +29,25 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """A 2-D integer array of label values; colour masks are refused, not guessed at."""
+def _decode(path: Path, max_pixels: int, kind: str) -> Image.Image:
+    """Opens the file, checks the size its header gives, and only then decodes the pixels."""
     try:
-        with Image.open(path) as mask:
-            mask.load()
-    except (OSError, SyntaxError) as err:
-        raise BadSampleError(f"{path}: unreadable mask ({err})") from None
+        with Image.open(path) as image:
+            pixels = image.width * image.height
+            if pixels > max_pixels:
+                raise BadSampleError(
+                    f"{path}: {image.width}x{image.height} {kind} has {pixels:,} pixels, "
+                    f"over the limit of {max_pixels:,} (--max-pixels)"
+                )
+            image.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        raise BadSampleError(f"{path}: unreadable {kind} ({err})") from None
+    return image
+
+
+def read_mask(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A 2-D integer array of label values; colour masks are refused, not guessed at."""
+    mask = _decode(path, max_pixels, "mask")
     if mask.mode in ("RGB", "RGBA", "LA"):
         array = np.asarray(mask)
         if mask.mode == "LA" or (array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all():
@@ -57,15 +73,14 @@ _UPRIGHT = {
 }
 
 
-def read_image(path: Path) -> tuple[Image.Image, Image.Transpose | None]:
+def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, Image.Transpose | None]:
     """RGB, shown upright, and the EXIF transpose that did it (masks may need the same).
 
     Palette, grey, RGBA, CMYK and 16-bit images all convert.
     """
+    image = _decode(path, max_pixels, "image")
     try:
-        with Image.open(path) as image:
-            image.load()
-            upright = _UPRIGHT.get(image.getexif().get(0x0112, 1))
+        upright = _UPRIGHT.get(image.getexif().get(0x0112, 1))
     except (OSError, SyntaxError, ValueError) as err:
         raise BadSampleError(f"{path}: unreadable image ({err})") from None
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from checkpoints import newest_checkpoint
 from cli import ArgumentParser, add_hardware_flags, non_negative_int, positive_int, run_cli
-from image_io import IMAGE_EXTENSIONS, list_images
+from image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, list_images
 from predictions import Outputs, segment_folder
 from predictor import Predictor
 from utils import Runtime, UserError, keep_freed_cpu_memory, refuse_inside, require_folder
@@ -44,6 +44,12 @@ def get_args_parser() -> ArgumentParser:
         "--workers",
         type=non_negative_int,
         help="processes decoding images; default 2 on a GPU, 0 on the CPU, whose cores the model already fills",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        help="larger images are skipped and named, never decoded",
     )
     add_hardware_flags(p)
     return p
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         tta=args.tta,
         overwrite=args.overwrite,
+        max_pixels=args.max_pixels,
     )
     print(
         f"{result.written} images segmented into {outputs.root}; {result.already_done} already done "

@@ -7,12 +7,13 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from image_io import BadSampleError, DataError, read_mask
+from image_io import DEFAULT_MAX_PIXELS, BadSampleError, DataError, read_mask
 from utils import replace_atomically
 
 log = logging.getLogger(__name__)
@@ -22,17 +23,17 @@ SCAN_CACHE_NAME = ".label_scan.json"
 LUT_SIZE = 65536  # covers 8- and 16-bit masks
 
 
-def _count_values(path: Path) -> dict[int, int] | str:
+def _count_values(path: Path, max_pixels: int) -> dict[int, int] | str:
     try:
-        counts = np.bincount(read_mask(path).ravel().astype(np.int64))
+        counts = np.bincount(read_mask(path, max_pixels).ravel().astype(np.int64))
     except BadSampleError as err:
         return str(err)
     values = counts.nonzero()[0]
     return {int(v): int(counts[v]) for v in values}
 
 
-def _scan_key(mask_paths: list[Path]) -> str:
-    digest = hashlib.sha256()
+def _scan_key(mask_paths: list[Path], max_pixels: int) -> str:
+    digest = hashlib.sha256(f"max_pixels {max_pixels}\n".encode())
     for path in mask_paths:
         stat = path.stat()
         digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -52,21 +53,23 @@ def _read_scan_cache(cache: Path, key: str) -> dict[str, dict[int, int] | str] |
     return None
 
 
-def scan_masks(mask_paths: list[Path], workers: int = 4) -> dict[str, dict[int, int] | str]:
+def scan_masks(
+    mask_paths: list[Path], workers: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> dict[str, dict[int, int] | str]:
     """Per-mask pixel counts of each raw value (or an error string), cached beside the masks.
 
     The cache is keyed on names, sizes and mtimes so that a second run reads one small file
     instead of every mask.
     """
     cache = mask_paths[0].parent / SCAN_CACHE_NAME
-    key = _scan_key(mask_paths)
+    key = _scan_key(mask_paths, max_pixels)
     cached = _read_scan_cache(cache, key)
     if cached is not None:
         return cached
     with ThreadPoolExecutor(max(workers, 1)) as pool:
         results = list(
             tqdm(
-                pool.map(_count_values, mask_paths),
+                pool.map(partial(_count_values, max_pixels=max_pixels), mask_paths),
                 total=len(mask_paths),
                 desc=f"scanning {mask_paths[0].parent}",
                 leave=False,

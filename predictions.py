@@ -21,7 +21,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from dataset import build_transforms
-from image_io import BadSampleError, read_image, read_mask
+from image_io import DEFAULT_MAX_PIXELS, BadSampleError, read_image, read_mask
 from labels import LabelMapping
 from metrics import ConfusionMatrix
 from predictor import Predictor
@@ -33,8 +33,8 @@ log = logging.getLogger("inference")
 class InputImages(Dataset):
     """Decoded and resized in DataLoader workers; an unreadable file becomes an error string."""
 
-    def __init__(self, paths: list[Path], image_size: int):
-        self.paths = paths
+    def __init__(self, paths: list[Path], image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.paths, self.max_pixels = paths, max_pixels
         self.transform = build_transforms(image_size, "none", normalize=False)  # validation's resize
 
     def __len__(self) -> int:
@@ -42,7 +42,7 @@ class InputImages(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            image, _ = read_image(self.paths[index])
+            image, _ = read_image(self.paths[index], self.max_pixels)
         except BadSampleError as err:
             return index, None, str(err)
         pixels = TF.pil_to_tensor(image)
@@ -117,10 +117,12 @@ def write_prediction(
             np.save(handle, probs.astype(np.float16))
 
 
-def evaluate_against(mask_path: Path, labels: np.ndarray, lut: np.ndarray, matrix: ConfusionMatrix) -> bool:
+def evaluate_against(
+    mask_path: Path, labels: np.ndarray, lut: np.ndarray, matrix: ConfusionMatrix, *, max_pixels: int
+) -> bool:
     """Add one prediction to the confusion matrix; a mask that cannot be compared is named and skipped."""
     try:
-        truth = lut[read_mask(mask_path)]
+        truth = lut[read_mask(mask_path, max_pixels)]
     except BadSampleError as err:
         log.warning("not evaluated: %s", err)
         return False
@@ -160,6 +162,7 @@ def segment_folder(
     workers: int | None = None,
     tta: bool = False,
     overwrite: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> FolderResult:
     """Every image in inputs (paths under input_root) -> files under outputs; existing ones are kept unless
     overwrite. true_masks (by file stem): also score the predictions, which then run even where files exist."""
@@ -170,7 +173,7 @@ def segment_folder(
     result.already_done = len(inputs) - len(todo) + sum(1 for i in todo if done[i] and not overwrite)
     lut = predictor.mapping.lookup_table()
     loader = DataLoader(
-        InputImages([inputs[i] for i in todo], predictor.image_size),
+        InputImages([inputs[i] for i in todo], predictor.image_size, max_pixels),
         batch_size,
         num_workers=decoding_workers(workers, predictor.device),
         collate_fn=collate,
@@ -191,7 +194,8 @@ def segment_folder(
                 item = todo[index]
                 labels = probs.max(0).indices.numpy()  # max().indices: argmax over dim 0 is ~15x slower on CPUs
                 if true_masks and inputs[item].stem in true_masks:
-                    result.evaluated += evaluate_against(true_masks[inputs[item].stem], labels, lut, result.matrix)
+                    true_mask = true_masks[inputs[item].stem]
+                    result.evaluated += evaluate_against(true_mask, labels, lut, result.matrix, max_pixels=max_pixels)
                 if overwrite or not done[item]:
                     probs_out = probs.numpy() if outputs.save_probs else None
                     targets = outputs.paths(relative[item])

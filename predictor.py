@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from checkpoints import load_checkpoint
+from checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
 from dataset import normalize_images
 from labels import LabelMapping
-from model import ResidualAttnUNet
 from utils import PRECISION_DTYPES
 
 
@@ -30,13 +29,15 @@ class Predictor:
     def from_checkpoint(cls, path: Path, device: torch.device, precision: str, channels_last: bool) -> Predictor:
         state = load_checkpoint(path)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        with torch.device("meta"):  # no random initialisation of weights about to be replaced
-            model = ResidualAttnUNet(**state["model_args"])
-        model.load_state_dict(state["model"], assign=True)
+        model = model_from_checkpoint(state, path)
+        try:
+            mapping, image_size = LabelMapping.from_dict(state["mapping"]), int(state["image_size"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: holds no usable label mapping and image size ({err!r})") from None
         # Weights cast once to the inference dtype: autocast would cast every weight on every batch.
         model.eval().fold_batchnorm().to(device, PRECISION_DTYPES[precision], memory_format=memory_format)
         return cls(
-            model, LabelMapping.from_dict(state["mapping"]), int(state["image_size"]), device, precision, memory_format
+            model, mapping, image_size, device, precision, memory_format
         )
 
     @torch.inference_mode()

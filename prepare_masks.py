@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cli import ArgumentParser, non_negative_int, positive_int, run_cli
 from coco import MODES, prepare_masks
+from image_io import DEFAULT_MAX_PIXELS
 
 
 def get_args_parser() -> ArgumentParser:
@@ -40,6 +41,9 @@ def get_args_parser() -> ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="re-render masks that already exist")
     p.add_argument(
+        "--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, help="larger images are skipped and counted"
+    )
+    p.add_argument(
         "--crowd-as-object", action="store_true", help="paint iscrowd regions as their class, not 255 (ignored)"
     )
     return p
@@ -58,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
         crowd_as_object=args.crowd_as_object,
+        max_pixels=args.max_pixels,
     )
     print(summary.line())
     return 0

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoints import CheckpointError, training_state
+from checkpoints import CheckpointError, load_model_weights, training_state
 from cli import run_cli
 from coco import cached_masks
 from config import parse_args
@@ -53,7 +53,8 @@ def data_paths(args: argparse.Namespace) -> DataPaths:
             paths[flag] = getattr(args, flag) or (root / kind / split if root else None)
         coco_file = getattr(args, f"{split}_coco")
         if coco_file is not None and paths[f"{split}_images"] is not None:
-            paths[f"{split}_masks"] = cached_masks(coco_file, paths[f"{split}_images"], args.coco_mode)
+            images = paths[f"{split}_images"]
+            paths[f"{split}_masks"] = cached_masks(coco_file, images, args.coco_mode, max_pixels=args.max_pixels)
         for kind in ("images", "masks"):
             if paths[f"{split}_{kind}"] is None:
                 raise UserError(f"--{split}-{kind} is needed (or --data-root, or --{split}-coco with --{split}-images)")
@@ -65,7 +66,7 @@ def build_datasets(
 ) -> tuple[SegmentationFolder, SegmentationFolder]:
     """The training set finds the label mapping (unless resuming); validation reuses it."""
     paths = data_paths(args)
-    labels = dict(ignore_value=args.ignore_value, binary=args.binary)
+    labels = dict(ignore_value=args.ignore_value, binary=args.binary, max_pixels=args.max_pixels)
     train_set = SegmentationFolder(
         paths.train_images,
         paths.train_masks,
@@ -140,16 +141,21 @@ class Training:
         return evaluate(self.model, loader, loss_fn=self.loss_fn, num_classes=num_classes, runtime=runtime, epoch=epoch)
 
     def restore(self, checkpoint: dict) -> None:
-        classes = checkpoint["model_args"]["num_classes"]
+        path, classes = checkpoint["path"], checkpoint["model_args"].get("num_classes")
         if classes != self.model.config["num_classes"]:
-            raise CheckpointError(
-                f"{checkpoint['path']}: has {classes} classes, the data {self.model.config['num_classes']}"
-            )
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
-        torch.set_rng_state(checkpoint["rng"])
+            raise CheckpointError(f"{path}: has {classes} classes, the data {self.model.config['num_classes']}")
+        load_model_weights(self.model, checkpoint, path)
+        parts = {
+            "optimizer": self.optimizer.load_state_dict,
+            "scheduler": self.scheduler.load_state_dict,
+            "scaler": self.scaler.load_state_dict,
+            "rng": torch.set_rng_state,
+        }
+        for name, load in parts.items():
+            try:
+                load(checkpoint[name])
+            except (KeyError, TypeError, ValueError, RuntimeError) as err:
+                raise CheckpointError(f"{path}: its {name} state does not fit this run ({err})") from None
 
 
 def build_model(args: argparse.Namespace, num_classes: int, runtime: Runtime) -> tuple[nn.Module, nn.Module]:

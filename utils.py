@@ -52,6 +52,10 @@ class UserError(Exception):
     """A mistake in flags, paths or files: reported as one line on stderr with exit status 2."""
 
 
+class WriteError(UserError):
+    """A file could not be written (disk full, read-only, no permission); the message names it and the cause."""
+
+
 def require_folder(path: Path, flag: str = "") -> Path:
     """The one wording for a missing folder or a file where a folder belongs; flag names the option."""
     label = f"{flag} {path}" if flag else str(path)
@@ -235,14 +239,37 @@ def colours(num_classes: int) -> np.ndarray:
     return np.concatenate([PALETTE, extra])
 
 
+def _fsync_folder(folder: Path) -> None:
+    """Makes a rename inside folder survive a power cut; some systems cannot sync a folder, which is fine there."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
 @contextlib.contextmanager
 def replace_atomically(path: Path) -> Iterator[Path]:
-    """Yields a temporary name beside path, renamed onto path once written: a crash or a kill never
-    leaves a half-written file, and a failed write leaves no temporary behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Yields a temporary name beside path, renamed onto path once written and synced to disk.
+
+    A crash, a kill or a power cut leaves the old file or the new one under path, never a half-written or
+    empty one. A failing write (disk full, read-only, no permission) raises WriteError naming path and the
+    cause, leaves the old file as it was, and no temporary behind.
+    """
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    except OSError as err:
+        raise WriteError(f"{path}: cannot write ({err.strerror or err})") from None
     finally:
         tmp.unlink(missing_ok=True)
