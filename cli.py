@@ -18,14 +18,14 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def _replace_unprintable(err: UnicodeEncodeError) -> tuple[str, int]:
+def _replace_unprintable(err: UnicodeEncodeError) -> tuple[bytes, int]:
     """Codec error handler: what the console cannot show prints as U+FFFD (or '?' where even that cannot be
-    encoded). File names that are not valid UTF-8 reach Python as lone surrogates, which no console encodes."""
+    encoded). File names that are not valid UTF-8 reach Python as lone surrogates, which no console encodes.
+    Returned as bytes: encoders accept only ASCII text from a handler."""
     try:
-        "\ufffd".encode(err.encoding)
-        mark = "\ufffd"
+        mark = "\ufffd".encode(err.encoding)
     except (UnicodeError, LookupError):
-        mark = "?"
+        mark = b"?"
     return mark * (err.end - err.start), err.end
 
 

@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 import coco
 import train
 from checkpoints import load_checkpoint
-from coco import CocoError, class_table, prepare_masks, render_mask
+from coco import CocoError, class_table, compressed_counts, prepare_masks, render_mask
 from conftest import ROOT, TINY_TRAIN_FLAGS
 
 CATEGORIES = [
@@ -92,6 +92,50 @@ def test_malformed_annotations_are_skipped_and_counted():
     assert used == 1
     assert skipped == {"malformed polygon": 2, "category id not in categories": 1, "bad RLE": 1}
     assert mask[3, 3] == 2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compressed_counts_read_pycocotools_strings_as_its_decoder_does(seed):
+    binary = (np.random.default_rng(seed).random((37, 23)) > 0.6).astype(np.uint8)
+    binary[:5] = 1  # long runs need several characters
+    encoded = mask_utils.encode(np.asfortranarray(binary))
+    assert compressed_counts(encoded["counts"].decode()) == rle_counts(binary)
+
+
+def hostile_annotations(height, width):
+    good = annotation(3, square(2, 2, 6, 6))
+    valid = mask_utils.encode(np.asfortranarray(np.ones((height, width), np.uint8)))["counts"].decode()
+    return [
+        annotation(1, [[1e12, 1, 5, 1, 5, 5]]),
+        annotation(1, [[float("nan"), 1, 5, 1, 5, 5]]),
+        annotation(1, [[1, 1, "5", 1, 5, 5]]),
+        annotation(1, {"size": [height, width], "counts": valid[:-1] + "~~"}),  # characters past the alphabet
+        annotation(1, {"size": [height, width], "counts": valid[:-1] + "o"}),  # a run that never ends
+        annotation(1, {"size": [height, width], "counts": [height * width, 5]}),  # runs past the image
+        annotation(1, {"size": [height, width], "counts": [-5, height * width + 5]}),
+        annotation(1, {"size": [height * 2, width], "counts": valid}),
+        good,
+    ]
+
+
+def test_hostile_geometry_is_skipped_by_reason_and_the_rest_renders():
+    mask, used, skipped = render_mask(10, 10, hostile_annotations(10, 10), class_table(CATEGORIES, "categories"))
+    assert used == 1 and mask[3, 3] == 2 and mask[0, 0] == 0
+    assert skipped == {"polygon coordinates not finite or far outside the image": 3, "bad RLE": 5}
+
+
+def test_hostile_geometry_never_breaks_the_render_processes(tiny_demo, tmp_path):
+    coco = json.loads((tiny_demo / "annotations/instances_val.json").read_text())
+    for ann in hostile_annotations(48, 48)[:-1]:
+        coco["annotations"].append({**ann, "id": 10_000 + len(coco["annotations"]), "image_id": 2})
+    (tmp_path / "hostile.json").write_text(json.dumps(coco))
+    summary = prepare_masks(tiny_demo / "images/val", tmp_path / "hostile.json", tmp_path / "m", workers=2)
+    assert summary.written == 8 and summary.skipped["bad RLE"] == 5
+    assert summary.skipped["polygon coordinates not finite or far outside the image"] == 3
+    reference = prepare_masks(tiny_demo / "images/val", tiny_demo / "annotations/instances_val.json", tmp_path / "r")
+    assert reference.written == 8
+    for path in sorted((tmp_path / "r").glob("*.png")):
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(tmp_path / "m" / path.name)))
 
 
 def test_group_priority_decides_an_overlap_and_categories_mode_prefers_the_smaller_object():
