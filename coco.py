@@ -133,6 +133,11 @@ def load_coco(path: Path) -> dict:
         isinstance(data.get(k), list) for k in ("images", "annotations", "categories")
     ):
         raise CocoError(f"{path}: not COCO instances format (needs lists 'images', 'annotations', 'categories')")
+    for category in data["categories"]:
+        if not (
+            isinstance(category, dict) and type(category.get("id")) is int and isinstance(category.get("name"), str)
+        ):
+            raise CocoError(f"{path}: category {str(category)[:80]} needs an integer id and a name")
     return data
 
 
@@ -340,9 +345,12 @@ def prepare_masks(
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "classes.json").write_text(json.dumps(table.to_json(mode), indent=1))
     by_image: dict[int, list[dict]] = {}
-    for ann in coco["annotations"]:
-        by_image.setdefault(ann.get("image_id"), []).append(ann)
     summary = Summary()
+    for ann in coco["annotations"]:
+        if isinstance(ann, dict):
+            by_image.setdefault(ann.get("image_id"), []).append(ann)
+        else:
+            summary.skipped["annotation that is not an object"] += 1
     tasks = []
     for info in usable_image_entries(coco["images"], summary)[:max_images]:
         out_path = output_dir / f"{Path(info['file_name']).stem}.png"

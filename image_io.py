@@ -58,6 +58,8 @@ def read_mask(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     array = np.asarray(mask)
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
         raise BadSampleError(f"{path}: unsupported mask mode {mask.mode}")
+    if array.size and (array.min() < 0 or array.max() > 65535):  # 32-bit masks can hold anything
+        raise BadSampleError(f"{path}: mask values {array.min()}..{array.max()}; labels must be 0..65535")
     return array
 
 

@@ -36,9 +36,7 @@ class Predictor:
             raise CheckpointError(f"{path}: holds no usable label mapping and image size ({err!r})") from None
         # Weights cast once to the inference dtype: autocast would cast every weight on every batch.
         model.eval().fold_batchnorm().to(device, PRECISION_DTYPES[precision], memory_format=memory_format)
-        return cls(
-            model, mapping, image_size, device, precision, memory_format
-        )
+        return cls(model, mapping, image_size, device, precision, memory_format)
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor, sizes: list[tuple[int, int]], tta: bool) -> list[torch.Tensor]:

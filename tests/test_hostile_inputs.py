@@ -251,3 +251,30 @@ def test_an_image_claiming_huge_size_reads_nothing_past_its_header(tmp_path):
     assert read_image(tmp_path / "ok.png", max_pixels=64)[0].size == (8, 8)
     with pytest.raises(BadSampleError, match="over the limit of 63"):
         read_image(tmp_path / "ok.png", max_pixels=63)
+
+
+@pytest.mark.parametrize("value", [2_000_000_000, -3])
+def test_a_32_bit_mask_with_values_no_label_can_have_is_a_bad_sample(value, tmp_path):
+    from image_io import BadSampleError, read_mask
+
+    mask = np.zeros((8, 8), np.int32)
+    mask[0, 0] = value
+    Image.fromarray(mask, mode="I").save(tmp_path / "m.tif")
+    with pytest.raises(BadSampleError, match=r"m\.tif: mask values .*labels must be 0\.\.65535"):
+        read_mask(tmp_path / "m.tif")
+
+
+def test_coco_entries_that_are_not_objects_are_counted_or_named(tiny_demo, tmp_path):
+    import json
+
+    coco = json.loads((tiny_demo / "annotations/instances_val.json").read_text())
+    coco["annotations"].append(7)
+    (tmp_path / "a.json").write_text(json.dumps(coco))
+    flags = ["--images_dir", tiny_demo / "images/val", "--output_dir", tmp_path / "m", "--workers", 0]
+    result = run_in_process(prepare_masks.main, *flags, "--annotations_file", tmp_path / "a.json")
+    assert result.returncode == 0 and "8 masks written" in result.stdout
+    assert "1 annotation that is not an object" in result.stdout
+    coco["categories"].append({"id": "x"})
+    (tmp_path / "b.json").write_text(json.dumps(coco))
+    result = run_in_process(prepare_masks.main, *flags, "--annotations_file", tmp_path / "b.json")
+    assert_user_error(result, "b.json: category {'id': 'x'} needs an integer id and a name")
