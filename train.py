@@ -214,7 +214,8 @@ def fit(
             except NonFiniteLoss as err:
                 return report.non_finite(err)
             if stop.requested:
-                saved = f"{report.checkpoints / 'last.pt'} holds epoch {epoch - 1}" if epoch > 1 else "nothing saved"
+                last = report.checkpoints / "last.pt"
+                saved = f"{last} holds epoch {epoch - 1}" if epoch > 1 else "no epoch had finished, nothing was saved"
                 return report.stopped(stop, f"during epoch {epoch}; {saved}")
             val_loss, matrix, first_batch, val_skipped = training.validate(
                 val_loader, num_classes=mapping.num_classes, runtime=runtime, epoch=epoch
