@@ -8,6 +8,7 @@ import math
 import sys
 from collections.abc import Callable
 
+from image_io import MAX_MASK_VALUE
 from utils import UserError
 
 
@@ -53,7 +54,7 @@ def run_cli(main: Callable[[], int | None]) -> int:
 
 
 MAX_WIDTH = 4096  # channels per level; wider is a typo, and would allocate without end
-MAX_IMAGE_SIZE = 8192  # px; the memory check before training bounds what actually fits
+MAX_IMAGE_SIZE = 8192  # px; larger is a typo for a square training size, and would allocate without end
 
 
 def positive_int(text: str) -> int:
@@ -129,7 +130,7 @@ def widths_type(text: str) -> tuple[int, ...]:
 
 image_size_type = positive_int_upto(MAX_IMAGE_SIZE)
 seed_type = int_in(0, 2**32 - 1)  # what NumPy's seeding accepts
-mask_value_type = int_in(0, 2**16 - 1)  # masks hold at most 16 bits
+mask_value_type = int_in(0, MAX_MASK_VALUE)
 
 
 def add_device_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from image_io import DEFAULT_MAX_PIXELS, BadSampleError, DataError, align_mask, list_images, read_image, read_mask
-from labels import IGNORE_INDEX, LUT_SIZE, LabelMapping, read_class_names, scan_masks
+from labels import IGNORE_INDEX, LabelMapping, read_class_names, scan_masks
 from utils import require_folder
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class SegmentationFolder(Dataset):
         counts = np.zeros((len(per_image), self.mapping.num_classes), dtype=np.float64)
         for row, raw in enumerate(per_image):
             for value, n in raw.items():
-                label = int(self.lut[value]) if value < LUT_SIZE else IGNORE_INDEX
+                label = int(self.lut[value])  # the scan read only values read_mask allows
                 if label != IGNORE_INDEX:
                     counts[row, label] += n
         return counts
@@ -169,8 +169,6 @@ class SegmentationFolder(Dataset):
         image_path, mask_path = self.pairs[index]
         image, upright = read_image(image_path, self.max_pixels)
         mask = align_mask(read_mask(mask_path, self.max_pixels), image, upright, mask_path)
-        if mask.max() >= LUT_SIZE:
-            raise BadSampleError(f"{mask_path}: mask value {mask.max()} is out of range")
         labels = self.lut[mask]
         return tv_tensors.Image(TF.pil_to_tensor(image)), tv_tensors.Mask(torch.from_numpy(labels))
 

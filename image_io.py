@@ -13,6 +13,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 # Larger images are bad samples (--max-pixels). 100 MP is a 12000x8000 photo: 0.3 GB as uint8 RGB and 1.2 GB
 # as float, which fits beside the model on a 16 GB machine; a 20000x20000 scan (400 MP) does not.
 DEFAULT_MAX_PIXELS = 100_000_000
+MAX_MASK_VALUE = 2**16 - 1  # labels are 8- or 16-bit values; a 32-bit mask outside that range is a bad sample
 Image.MAX_IMAGE_PIXELS = None  # our limit replaces PIL's decompression-bomb check, so both never disagree
 
 
@@ -58,8 +59,8 @@ def read_mask(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     array = np.asarray(mask)
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
         raise BadSampleError(f"{path}: unsupported mask mode {mask.mode}")
-    if array.size and (array.min() < 0 or array.max() > 65535):  # 32-bit masks can hold anything
-        raise BadSampleError(f"{path}: mask values {array.min()}..{array.max()}; labels must be 0..65535")
+    if array.size and (array.min() < 0 or array.max() > MAX_MASK_VALUE):  # 32-bit masks can hold anything
+        raise BadSampleError(f"{path}: mask values {array.min()}..{array.max()}; labels must be 0..{MAX_MASK_VALUE}")
     return array
 
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from image_io import DEFAULT_MAX_PIXELS, BadSampleError, DataError, read_mask
+from image_io import DEFAULT_MAX_PIXELS, MAX_MASK_VALUE, BadSampleError, DataError, read_mask
 from utils import replace_atomically
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255  # the ignore label, after mapping; also the default raw value that marks ignored pixels
 SCAN_CACHE_NAME = ".label_scan.json"
-LUT_SIZE = 65536  # covers 8- and 16-bit masks
+LUT_SIZE = MAX_MASK_VALUE + 1  # every value read_mask lets through
 
 
 def _count_values(path: Path, max_pixels: int) -> dict[int, int] | str:
