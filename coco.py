@@ -142,6 +142,11 @@ def compressed_counts(text: str) -> list[int] | None:
     return counts
 
 
+def _well_formed_polygons(segmentation: list) -> list[list]:
+    """Polygons of at least 3 points with an x and a y each; others are dropped from the annotation."""
+    return [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+
+
 def _is_coordinate(value, limit: int) -> bool:
     """A finite number within one image size of the image: pycocotools rasterises whatever it is given."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and -limit <= value <= 2 * limit
@@ -150,7 +155,7 @@ def _is_coordinate(value, limit: int) -> bool:
 def geometry_problem(segmentation, height: int, width: int) -> str | None:
     """Why pycocotools must not see this segmentation (it would crash, hang or allocate without bound), or None."""
     if isinstance(segmentation, list):
-        polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        polygons = _well_formed_polygons(segmentation)
         if not polygons:
             return "malformed polygon"
         for polygon in polygons:
@@ -177,7 +182,7 @@ def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray | s
     if problem is not None:
         return problem
     if isinstance(segmentation, list):
-        polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        polygons = _well_formed_polygons(segmentation)
         return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygons, height, width)))
     if isinstance(segmentation["counts"], list):  # uncompressed RLE
         return mask_utils.decode(mask_utils.frPyObjects(segmentation, height, width))
