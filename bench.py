@@ -172,7 +172,7 @@ def fast_inference(args, device, folder: Path, checkpoint: Path, output: Path) -
     """What inference.py runs with its defaults: batched, native bf16, channels_last, BatchNorm folded."""
     runtime = Runtime.from_flags(device.type, "auto", channels_last=True)
     keep_freed_cpu_memory(runtime.device)
-    predictor = Predictor.from_checkpoint(checkpoint, runtime.device, runtime.precision, runtime.channels_last)
+    predictor = Predictor.from_checkpoint(checkpoint, runtime)
     segment_folder(predictor, list_images(folder), folder, Outputs(output), batch_size=args.batch_size)
 
 

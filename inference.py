@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs = Outputs(resolve_output_dir(args, checkpoint), save_probs=args.save_probs)
     runtime = Runtime.from_flags(args.device, args.precision, args.channels_last)
     keep_freed_cpu_memory(runtime.device)
-    predictor = Predictor.from_checkpoint(checkpoint, runtime.device, runtime.precision, runtime.channels_last)
+    predictor = Predictor.from_checkpoint(checkpoint, runtime)
     result = segment_folder(
         predictor,
         inputs,

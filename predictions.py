@@ -175,10 +175,10 @@ def segment_folder(
     loader = DataLoader(
         InputImages([inputs[i] for i in todo], predictor.image_size, max_pixels),
         batch_size,
-        num_workers=decoding_workers(workers, predictor.device),
+        num_workers=decoding_workers(workers, predictor.runtime.device),
         collate_fn=collate,
         worker_init_fn=init_worker,
-        pin_memory=predictor.device.type == "cuda",
+        pin_memory=predictor.runtime.device.type == "cuda",
     )
     pending: deque[Future] = deque()
     with ThreadPoolExecutor(max_workers=2) as writer:

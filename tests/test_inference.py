@@ -15,6 +15,7 @@ from checkpoints import load_checkpoint
 from conftest import ROOT
 from image_io import read_mask
 from labels import LabelMapping
+from utils import Runtime
 
 
 def run_inference(*args):
@@ -166,9 +167,7 @@ def test_the_model_sees_what_validation_feeds_it(trained_run, tiny_demo):
     from predictions import InputImages, collate
     from predictor import Predictor
 
-    predictor = Predictor.from_checkpoint(
-        trained_run / "checkpoints" / "best.pt", torch.device("cpu"), "fp32", channels_last=False
-    )
+    predictor = Predictor.from_checkpoint(trained_run / "checkpoints" / "best.pt", Runtime(torch.device("cpu"), "fp32"))
     validation = SegmentationFolder(tiny_demo / "images/val", tiny_demo / "masks/val", predictor.image_size)
     inputs = InputImages([image for image, _ in validation.pairs], predictor.image_size)
     _, batch, _, _ = collate([inputs[i] for i in range(len(inputs))])
@@ -185,8 +184,8 @@ def test_bf16_predictor_agrees_with_fp32(trained_run, tiny_demo):
 
     cpu = torch.device("cpu")
     checkpoint = trained_run / "checkpoints" / "best.pt"
-    fp32 = Predictor.from_checkpoint(checkpoint, cpu, "fp32", channels_last=False)
-    bf16 = Predictor.from_checkpoint(checkpoint, cpu, "bf16", channels_last=True)
+    fp32 = Predictor.from_checkpoint(checkpoint, Runtime(cpu, "fp32", channels_last=False))
+    bf16 = Predictor.from_checkpoint(checkpoint, Runtime(cpu, "bf16", channels_last=True))
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
     validation = SegmentationFolder(tiny_demo / "images/val", tiny_demo / "masks/val", fp32.image_size)
     images = torch.stack([TF.pil_to_tensor(Image.open(path).convert("RGB")) for path, _ in validation.pairs])
