@@ -74,6 +74,31 @@ def add_input_flags(p: ArgumentParser) -> None:
         "--image-size", type=image_size_type, default=256, help="images and masks are resized to this square"
     )
     inputs.add_argument(
+        "--crop-size",
+        type=image_size_type,
+        help="train on random N x N crops at native resolution (aspect ratio kept) instead of squashing whole "
+        "images to --image-size; validation and inference then slide N px tiles over each image",
+    )
+    inputs.add_argument(
+        "--scale-range",
+        type=float_in(0, 16, low_open=True),
+        nargs=2,
+        default=(0.5, 2.0),
+        metavar=("LOW", "HIGH"),
+        help="--crop-size: each training image is first rescaled by a random factor in this range",
+    )
+    inputs.add_argument(
+        "--base-size",
+        type=image_size_type,
+        help="--crop-size: the scale factors are relative to a shorter side of this many px (default: native)",
+    )
+    inputs.add_argument(
+        "--val-mode",
+        choices=("resize", "slide"),
+        help="how validation shows images to the model (default: slide with --crop-size, else resize); "
+        "either way it is scored at each image's original size, as inference.py scores",
+    )
+    inputs.add_argument(
         "--augment",
         choices=("none", "basic", "strong"),
         default="basic",
@@ -219,6 +244,15 @@ def resumed_checkpoint(args: argparse.Namespace, given: set[str]) -> dict | None
     return checkpoint
 
 
+def check_crop_flags(args: argparse.Namespace, given: set[str]) -> None:
+    low, high = args.scale_range
+    if low > high:
+        raise UserError(f"--scale-range {low:g} {high:g}: LOW must not exceed HIGH")
+    needs_crop = [name for name in ("scale_range", "base_size") if name in given]
+    if needs_crop and not args.crop_size:
+        raise UserError(f"--{needs_crop[0].replace('_', '-')} applies to --crop-size training only")
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict | None]:
     """Flags, filled in from the demo settings or from the checkpoint being resumed."""
     parser = get_args_parser()
@@ -232,6 +266,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
         for name, value in DEMO_SETTINGS.items():
             if name not in given:
                 setattr(args, name, value)
+    check_crop_flags(args, given)
     if args.run_dir is None:
         name = DEMO_ROOTS[args.demo_style].name if args.demo else (args.data_root or args.train_images).resolve().name
         args.run_dir = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

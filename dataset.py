@@ -45,27 +45,58 @@ def normalize_images() -> v2.Compose:
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 
-def build_transforms(image_size: int, augment: str = "none", normalize: bool = True) -> v2.Compose:
-    """Joint image/mask transforms; masks resize nearest and rotate in the ignore label.
+class RandomScale(v2.Transform):
+    """Image and mask rescaled by one random factor, aspect ratio kept: relative to the native size, or
+    relative to base_size for the shorter side (torchvision's segmentation reference)."""
 
-    normalize=False stops at resized uint8 images, for inference to normalise whole batches on the device.
+    def __init__(self, scale_range: tuple[float, float], base_size: int | None = None):
+        super().__init__()
+        self.scale_range, self.base_size = tuple(scale_range), base_size
+
+    def make_params(self, flat_inputs: list) -> dict:
+        height, width = v2.query_size(flat_inputs)
+        factor = float(torch.empty(()).uniform_(*self.scale_range))
+        if self.base_size:
+            factor *= self.base_size / min(height, width)
+        return {"size": [max(1, round(height * factor)), max(1, round(width * factor))]}
+
+    def transform(self, inpt, params: dict):
+        return self._call_kernel(TF.resize, inpt, params["size"], antialias=True)  # masks: nearest
+
+
+def build_transforms(
+    image_size: int,
+    augment: str = "none",
+    normalize: bool = True,
+    *,
+    crop_size: int | None = None,
+    scale_range: tuple[float, float] = (0.5, 2.0),
+    base_size: int | None = None,
+) -> v2.Compose:
+    """Joint image/mask transforms; masks resize nearest, and pad and rotate in the ignore label.
+
+    crop_size: native-resolution training, a random rescale then a random crop_size square (padded where
+    the image is smaller), instead of the whole image squashed to image_size.
+    normalize=False stops at uint8 images, for the model's side to normalise whole batches on the device.
     """
-    size = (image_size, image_size)
+    if augment not in ("none", "basic", "strong"):
+        raise ValueError(f"unknown augmentation {augment!r}; choose none, basic or strong")
+    size, strong = (image_size, image_size), augment == "strong"
     fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
-    if augment == "none":
+    if crop_size:
+        geometry = [RandomScale(scale_range, base_size), v2.RandomCrop(crop_size, pad_if_needed=True, fill=fill)]
+    elif augment == "none":
         geometry = [v2.Resize(size, antialias=True)]
-    elif augment in ("basic", "strong"):
-        strong = augment == "strong"
-        geometry = [
-            v2.RandomResizedCrop(size, scale=(0.25 if strong else 0.5, 1.0), antialias=True),
+    else:
+        geometry = [v2.RandomResizedCrop(size, scale=(0.25 if strong else 0.5, 1.0), antialias=True)]
+    if augment != "none":
+        geometry += [
             v2.RandomHorizontalFlip(),
             *([v2.RandomVerticalFlip()] if strong else []),
             v2.RandomRotation(15, fill=fill),
             v2.ColorJitter(0.3, 0.3, 0.3, 0.05 if strong else 0.0),
             *([v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.3)] if strong else []),
         ]
-    else:
-        raise ValueError(f"unknown augmentation {augment!r}; choose none, basic or strong")
     return v2.Compose([*geometry, *(normalize_images().transforms if normalize else [])])
 
 
@@ -76,8 +107,9 @@ class SegmentationFolder(Dataset):
         self,
         images_dir: str | Path,
         masks_dir: str | Path,
-        image_size: int = 256,
+        image_size: int | None = 256,
         *,
+        crop: dict | None = None,
         mapping: LabelMapping | None = None,
         ignore_value: int = IGNORE_INDEX,
         binary: bool = False,
@@ -87,7 +119,9 @@ class SegmentationFolder(Dataset):
         limit: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
-        """mapping: the training set's (None: found here); limit keeps the first N pairs, after the mapping."""
+        """image_size None: items are the uint8 image and the mask as loaded, for validation at full size.
+        crop: build_transforms' crop_size, scale_range and base_size, for native-resolution crops.
+        mapping: the training set's (None: found here); limit keeps the first N pairs, after the mapping."""
         self.images_dir, self.masks_dir = Path(images_dir), Path(masks_dir)
         self.max_pixels = max_pixels
         self.pairs, per_image = self._readable_pairs(scan_workers)
@@ -104,7 +138,7 @@ class SegmentationFolder(Dataset):
         self.pairs, per_image = self.pairs[:limit], per_image[:limit]
         self.class_counts = self._class_counts(per_image)
         self.image_size = image_size
-        self.transform = build_transforms(image_size, augment)
+        self.transform = None if image_size is None else build_transforms(image_size, augment, **(crop or {}))
 
     def _readable_pairs(self, scan_workers: int) -> tuple[list[tuple[Path, Path]], list[dict[int, int]]]:
         """The pairs whose mask the label scan could read, and each one's raw value counts."""
@@ -173,7 +207,7 @@ class SegmentationFolder(Dataset):
         return tv_tensors.Image(TF.pil_to_tensor(image)), tv_tensors.Mask(torch.from_numpy(labels))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = self.transform(*self.load(index))
+        image, mask = self.load(index) if self.transform is None else self.transform(*self.load(index))
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
 
 
@@ -213,6 +247,8 @@ class SkipBadSamples(Dataset):
                     raise
                 skipped.append(str(err))
         if not self.replace:
-            size = self.dataset.image_size
-            return torch.zeros(3, size, size), torch.full((size, size), IGNORE_INDEX, dtype=torch.long), skipped[0]
+            size = self.dataset.image_size or 1
+            dtype = torch.float32 if self.dataset.image_size else torch.uint8
+            blank = torch.zeros(3, size, size, dtype=dtype)
+            return blank, torch.full((size, size), IGNORE_INDEX, dtype=torch.long), skipped[0]
         raise BadSampleError(f"{self.max_tries} bad samples in a row: " + "; ".join(skipped))

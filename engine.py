@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from labels import IGNORE_INDEX
 from metrics import ConfusionMatrix
+from predictor import Predictor
 from utils import Runtime
 
 PANEL_SAMPLES = 4  # validation images kept for the sample panel
@@ -148,38 +149,43 @@ def train_one_epoch(
     return total_loss.item() / max(steps, 1), skipped
 
 
+class PixelCrossEntropy:
+    """-log p(true class), summed over labelled pixels as the full-size probability bands are computed."""
+
+    def __init__(self, device: torch.device):
+        self.total = torch.zeros((), device=device)
+        self.pixels = torch.zeros((), device=device)
+        self.masks: list[torch.Tensor] = []  # the current batch's, on the device
+
+    def __call__(self, index: int, top: int, probs: torch.Tensor) -> None:
+        truth = self.masks[index][top : top + probs.shape[1]]
+        labelled = truth != IGNORE_INDEX
+        picked = probs.gather(0, truth.where(labelled, 0)[None])[0]
+        self.total -= picked.clamp_min(1e-12).log().where(labelled, 0).sum()
+        self.pixels += labelled.sum()
+
+
 @torch.inference_mode()
 def evaluate(
-    model: torch.nn.Module,
-    loader: DataLoader,
-    *,
-    loss_fn: torch.nn.Module,
-    num_classes: int,
-    runtime: Runtime,
-    epoch: int,
-) -> tuple[float, ConfusionMatrix, tuple | None, list[str]]:
-    """Loss and confusion matrix over the whole validation set (all ranks), a first batch, bad files."""
-    model.eval()
+    predictor: Predictor, loader: DataLoader, *, num_classes: int, runtime: Runtime, epoch: int
+) -> tuple[float, ConfusionMatrix, tuple, list[str]]:
+    """Validation as inference.py sees it: each image at its original size through the same Predictor,
+    so the logged mIoU is what `inference.py --masks_dir` reports. The loss is the pixel cross-entropy of
+    those full-size probabilities, whichever loss trains. Returns the loss and confusion matrix over the
+    whole set (all ranks), a few (image, mask, prediction) samples and the bad files."""
     matrix = ConfusionMatrix(num_classes, device=runtime.device)
-    total_loss = torch.zeros((), device=runtime.device)
-    total_pixels = torch.zeros((), device=runtime.device)
-    first_batch, skipped = None, []
+    loss = PixelCrossEntropy(runtime.device)
+    samples, skipped = ([], [], []), []
     bar = tqdm(loader, desc=f"epoch {epoch} val", leave=False, dynamic_ncols=True, disable=not runtime.ddp.is_main)
     for images, masks, skipped_here in bar:
         skipped.extend(line for s in skipped_here for line in s.splitlines())
-        images = images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
-        masks = masks.to(runtime.device, non_blocking=True)
-        with runtime.autocast():
-            logits = model(images)
-        # Weighted by labelled pixels, so the loss is over the set, and an all-ignore batch adds nothing.
-        pixels = (masks != IGNORE_INDEX).sum()
-        total_loss += torch.where(pixels > 0, loss_fn(logits, masks) * pixels, 0.0)
-        total_pixels += pixels
-        preds = logits.max(1).indices  # same as argmax(1), which is ~15x slower on CPUs
-        matrix.update(preds, masks)
-        if first_batch is None:
-            first_batch = (images[:PANEL_SAMPLES].cpu(), masks[:PANEL_SAMPLES].cpu(), preds[:PANEL_SAMPLES].cpu())
+        loss.masks = masks = [mask.to(runtime.device, non_blocking=True) for mask in masks]
+        preds = predictor.segment(images, on_band=loss)
+        for pred, mask in zip(preds, masks, strict=True):
+            matrix.update(pred, mask)
+        for kept, new in zip(samples, (images, masks, preds), strict=True):
+            kept.extend(item.cpu() for item in new[: PANEL_SAMPLES - len(kept)])
     matrix.reduce()
-    runtime.ddp.all_reduce_sum(total_loss)
-    runtime.ddp.all_reduce_sum(total_pixels)
-    return (total_loss / total_pixels.clamp_min(1)).item(), matrix, first_batch, skipped
+    runtime.ddp.all_reduce_sum(loss.total)
+    runtime.ddp.all_reduce_sum(loss.pixels)
+    return (loss.total / loss.pixels.clamp_min(1)).item(), matrix, samples, skipped

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 from checkpoints import newest_checkpoint
-from cli import ArgumentParser, add_hardware_flags, non_negative_int, positive_int, run_cli
+from cli import ArgumentParser, add_hardware_flags, float_in, image_size_type, non_negative_int, positive_int, run_cli
 from image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, list_images
 from predictions import Outputs, segment_folder
-from predictor import Predictor
+from predictor import MODES, Predictor
 from utils import Runtime, UserError, keep_freed_cpu_memory, refuse_inside, require_folder
 
 
@@ -35,6 +35,21 @@ def get_args_parser() -> ArgumentParser:
         "--masks-dir",
         type=Path,
         help="ground-truth masks (same file stems): also print mIoU, mean Dice and pixel accuracy",
+    )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        help="resize: the whole image squashed to the training square; slide: overlapping tiles at native "
+        "resolution (default: slide for --crop-size models, resize otherwise)",
+    )
+    p.add_argument("--tile", type=image_size_type, help="slide: tile side in px (default: the training crop size)")
+    p.add_argument(
+        "--overlap", type=float_in(0, 1, high_open=True), help="slide: fraction of a tile its neighbours share (1/3)"
+    )
+    p.add_argument(
+        "--scale",
+        type=float_in(0, 16, low_open=True),
+        help="slide: rescale images by this first (default 1, or the training --base-size)",
     )
     p.add_argument("--tta", action="store_true", help="average the softmax of the image and its horizontal flip")
     p.add_argument("--save-probs", action="store_true", help="also write per-class probabilities as float16 .npy")
@@ -72,6 +87,12 @@ def resolve_output_dir(args: argparse.Namespace, checkpoint: Path) -> Path:
     return output
 
 
+def scale_text(sampling) -> str:
+    if sampling.base_size:
+        return f"images rescaled to a shorter side of {sampling.base_size} px"
+    return "images at native resolution" if sampling.scale == 1 else f"images rescaled by {sampling.scale:g}"
+
+
 def default_checkpoint() -> Path:
     path = newest_checkpoint("best.pt")
     if path is None:
@@ -86,11 +107,26 @@ def main(argv: list[str] | None = None) -> int:
     true_masks = None
     if args.masks_dir is not None:
         true_masks = {p.stem: p for p in list_images(require_folder(args.masks_dir, "--masks_dir"))}
+    slide_only = [flag for flag in ("tile", "overlap", "scale") if getattr(args, flag) is not None]
+    if args.mode == "resize" and slide_only:
+        raise UserError(f"--{slide_only[0]} applies to --mode slide only")
     checkpoint = args.checkpoint or default_checkpoint()
     outputs = Outputs(resolve_output_dir(args, checkpoint), save_probs=args.save_probs)
     runtime = Runtime.from_flags(args.device, args.precision, args.channels_last)
     keep_freed_cpu_memory(runtime.device)
-    predictor = Predictor.from_checkpoint(checkpoint, runtime)
+    predictor = Predictor.from_checkpoint(
+        checkpoint,
+        runtime,
+        tta=args.tta,
+        batch_size=args.batch_size,
+        mode=args.mode,
+        tile=args.tile,
+        overlap=args.overlap,
+        scale=args.scale,
+    )
+    sampling = predictor.sampling
+    if sampling.mode == "slide":
+        print(f"sliding {sampling.tile} px tiles, overlap {sampling.overlap:.2f}, {scale_text(sampling)}")
     result = segment_folder(
         predictor,
         inputs,
@@ -99,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         true_masks=true_masks,
         batch_size=args.batch_size,
         workers=args.workers,
-        tta=args.tta,
         overwrite=args.overwrite,
         max_pixels=args.max_pixels,
     )

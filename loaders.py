@@ -91,6 +91,11 @@ def train_sampler(train_set: SegmentationFolder, *, weighted: bool, seed: int, r
     return EpochSampler(sampler, seed, generator, ddp.rank)
 
 
+def as_lists(batch: list[tuple]) -> tuple[list, ...]:
+    """Validation images keep their own sizes: a batch is lists, not stacked tensors."""
+    return tuple(list(column) for column in zip(*batch, strict=True))
+
+
 def build_loaders(
     train_set: SegmentationFolder,
     val_set: SegmentationFolder,
@@ -105,7 +110,7 @@ def build_loaders(
     """Bad samples are replaced in training and left out of validation (see SkipBadSamples).
 
     Validation is split into disjoint shards (no padding), so the all-reduced confusion matrix
-    counts every validation image exactly once.
+    counts every validation image exactly once; its images keep their own sizes (batches of lists).
     """
     options = dict(
         num_workers=workers,
@@ -117,5 +122,7 @@ def build_loaders(
     sampler = train_sampler(train_set, weighted=weighted, seed=seed, runtime=runtime)
     train_loader = DataLoader(SkipBadSamples(train_set, strict), batch_size, sampler=sampler, drop_last=True, **options)
     val_shard = range(runtime.ddp.rank, len(val_set), runtime.ddp.world_size)
-    val_loader = DataLoader(SkipBadSamples(val_set, strict, replace=False), batch_size, sampler=val_shard, **options)
+    val_loader = DataLoader(
+        SkipBadSamples(val_set, strict, replace=False), batch_size, sampler=val_shard, collate_fn=as_lists, **options
+    )
     return train_loader, val_loader

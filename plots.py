@@ -13,7 +13,6 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from dataset import MEAN, STD  # noqa: E402
 from utils import colours  # noqa: E402
 
 IGNORE_COLOUR = np.array([255, 255, 255], dtype=np.uint8)
@@ -26,27 +25,21 @@ def colourise(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return table[labels.astype(np.int64).clip(0, 255)]
 
 
-def denormalise(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) normalised tensor -> (H, W, 3) uint8 for display."""
-    mean = torch.tensor(MEAN).view(3, 1, 1)
-    std = torch.tensor(STD).view(3, 1, 1)
-    pixels = (image.float().cpu() * std + mean).clamp(0, 1)
-    return (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-
-
 def legend_handles(class_names: list[str]) -> list[Patch]:
     palette = colours(len(class_names))
     return [Patch(color=c / 255, label=name) for c, name in zip(palette, class_names, strict=True)]
 
 
-def sample_panel(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor, class_names: list[str]) -> Figure:
-    """One row per sample: image | ground truth | prediction, with one palette and a legend."""
+def sample_panel(
+    images: list[torch.Tensor], targets: list[torch.Tensor], preds: list[torch.Tensor], class_names: list[str]
+) -> Figure:
+    """One row per sample (uint8 image, each at its own size): image | ground truth | prediction."""
     rows, k = len(images), len(class_names)
     fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows + 0.6), squeeze=False)
     for row in range(rows):
         for col, (title, picture) in enumerate(
             (
-                ("image", denormalise(images[row])),
+                ("image", images[row].permute(1, 2, 0).numpy()),
                 ("ground truth", colourise(targets[row].cpu().numpy(), k)),
                 ("prediction", colourise(preds[row].cpu().numpy(), k)),
             )

@@ -6,6 +6,7 @@ on, so they compare directly with the training masks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,11 +17,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
-from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from dataset import build_transforms
 from image_io import DEFAULT_MAX_PIXELS, BadSampleError, read_image, read_mask
 from labels import LabelMapping
 from metrics import ConfusionMatrix
@@ -31,11 +30,10 @@ log = logging.getLogger("inference")
 
 
 class InputImages(Dataset):
-    """Decoded and resized in DataLoader workers; an unreadable file becomes an error string."""
+    """Decoded in DataLoader workers at their original size; an unreadable file becomes an error string."""
 
-    def __init__(self, paths: list[Path], image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, paths: list[Path], max_pixels: int = DEFAULT_MAX_PIXELS):
         self.paths, self.max_pixels = paths, max_pixels
-        self.transform = build_transforms(image_size, "none", normalize=False)  # validation's resize
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -45,35 +43,34 @@ class InputImages(Dataset):
             image, _ = read_image(self.paths[index], self.max_pixels)
         except BadSampleError as err:
             return index, None, str(err)
-        pixels = TF.pil_to_tensor(image)
-        resized = self.transform(tv_tensors.Image(pixels)).as_subclass(torch.Tensor)
-        return index, resized, pixels  # the original travels along for the overlay
+        return index, TF.pil_to_tensor(image), ""
 
 
 def collate(items):
-    good = [item for item in items if item[1] is not None]
+    """-> (indices, uint8 images of their own sizes, (index, message) of the unreadable ones)."""
+    good = [(index, image) for index, image, _ in items if image is not None]
     bad = [(index, message) for index, image, message in items if image is None]
-    if not good:
-        return [], None, [], bad
-    indices, images, originals = zip(*good, strict=True)
-    return list(indices), torch.stack(images), list(originals), bad
+    indices, images = (list(column) for column in zip(*good, strict=True)) if good else ([], [])
+    return indices, images, bad
 
 
-def overlay_with_legend(image: Image.Image, labels: np.ndarray, class_names: list[str]) -> Image.Image:
-    """Half-transparent class colours over the image (background left clear), legend on the right."""
-    palette = colours(len(class_names))
-    picture = np.asarray(image, dtype=np.float32)
-    painted = labels != 0 if class_names[0] == "background" else np.ones_like(labels, bool)
-    picture[painted] = 0.5 * picture[painted] + 0.5 * palette[labels[painted]]
+def overlay_with_legend(image: np.ndarray, labels: np.ndarray, class_names: list[str]) -> Image.Image:
+    """Half-transparent class colours over the (H, W, 3) uint8 image (background left clear), legend on the
+    right; uint8 throughout, so a 24-megapixel image needs no float copy."""
+    palette = colours(len(class_names)).astype(np.uint8)
+    tinted = Image.blend(Image.fromarray(image), Image.fromarray(palette[labels]), 0.5)
+    height, width = labels.shape
+    if class_names[0] == "background":
+        tinted = Image.composite(tinted, Image.fromarray(image), Image.fromarray(labels != 0))
     row = 14
     legend_width = 8 + 7 * max(len(n) for n in class_names) + 20
-    canvas = Image.new("RGB", (image.width + legend_width, max(image.height, row * len(class_names) + 8)), "white")
-    canvas.paste(Image.fromarray(picture.astype(np.uint8)), (0, 0))
+    canvas = Image.new("RGB", (width + legend_width, max(height, row * len(class_names) + 8)), "white")
+    canvas.paste(tinted, (0, 0))
     draw = ImageDraw.Draw(canvas)
     for k, name in enumerate(class_names):
         top = 4 + k * row
-        draw.rectangle([image.width + 4, top, image.width + 14, top + 10], fill=tuple(int(c) for c in palette[k]))
-        draw.text((image.width + 18, top), name, fill="black")
+        draw.rectangle([width + 4, top, width + 14, top + 10], fill=tuple(int(c) for c in palette[k]))
+        draw.text((width + 18, top), name, fill="black")
     return canvas
 
 
@@ -95,26 +92,39 @@ class Outputs:
         return all(p.exists() for kind, p in self.paths(relative).items() if kind != "probs" or self.save_probs)
 
 
-def write_prediction(
-    original: torch.Tensor,
-    targets: dict[str, Path],
-    labels: np.ndarray,
-    probs: np.ndarray | None,
-    mapping: LabelMapping,
-) -> None:
-    """Mask of original values, overlay and optional probabilities, each written to a temp name and renamed."""
-    values = np.array(mapping.values)[labels]
-    values = values.astype(np.uint8 if values.max(initial=0) < 256 else np.uint16)
-    image = Image.fromarray(original.permute(1, 2, 0).numpy())
+def write_prediction(original: torch.Tensor, targets: dict[str, Path], labels: np.ndarray, mapping: LabelMapping):
+    """Mask of original values and overlay, each written to a temporary name and renamed."""
+    values = np.asarray(mapping.values, dtype=np.uint8 if max(mapping.values) < 256 else np.uint16)[labels]
+    image = original.permute(1, 2, 0).numpy()
     files = {"mask": Image.fromarray(values), "overlay": overlay_with_legend(image, labels, mapping.names)}
     # Overlays are for looking at: zlib level 1 writes them 4-5x faster than the default 6, 13% larger.
     compress_level = {"mask": 6, "overlay": 1}
     for kind, content in files.items():
         with replace_atomically(targets[kind]) as tmp:
             content.save(tmp, format="PNG", compress_level=compress_level[kind])
-    if probs is not None:
-        with replace_atomically(targets["probs"]) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, probs.astype(np.float16))
+
+
+class ProbabilityFiles(contextlib.ExitStack):
+    """Class probabilities written band by band into float16 .npy files mapped from disk (never whole in
+    memory); on leaving the block each complete file is renamed into place, and none is on an error."""
+
+    def __init__(self):
+        super().__init__()
+        self.arrays: dict[int, np.memmap] = {}
+
+    def open(self, key: int, path: Path, shape: tuple[int, int, int]) -> None:
+        tmp = self.enter_context(replace_atomically(path))
+        self.arrays[key] = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+
+    def write(self, key: int, top: int, band: torch.Tensor) -> None:
+        if key in self.arrays:
+            self.arrays[key][:, top : top + band.shape[1]] = band.half().cpu().numpy()
+
+    def __exit__(self, *exc) -> bool:
+        for array in self.arrays.values():
+            array.flush()
+        self.arrays.clear()  # unmapped before the renames
+        return super().__exit__(*exc)
 
 
 def evaluate_against(
@@ -151,6 +161,9 @@ class FolderResult:
     matrix: ConfusionMatrix | None = None
 
 
+WRITE_QUEUE_BYTES = 512 << 20  # images waiting for the writer threads, so a folder of huge ones never piles up
+
+
 def segment_folder(
     predictor: Predictor,
     inputs: list[Path],
@@ -160,7 +173,6 @@ def segment_folder(
     true_masks: dict[str, Path] | None = None,
     batch_size: int = 8,
     workers: int | None = None,
-    tta: bool = False,
     overwrite: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> FolderResult:
@@ -173,38 +185,39 @@ def segment_folder(
     result.already_done = len(inputs) - len(todo) + sum(1 for i in todo if done[i] and not overwrite)
     lut = predictor.mapping.lookup_table()
     loader = DataLoader(
-        InputImages([inputs[i] for i in todo], predictor.image_size, max_pixels),
+        InputImages([inputs[i] for i in todo], max_pixels),
         batch_size,
         num_workers=decoding_workers(workers, predictor.runtime.device),
         collate_fn=collate,
         worker_init_fn=init_worker,
-        pin_memory=predictor.runtime.device.type == "cuda",
     )
-    pending: deque[Future] = deque()
+    pending: deque[tuple[Future, int]] = deque()
     with ThreadPoolExecutor(max_workers=2) as writer:
-        for indices, images, originals, bad in tqdm(loader, desc="segmenting", dynamic_ncols=True):
+        for indices, images, bad in tqdm(loader, desc="segmenting", dynamic_ncols=True):
             for _, message in bad:
                 log.warning("skipped: %s", message)
             result.unreadable += len(bad)
-            if not indices:
-                continue
-            sizes = [tuple(original.shape[-2:]) for original in originals]
-            batch_probs = predictor.probabilities(images, sizes, tta)
-            for index, original, probs in zip(indices, originals, batch_probs, strict=True):
-                item = todo[index]
-                labels = probs.max(0).indices.numpy()  # max().indices: argmax over dim 0 is ~15x slower on CPUs
+            writes = [overwrite or not done[todo[index]] for index in indices]
+            with ProbabilityFiles() as probs_files:
+                for key, (index, image, write) in enumerate(zip(indices, images, writes, strict=True)):
+                    if write and outputs.save_probs:
+                        shape = (predictor.mapping.num_classes, *image.shape[-2:])
+                        probs_files.open(key, outputs.paths(relative[todo[index]])["probs"], shape)
+                labels = predictor.segment(images, on_band=probs_files.write)
+            for index, image, image_labels, write in zip(indices, images, labels, writes, strict=True):
+                item, image_labels = todo[index], image_labels.numpy()
                 if true_masks and inputs[item].stem in true_masks:
                     true_mask = true_masks[inputs[item].stem]
-                    result.evaluated += evaluate_against(true_mask, labels, lut, result.matrix, max_pixels=max_pixels)
-                if overwrite or not done[item]:
-                    probs_out = probs.numpy() if outputs.save_probs else None
-                    targets = outputs.paths(relative[item])
-                    pending.append(
-                        writer.submit(write_prediction, original, targets, labels, probs_out, predictor.mapping)
+                    result.evaluated += evaluate_against(
+                        true_mask, image_labels, lut, result.matrix, max_pixels=max_pixels
                     )
+                if write:
+                    targets = outputs.paths(relative[item])
+                    job = writer.submit(write_prediction, image, targets, image_labels, predictor.mapping)
+                    pending.append((job, image.numel() + image_labels.nbytes))
                     result.written += 1
-                while len(pending) > 4 * batch_size:  # bounded: a huge folder never piles up in memory
-                    pending.popleft().result()
+                while sum(size for _, size in pending) > WRITE_QUEUE_BYTES:
+                    pending.popleft()[0].result()
         while pending:
-            pending.popleft().result()
+            pending.popleft()[0].result()
     return result

@@ -1,54 +1,231 @@
-"""A trained checkpoint as a function: batches of uint8 images -> class probabilities at each image's size."""
+"""A trained network as a function of whole images: uint8 images of any size -> labels (and class
+probabilities) at that size, computed in bands of rows so memory never grows with height x width x classes.
+
+Two ways to show an image to the network (MMSegmentation's test modes, nnU-Net's sliding window):
+- resize: squashed to the training square, as square-resize models were trained;
+- slide: overlapping tiles at native resolution (or rescaled), weighted towards tile centres, as
+  crop-trained models were trained.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
 from dataset import normalize_images
 from labels import LabelMapping
 from utils import PRECISION_DTYPES, Runtime
 
+MODES = ("resize", "slide")
+BAND_BYTES = 32 << 20  # float32 class probabilities held at the output size at once
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How an image is shown to the network; the training flags in a checkpoint choose the default."""
+
+    mode: str = "resize"
+    image_size: int = 256  # resize: the side of the training square
+    tile: int = 256  # slide: the side of a tile
+    overlap: float = 1 / 3  # slide: the fraction of a tile shared with each neighbour
+    scale: float = 1.0  # slide: images are rescaled by this first...
+    base_size: int | None = None  # ...or so that their shorter side is this (crop training's --base-size)
+
+    @classmethod
+    def from_training_flags(cls, flags: dict) -> Sampling:
+        """Crop-trained models slide tiles of their crop size; square-resize models see the square."""
+        size = int(flags.get("image_size") or 256)
+        if flags.get("crop_size"):
+            return cls("slide", size, tile=int(flags["crop_size"]), base_size=flags.get("base_size"))
+        return cls("resize", size, tile=size)
+
+    def working_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) the network sees an image of this size at."""
+        if self.mode == "resize":
+            return self.image_size, self.image_size
+        factor = self.base_size / min(height, width) if self.base_size else self.scale
+        return max(1, round(height * factor)), max(1, round(width * factor))
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """First pixel of each tile along one axis; the last tile ends flush with the image."""
+    stride = max(1, round(tile * (1 - overlap)))
+    count = max(0, math.ceil((length - tile) / stride)) + 1
+    return [min(i * stride, length - tile) for i in range(count)]
+
+
+def gaussian_weights(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """nnU-Net's tile weighting: sigma 1/8 of the side around the centre, so seams carry little weight."""
+
+    def axis(n: int) -> torch.Tensor:
+        x = torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2
+        return torch.exp(-0.5 * (x / (n / 8)) ** 2)
+
+    return axis(height)[:, None] * axis(width)[None, :]
+
+
+class RowResampler:
+    """Bilinear resizing (F.interpolate's align_corners=False rule) of rows that arrive in order,
+    emitted in bands: an output row needs two input rows only, so a band computed alone equals the
+    same rows of the whole image computed at once, and only a few input rows are ever held."""
+
+    def __init__(self, source: tuple[int, int], target: tuple[int, int], band_rows: int):
+        (height, self.width), (out_height, self.out_width) = source, target
+        position = ((torch.arange(out_height) + 0.5) * (height / out_height) - 0.5).clamp_min(0)
+        self.lower = position.floor().long().clamp_max(height - 1)
+        self.upper = (self.lower + 1).clamp_max(height - 1)
+        self.fraction = (position - self.lower).float()
+        self.identity = height == out_height
+        self.band_rows, self.out_height = band_rows, out_height
+        self.held, self.first_held, self.next_row = None, 0, 0
+
+    def push(self, rows: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """rows: the next (C, k, width) input rows -> (first output row, (C, m, out_width)) bands now complete."""
+        self.held = rows if self.held is None else torch.cat([self.held, rows], 1)
+        received = self.first_held + self.held.shape[1]
+        ready = int(torch.searchsorted(self.upper, received))  # output rows whose inputs have all arrived
+        while self.next_row < ready:
+            stop = min(self.next_row + self.band_rows, ready)
+            yield self.next_row, self._band(self.next_row, stop)
+            self.next_row = stop
+        if self.next_row < self.out_height:
+            drop = min(int(self.lower[self.next_row]) - self.first_held, self.held.shape[1])
+            self.held, self.first_held = self.held[:, drop:], self.first_held + drop
+
+    def _band(self, start: int, stop: int) -> torch.Tensor:
+        if self.identity:
+            rows = self.held[:, start - self.first_held : stop - self.first_held]
+        else:
+            device = self.held.device
+            lower = self.held[:, (self.lower[start:stop] - self.first_held).to(device)]
+            upper = self.held[:, (self.upper[start:stop] - self.first_held).to(device)]
+            fraction = self.fraction[start:stop].to(device)[:, None]
+            rows = lower * (1 - fraction) + upper * fraction
+        if self.width == self.out_width:
+            return rows
+        return F.interpolate(rows[None], size=(stop - start, self.out_width), mode="bilinear", align_corners=False)[0]
+
+
+def band_rows(num_classes: int, width: int) -> int:
+    return max(1, BAND_BYTES // (4 * num_classes * width))
+
 
 @dataclass
 class Predictor:
-    model: torch.nn.Module
+    network: Callable[[torch.Tensor], torch.Tensor]  # normalised float batch -> logits
     mapping: LabelMapping
-    image_size: int
+    sampling: Sampling
     runtime: Runtime
+    input_dtype: torch.dtype = torch.float32
+    tta: bool = False  # also average the horizontal flip's probabilities
+    batch_size: int = 8  # tiles per forward pass when sliding
     normalize: v2.Compose = field(default_factory=normalize_images)  # on the device, a batch at a time
 
     @classmethod
-    def from_checkpoint(cls, path: Path, runtime: Runtime) -> Predictor:
+    def from_checkpoint(cls, path: Path, runtime: Runtime, *, tta: bool = False, batch_size: int = 8, **sampling):
+        """sampling: Sampling fields to override (None keeps the checkpoint's choice)."""
         state = load_checkpoint(path)
         model = model_from_checkpoint(state, path)
         try:
-            mapping, image_size = LabelMapping.from_dict(state["mapping"]), int(state["image_size"])
+            mapping = LabelMapping.from_dict(state["mapping"])
+            chosen = Sampling.from_training_flags({"image_size": state["image_size"], **state.get("args", {})})
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: holds no usable label mapping and image size ({err!r})") from None
+        chosen = replace(chosen, **{k: v for k, v in sampling.items() if v is not None})
+        if sampling.get("scale") is not None:
+            chosen = replace(chosen, base_size=None)  # a typed --scale replaces the training's --base-size
         # Weights cast once to the inference dtype: autocast would cast every weight on every batch.
         dtype = PRECISION_DTYPES[runtime.precision]
         model.eval().fold_batchnorm().to(runtime.device, dtype, memory_format=runtime.memory_format)
-        return cls(model, mapping, image_size, runtime)
+        return cls(model, mapping, chosen, runtime, input_dtype=dtype, tta=tta, batch_size=batch_size)
+
+    @classmethod
+    def for_validation(cls, model: torch.nn.Module, mapping: LabelMapping, sampling: Sampling, runtime: Runtime):
+        """The model being trained (in eval mode), run under the training's autocast."""
+
+        def network(images: torch.Tensor) -> torch.Tensor:
+            with runtime.autocast():
+                return model(images)
+
+        return cls(network, mapping, sampling, runtime)
 
     @torch.inference_mode()
-    def probabilities(self, images: torch.Tensor, sizes: list[tuple[int, int]], tta: bool) -> list[torch.Tensor]:
-        """Softmax at each image's original (height, width), as (classes, H, W) float32."""
+    def batch_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, h, w) -> float32 softmax (B, C, h, w) on the device."""
         images = self.normalize(images.to(self.runtime.device, non_blocking=True))  # uint8: a quarter of float
-        images = images.to(PRECISION_DTYPES[self.runtime.precision], memory_format=self.runtime.memory_format)
-        logits = self.model(images)
-        if tta:
-            flipped = self.model(images.flip(-1)).flip(-1)
-        probs = logits.float().softmax(1)
-        if tta:
-            probs = (probs + flipped.float().softmax(1)) / 2
-        # Interpolate class scores, not labels, to the full size (labels would turn blocky).
-        return [
-            F.interpolate(p[None], size=size, mode="bilinear", align_corners=False)[0].cpu()
-            for p, size in zip(probs, sizes, strict=True)
+        images = images.to(self.input_dtype, memory_format=self.runtime.memory_format)
+        probs = self.network(images).float().softmax(1)
+        if self.tta:
+            probs = (probs + self.network(images.flip(-1)).flip(-1).float().softmax(1)) / 2
+        return probs
+
+    @torch.inference_mode()
+    def segment(
+        self, images: list[torch.Tensor], on_band: Callable[[int, int, torch.Tensor], None] | None = None
+    ) -> list[torch.Tensor]:
+        """uint8 (3, H, W) images -> (H, W) label indices on the CPU, each at its image's size.
+
+        on_band(image index, first row, probabilities (C, rows, W)) sees every band, for files or losses.
+        """
+        if not images:
+            return []
+        working = [self.sampling.working_size(*image.shape[-2:]) for image in images]
+        labels = []
+        for index, (image, size, rows) in enumerate(
+            zip(images, working, self._working_rows(images, working), strict=True)
+        ):
+            height, width = image.shape[-2:]
+            out = torch.empty(height, width, dtype=torch.uint8)  # at most 255 classes (labels.py)
+            resampler = RowResampler(size, (height, width), band_rows(self.mapping.num_classes, width))
+            for chunk in rows:
+                for top, band in resampler.push(chunk):
+                    out[top : top + band.shape[1]] = band.max(0).indices.to(torch.uint8)  # max: argmax is slow
+                    if on_band is not None:
+                        on_band(index, top, band)
+            labels.append(out)
+        return labels
+
+    def _working_rows(self, images: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[Iterator]:
+        """Each image's probabilities at its working size, as chunks of rows in order (lazily when sliding)."""
+        scaled = [
+            image if tuple(image.shape[-2:]) == size else TF.resize(image, list(size), antialias=True)
+            for image, size in zip((im.to(self.runtime.device) for im in images), sizes, strict=True)
         ]
+        if self.sampling.mode == "resize":
+            return [iter([probs]) for probs in self.batch_probabilities(torch.stack(scaled))]
+        return [self._slide(image) for image in scaled]
+
+    def _slide(self, image: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Gaussian-weighted overlapping tiles; rows are yielded once no later tile covers them, so only
+        one tile's height of probabilities is ever held."""
+        height, width = image.shape[-2:]
+        tile_h, tile_w = min(self.sampling.tile, height), min(self.sampling.tile, width)
+        tops = tile_starts(height, tile_h, self.sampling.overlap)
+        lefts = tile_starts(width, tile_w, self.sampling.overlap)
+        weight = gaussian_weights(tile_h, tile_w, image.device)
+        classes = self.mapping.num_classes
+        probs_sum = torch.zeros(classes, 0, width, device=image.device)
+        weight_sum = torch.zeros(0, width, device=image.device)
+        first = 0  # the image row that probs_sum[:, 0] holds
+        for row, top in enumerate(tops):
+            missing = top + tile_h - first - weight_sum.shape[0]
+            probs_sum = torch.cat([probs_sum, probs_sum.new_zeros(classes, missing, width)], 1)
+            weight_sum = torch.cat([weight_sum, weight_sum.new_zeros(missing, width)])
+            rows = slice(top - first, top - first + tile_h)
+            for start in range(0, len(lefts), self.batch_size):
+                chunk = lefts[start : start + self.batch_size]
+                tiles = torch.stack([image[:, top : top + tile_h, x : x + tile_w] for x in chunk])
+                for x, probs in zip(chunk, self.batch_probabilities(tiles), strict=True):
+                    probs_sum[:, rows, x : x + tile_w] += probs * weight
+                    weight_sum[rows, x : x + tile_w] += weight
+            done = (tops[row + 1] if row + 1 < len(tops) else height) - first
+            yield probs_sum[:, :done] / weight_sum[:done]
+            probs_sum, weight_sum, first = probs_sum[:, done:], weight_sum[done:], first + done

@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from labels import LabelMapping
 from loaders import build_loaders
 from losses import build_loss
 from model import ResidualAttnUNet, count_parameters
+from predictor import Predictor, Sampling
 from reporter import Reporter, skip_report
 from utils import Runtime, UserError, keep_freed_cpu_memory, require_folder, seed_everything
 
@@ -67,10 +68,12 @@ def build_datasets(
     """The training set finds the label mapping (unless resuming); validation reuses it."""
     paths = data_paths(args)
     labels = dict(ignore_value=args.ignore_value, binary=args.binary, max_pixels=args.max_pixels)
+    crop = dict(crop_size=args.crop_size, scale_range=args.scale_range, base_size=args.base_size)
     train_set = SegmentationFolder(
         paths.train_images,
         paths.train_masks,
         args.image_size,
+        crop=crop,
         mapping=mapping,
         augment=args.augment,
         limit=args.train_subset,
@@ -79,7 +82,7 @@ def build_datasets(
     val_set = SegmentationFolder(
         paths.val_images,
         paths.val_masks,
-        args.image_size,
+        None,  # validation sees each image at its own size, as inference does
         mapping=train_set.mapping,
         unknown_labels="ignore" if args.ignore_unknown_labels else "error",
         **labels,
@@ -137,8 +140,10 @@ class Training:
             time_first_step=time_first_step,
         )
 
-    def validate(self, loader, *, num_classes: int, runtime: Runtime, epoch: int):
-        return evaluate(self.model, loader, loss_fn=self.loss_fn, num_classes=num_classes, runtime=runtime, epoch=epoch)
+    def validate(self, loader, *, mapping: LabelMapping, sampling: Sampling, runtime: Runtime, epoch: int):
+        self.model.eval()
+        predictor = Predictor.for_validation(self.model, mapping, sampling, runtime)
+        return evaluate(predictor, loader, num_classes=mapping.num_classes, runtime=runtime, epoch=epoch)
 
     def restore(self, checkpoint: dict) -> None:
         path, classes = checkpoint["path"], checkpoint["model_args"].get("num_classes")
@@ -188,6 +193,12 @@ def build_training(args: argparse.Namespace, train_set: SegmentationFolder, runt
     )
 
 
+def validation_sampling(args: argparse.Namespace) -> Sampling:
+    """What inference.py will do with this model by default, unless --val-mode says otherwise."""
+    sampling = Sampling.from_training_flags(vars(args))
+    return replace(sampling, mode=args.val_mode) if args.val_mode else sampling
+
+
 def fit(
     training: Training,
     loaders: tuple,
@@ -217,8 +228,8 @@ def fit(
                 last = report.checkpoints / "last.pt"
                 saved = f"{last} holds epoch {epoch - 1}" if epoch > 1 else "no epoch had finished, nothing was saved"
                 return report.stopped(stop, f"during epoch {epoch}; {saved}")
-            val_loss, matrix, first_batch, val_skipped = training.validate(
-                val_loader, num_classes=mapping.num_classes, runtime=runtime, epoch=epoch
+            val_loss, matrix, samples, val_skipped = training.validate(
+                val_loader, mapping=mapping, sampling=validation_sampling(args), runtime=runtime, epoch=epoch
             )
             training.scheduler.step()
             metrics = matrix.compute()
@@ -235,7 +246,7 @@ def fit(
             state = training.state(epoch=epoch, args=args, mapping=mapping, best_miou=early.best, history=history)
             report.save(state, improved=improved, numbered=numbered)
             if numbered:
-                report.figures(epoch, first_batch, matrix)
+                report.figures(epoch, samples, matrix)
             report.epoch(record, metrics["iou"], time.time() - started, skip_report(skipped, val_skipped))
             if stop.requested:
                 return report.stopped(stop, f"after epoch {epoch}")

@@ -5,7 +5,6 @@ import pytest
 import torch
 from torchvision import tv_tensors
 
-import plots
 import train
 from checkpoints import load_checkpoint
 from conftest import TINY_TRAIN_FLAGS
@@ -29,15 +28,18 @@ def red_blue_sample(size=64):
 
 def agreement(image, mask):
     """Share of labelled, clearly red-or-blue pixels whose colour says the same as the mask."""
-    rgb = plots.denormalise(image).astype(np.float32) / 255
+    rgb = image.permute(1, 2, 0).numpy().astype(np.float32) / 255
     red_minus_blue = torch.from_numpy(rgb[..., 0] - rgb[..., 2])
     decided = (mask != IGNORE_INDEX) & (red_minus_blue.abs() > 0.3)
     return ((red_minus_blue > 0).long()[decided] == mask[decided]).float().mean().item()
 
 
-@pytest.mark.parametrize("augment", ["basic", "strong"])
+@pytest.mark.parametrize("augment", ["basic", "strong", "crop"])
 def test_augmented_image_and_mask_stay_aligned(augment):
-    transform = build_transforms(48, augment)
+    if augment == "crop":  # native-resolution crops, rescaled first, then today's basic augmentation
+        transform = build_transforms(48, "basic", normalize=False, crop_size=40, scale_range=(0.5, 2.0))
+    else:
+        transform = build_transforms(48, augment, normalize=False)
     torch.manual_seed(0)
     for _ in range(20):
         image, mask = transform(*red_blue_sample())

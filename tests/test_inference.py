@@ -9,10 +9,9 @@ import pytest
 import torch
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
-from torchvision.transforms.v2 import functional as TF
 
 from checkpoints import load_checkpoint
-from conftest import ROOT
+from conftest import ROOT, TINY_TRAIN_FLAGS, run_in_process
 from image_io import read_mask
 from labels import LabelMapping
 from utils import Runtime
@@ -161,20 +160,27 @@ def test_recursive_mirrors_subfolders(trained_run, tiny_demo, tmp_path):
     assert (out / "overlays" / "a" / "b" / "deep.png").is_file()
 
 
-def test_the_model_sees_what_validation_feeds_it(trained_run, tiny_demo):
-    """Inference decodes uint8 in the loader and normalises whole batches; the input must equal validation's."""
-    from dataset import SegmentationFolder
-    from predictions import InputImages, collate
-    from predictor import Predictor
+@pytest.mark.parametrize("mode", ["resize", "slide"])
+def test_logged_val_miou_equals_inference_at_full_size(tiny_demo, tmp_path, mode):
+    """One code path: validation scores each image at its own size exactly as inference.py --masks_dir does."""
+    import inference
+    import train
 
-    predictor = Predictor.from_checkpoint(trained_run / "checkpoints" / "best.pt", Runtime(torch.device("cpu"), "fp32"))
-    validation = SegmentationFolder(tiny_demo / "images/val", tiny_demo / "masks/val", predictor.image_size)
-    inputs = InputImages([image for image, _ in validation.pairs], predictor.image_size)
-    _, batch, _, _ = collate([inputs[i] for i in range(len(inputs))])
-    normalized = predictor.normalize(batch)
-    expected = torch.stack([validation[i][0] for i in range(len(validation))])
-    assert batch.dtype == torch.uint8 and normalized.shape == expected.shape
-    torch.testing.assert_close(normalized, expected, rtol=0, atol=1e-6)
+    run = tmp_path / "run"
+    crop = ["--crop-size", "32"] if mode == "slide" else []
+    flags = [*TINY_TRAIN_FLAGS, "--data-root", tiny_demo, "--epochs", "1", "--run-dir", run, "--precision", "fp32"]
+    assert run_in_process(train.main, *flags, *crop).returncode == 0
+    checkpoint = run / "checkpoints/last.pt"
+    logged = load_checkpoint(checkpoint)["history"][-1]["miou"]
+    result = run_in_process(
+        inference.main,
+        *("--input_dir", tiny_demo / "images/val", "--masks_dir", tiny_demo / "masks/val"),
+        *("--checkpoint", checkpoint, "--output_dir", tmp_path / "out", "--precision", "fp32"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert ("sliding 32 px tiles" in result.stdout) == (mode == "slide")
+    printed = float(re.search(r"mIoU (\d\.\d+)", result.stdout).group(1))
+    assert abs(printed - logged) <= 1e-4
 
 
 def test_bf16_predictor_agrees_with_fp32(trained_run, tiny_demo):
@@ -186,12 +192,10 @@ def test_bf16_predictor_agrees_with_fp32(trained_run, tiny_demo):
     checkpoint = trained_run / "checkpoints" / "best.pt"
     fp32 = Predictor.from_checkpoint(checkpoint, Runtime(cpu, "fp32", channels_last=False))
     bf16 = Predictor.from_checkpoint(checkpoint, Runtime(cpu, "bf16", channels_last=True))
-    assert next(bf16.model.parameters()).dtype == torch.bfloat16
-    validation = SegmentationFolder(tiny_demo / "images/val", tiny_demo / "masks/val", fp32.image_size)
-    images = torch.stack([TF.pil_to_tensor(Image.open(path).convert("RGB")) for path, _ in validation.pairs])
-    images = TF.resize(images, [fp32.image_size] * 2, antialias=True)
-    sizes = [(48, 48)] * len(images)
-    reference = torch.stack(fp32.probabilities(images, sizes, tta=False))
-    low = torch.stack(bf16.probabilities(images, sizes, tta=False))
+    assert next(bf16.network.parameters()).dtype == torch.bfloat16
+    validation = SegmentationFolder(tiny_demo / "images/val", tiny_demo / "masks/val", None)
+    images = torch.stack([validation[i][0] for i in range(len(validation))])
+    reference = fp32.batch_probabilities(images)
+    low = bf16.batch_probabilities(images)
     assert (low - reference).abs().max() < 0.02
     assert (low.max(1).indices == reference.max(1).indices).float().mean() > 0.99
