@@ -1,0 +1,130 @@
+"""Whole images of any size -> labels and probabilities, in bands: resize and slide modes."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import predictor as predictor_module
+from labels import LabelMapping
+from predictor import Predictor, RowResampler, Sampling, tile_starts
+from utils import Runtime
+
+MAPPING = LabelMapping([0, 1, 2, 3], ["background", "a", "b", "c"], 255, False)
+CPU = Runtime(torch.device("cpu"))
+
+
+def pointwise_model(seed=0):
+    """Translation-equivariant with no constant term and no spatial context: a tile sees what the image sees."""
+    torch.manual_seed(seed)
+    return torch.nn.Conv2d(3, 4, 1, bias=False)
+
+
+def random_image(height, width, seed=0):
+    return torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def segment_with_probs(predictor, image):
+    probs = torch.full((MAPPING.num_classes, *image.shape[-2:]), float("nan"))
+
+    def keep(index, top, band):
+        probs[:, top : top + band.shape[1]] = band
+
+    labels = predictor.segment([image], on_band=keep)[0]
+    return labels, probs
+
+
+@pytest.mark.parametrize(
+    ("source", "target"), [((7, 9), (23, 31)), ((7, 9), (3, 4)), ((5, 5), (50, 2)), ((4, 6), (4, 6))]
+)
+def test_rows_resampled_in_bands_equal_f_interpolate_of_the_whole(source, target):
+    rows = torch.randn(5, *source, generator=torch.Generator().manual_seed(1))
+    reference = F.interpolate(rows[None], size=target, mode="bilinear", align_corners=False)[0]
+    results = []
+    for band, chunk in ((1, 1), (3, 2), (target[0], source[0])):
+        resampler, out = RowResampler(source, target, band), torch.full((5, *target), float("nan"))
+        for piece in rows.split(chunk, 1):
+            for top, values in resampler.push(piece):
+                out[:, top : top + values.shape[1]] = values
+        results.append(out)
+        torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
+    assert all(torch.equal(r, results[-1]) for r in results)  # bands of any height: bit for bit the same
+
+
+@pytest.mark.parametrize("mode", ["resize", "slide"])
+def test_a_band_wise_result_equals_the_whole_image_result_exactly(monkeypatch, mode):
+    image = random_image(37, 53)
+    predictor = Predictor(pointwise_model(), MAPPING, Sampling(mode, image_size=16, tile=16), CPU)
+    whole_labels, whole_probs = segment_with_probs(predictor, image)
+    monkeypatch.setattr(predictor_module, "BAND_BYTES", 1)  # one row per band
+    assert predictor_module.band_rows(4, 53) == 1
+    band_labels, band_probs = segment_with_probs(predictor, image)
+    assert torch.equal(band_labels, whole_labels) and torch.equal(band_probs, whole_probs)
+    assert torch.equal(whole_labels.long(), whole_probs.argmax(0))
+
+
+@pytest.mark.parametrize(("tile", "overlap"), [(16, 1 / 3), (24, 0.5), (20, 0.0)])
+def test_slide_equals_the_whole_image_prediction_of_a_translation_equivariant_model(tile, overlap):
+    image = random_image(45, 70, seed=3)
+    sampling = Sampling("slide", tile=tile, overlap=overlap)
+    predictor = Predictor(pointwise_model(), MAPPING, sampling, CPU, batch_size=3)
+    labels, probs = segment_with_probs(predictor, image)
+    whole = predictor.batch_probabilities(image[None])[0]
+    torch.testing.assert_close(probs, whole, rtol=0, atol=1e-6)
+    assert torch.equal(labels.long(), whole.argmax(0))
+
+
+def test_slide_differs_from_resize_where_the_model_sees_context():
+    """The check above can fail: a 3x3 model sees other pixels squashed to a square than at native size."""
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    image = random_image(40, 64, seed=4)
+    slide = Predictor(model, MAPPING, Sampling("slide", tile=16), CPU).segment([image])[0]
+    resize = Predictor(model, MAPPING, Sampling("resize", image_size=16), CPU).segment([image])[0]
+    assert (slide != resize).float().mean() > 0.1
+
+
+def test_slide_weights_tile_centres_over_their_borders():
+    weights = predictor_module.gaussian_weights(16, 16, torch.device("cpu"))
+    assert weights[7:9, 7:9].min() > 0.9 and weights[0, 0] < 1e-3 and weights.min() > 0
+    torch.testing.assert_close(weights, weights.flip(0).flip(1))
+
+
+@pytest.mark.parametrize(("length", "tile", "overlap"), [(100, 32, 1 / 3), (32, 32, 0.5), (33, 32, 0.25), (5, 5, 0)])
+def test_tiles_cover_every_pixel_and_end_flush(length, tile, overlap):
+    starts = tile_starts(length, tile, overlap)
+    covered = np.zeros(length, bool)
+    for start in starts:
+        covered[start : start + tile] = True
+    assert covered.all() and starts[0] == 0 and starts[-1] == length - tile
+    assert all(0 < b - a <= round(tile * (1 - overlap)) for a, b in zip(starts, starts[1:], strict=False))
+
+
+@pytest.mark.parametrize("mode", ["resize", "slide"])
+@pytest.mark.parametrize("size", [(1, 5000), (5, 7), (300, 1)])
+def test_images_smaller_than_a_tile_or_one_pixel_high_work(mode, size):
+    predictor = Predictor(pointwise_model(), MAPPING, Sampling(mode, image_size=16, tile=32), CPU, tta=True)
+    labels, probs = segment_with_probs(predictor, random_image(*size))
+    assert labels.shape == size and labels.dtype == torch.uint8
+    torch.testing.assert_close(probs.sum(0), torch.ones(size))
+
+
+def test_a_batch_of_images_of_different_sizes_gives_each_its_own_size():
+    images = [random_image(20, 30), random_image(64, 16, seed=1), random_image(33, 33, seed=2)]
+    for mode in ("resize", "slide"):
+        labels = Predictor(pointwise_model(), MAPPING, Sampling(mode, image_size=16, tile=16), CPU).segment(images)
+        assert [tuple(x.shape) for x in labels] == [(20, 30), (64, 16), (33, 33)]
+
+
+def test_slide_scale_and_base_size_set_the_working_resolution():
+    assert Sampling("slide", scale=0.5).working_size(100, 60) == (50, 30)
+    assert Sampling("slide", base_size=30).working_size(100, 60) == (50, 30)
+    assert Sampling("resize", image_size=16).working_size(100, 60) == (16, 16)
+    scaled = Predictor(pointwise_model(), MAPPING, Sampling("slide", tile=16, scale=0.5), CPU)
+    assert scaled.segment([random_image(40, 50)])[0].shape == (40, 50)
+
+
+def test_the_checkpoint_flags_choose_the_mode():
+    assert Sampling.from_training_flags({"image_size": 96}) == Sampling("resize", 96, tile=96)
+    crop = Sampling.from_training_flags({"image_size": 256, "crop_size": 64, "base_size": 128})
+    assert (crop.mode, crop.tile, crop.base_size) == ("slide", 64, 128)
