@@ -3,7 +3,8 @@
 All rows come from one run, so their ratios hold on a noisy machine: measured fp32 and bf16
 matrix-multiply ceilings, training images/s and achieved GFLOP/s (counted with FlopCounterMode)
 for the naive fp32 NCHW eager step, the default fast path and torch.compile, inference over a
-folder for a naive per-image loop and for inference.py, and data-loader images/s per worker.
+folder for a naive per-image loop and for inference.py, its peak memory on four 24-megapixel photos,
+and data-loader images/s per worker.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -58,7 +60,7 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--images", type=positive_int, default=64, help="images in the inference and loader folder")
     add_device_flag(p)
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile row")
-    p.add_argument("--parts", default="training,inference,loader", help="comma-separated parts to run")
+    p.add_argument("--parts", default="training,inference,large,loader", help="comma-separated parts to run")
     return p
 
 
@@ -200,6 +202,47 @@ def bench_inference(args, device, root: Path, images: Path) -> dict:
     }
 
 
+LARGE_PHOTOS = {"count": 4, "size": (6000, 4000), "classes": 81}  # phone photos, COCO's categories
+
+
+def write_photo(path: Path, size: tuple[int, int], seed: int) -> None:
+    """Smooth colour gradients with texture: JPEG-compresses like a photo, unlike pure noise."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    y, x = np.ogrid[:height, :width]
+    channels = [(np.sin(x / rng.uniform(200, 900) + y / rng.uniform(200, 900) + c) + 1) * 100 for c in range(3)]
+    pixels = np.stack(channels, -1) + rng.integers(0, 40, (height, width, 1))
+    Image.fromarray(pixels.astype(np.uint8)).save(path, quality=90)
+
+
+def large_inference(device: torch.device, folder: Path, checkpoint: Path, output: Path, sampling: dict) -> dict:
+    """inference.py's defaults on the large photos, in a process of its own so its peak RSS is its own."""
+    runtime = Runtime.from_flags(device.type, "auto", channels_last=True)
+    keep_freed_cpu_memory(runtime.device)
+    predictor = Predictor.from_checkpoint(checkpoint, runtime, **sampling)
+    timing = {}
+    with timer(device, timing):
+        segment_folder(predictor, list_images(folder), folder, Outputs(output))
+    with Image.open(sorted((output / "masks").glob("*.png"))[0]) as mask:
+        size = mask.size
+    return {"seconds": timing["seconds"], "peak_mb": peak_memory_mb(device), "mask_size": size}
+
+
+def bench_large_images(args, device: torch.device, root: Path) -> None:
+    """Peak memory must not grow with height x width x classes: four 24-megapixel photos, 81 classes."""
+    folder = root / "large"
+    folder.mkdir()
+    for k in range(LARGE_PHOTOS["count"]):
+        write_photo(folder / f"photo{k}.jpg", LARGE_PHOTOS["size"], seed=k)
+    checkpoint = root / "large.pt"
+    write_checkpoint(argparse.Namespace(**{**vars(args), "classes": LARGE_PHOTOS["classes"]}), checkpoint)
+    print(f"\n{'4 photos 6000x4000, 81 classes':<34} {'s/image':>9} {'peak RSS MB':>12}  mask size")
+    for label, sampling in (("resize (default)", {}), ("slide, --scale 0.25", {"mode": "slide", "scale": 0.25})):
+        result = isolated(large_inference, device, folder, checkpoint, root / "large-out" / label, sampling)
+        seconds = result["seconds"] / LARGE_PHOTOS["count"]
+        print(f"{label:<34} {seconds:>9.2f} {result['peak_mb']:>12.0f}  {result['mask_size']}")
+
+
 def bench_loader(args, data: Path, workers: int) -> float:
     dataset = SegmentationFolder(data / "images/train", data / "masks/train", args.image_size, augment="basic")
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers, shuffle=True)
@@ -263,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'inference.py (batched, workers)':<34} {speeds['fast']:>9.2f} "
                 f"{speeds['fast'] / speeds['naive']:>8.2f}x"
             )
+        if "large" in parts:
+            bench_large_images(args, device, root)
         if "loader" in parts:
             print(f"\n{'data loader (decode+resize+augment)':<34} {'images/s':>9}")
             for workers in (1, 2):

@@ -155,6 +155,11 @@ def add_run_flags(p: ArgumentParser) -> None:
     add_hardware_flags(run)
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
     run.add_argument(
+        "--grad-checkpoint",
+        action="store_true",
+        help="recompute each block's activations in the backward pass: far less memory, about a third slower",
+    )
+    run.add_argument(
         "--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm statistics over all ranks"
     )
     run.add_argument(

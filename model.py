@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.utils.checkpoint import checkpoint
 
 
 class ResidualBlock(nn.Module):
@@ -106,6 +107,7 @@ class ResidualAttnUNet(nn.Module):
             channels = width
         self.head = nn.Conv2d(channels, num_classes, 1)
         self.stride = 2 ** len(widths)
+        self.grad_checkpoint = False  # set by --grad-checkpoint; not a weight, so not in config
 
     def fold_batchnorm(self) -> ResidualAttnUNet:
         """For inference (eval mode): BatchNorm folded into the convolutions, same outputs, less work."""
@@ -124,13 +126,21 @@ class ResidualAttnUNet(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         skips = []
         for encoder in self.encoders:
-            x = encoder(x)
+            x = self._run(encoder, x)
             skips.append(x)
             x = F.max_pool2d(x, 2)
-        x = self.bottleneck(x)
+        x = self._run(self.bottleneck, x)
         for decoder, skip in zip(self.decoders, reversed(skips), strict=True):
-            x = decoder(x, skip)
+            x = self._run(decoder, x, skip)
         return self.head(x)[..., :height, :width]
+
+    def _run(self, block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        """With grad_checkpoint, a block keeps only its inputs for backward and recomputes the rest there:
+        activation memory for about a third more compute. (BatchNorm's running statistics then take the
+        recomputed forward's update too, a second step of momentum, as in timm and torchvision.)"""
+        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *inputs, use_reentrant=False)
+        return block(*inputs)
 
 
 def count_parameters(model: nn.Module) -> int:

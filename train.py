@@ -28,6 +28,7 @@ from engine import EarlyStopping, GracefulStop, NonFiniteLoss, build_optimizer, 
 from labels import LabelMapping
 from loaders import build_loaders
 from losses import build_loss
+from memory import available_bytes, check_fits, measure_training_step
 from model import ResidualAttnUNet, count_parameters
 from predictor import Predictor, Sampling
 from reporter import Reporter, skip_report
@@ -166,6 +167,7 @@ class Training:
 def build_model(args: argparse.Namespace, num_classes: int, runtime: Runtime) -> tuple[nn.Module, nn.Module]:
     """The model to save (plain) and the one to step (compiled and/or DDP-wrapped)."""
     model = ResidualAttnUNet(3, num_classes, args.widths, args.dropout)
+    model.grad_checkpoint = args.grad_checkpoint
     if args.sync_bn:
         if runtime.device.type != "cuda" or not runtime.ddp.enabled:
             raise UserError("--sync-bn needs a torchrun job on CUDA GPUs (SyncBatchNorm does not run on the CPU)")
@@ -176,6 +178,24 @@ def build_model(args: argparse.Namespace, num_classes: int, runtime: Runtime) ->
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         step_model = DistributedDataParallel(step_model, device_ids=device_ids)
     return model, step_model
+
+
+def check_memory(training: Training, args: argparse.Namespace, runtime: Runtime) -> str:
+    """Stop before the first epoch if a step at the chosen batch and size would not fit (see memory.py)."""
+    available = available_bytes(runtime.device)
+    measured = None if available is None else measure_training_step(training.model, training.loss_fn, runtime)
+    if measured is None:
+        return "memory not checked (no peak-memory counter here)"
+    if runtime.device.type == "cpu":
+        available //= runtime.ddp.world_size  # the ranks share the machine's memory
+    return check_fits(
+        measured,
+        batch_size=args.batch_size,
+        side=args.crop_size or args.image_size,
+        available=available,
+        size_flag="--crop-size" if args.crop_size else "--image-size",
+        grad_checkpoint=args.grad_checkpoint,
+    )
 
 
 def build_training(args: argparse.Namespace, train_set: SegmentationFolder, runtime: Runtime) -> Training:
@@ -286,6 +306,7 @@ def train(args: argparse.Namespace, checkpoint: dict | None, runtime: Runtime) -
         runtime=runtime,
     )
     training = build_training(args, train_set, runtime)
+    memory_note = check_memory(training, args, runtime)
     if checkpoint:
         training.restore(checkpoint)
     history = checkpoint["history"] if checkpoint else []
@@ -304,6 +325,7 @@ def train(args: argparse.Namespace, checkpoint: dict | None, runtime: Runtime) -
         f"({', '.join(mapping.names)}); {count_parameters(training.model) / 1e6:.2f} M parameters; "
         f"{runtime.describe()}"
         + (f"; {runtime.ddp.world_size} processes, batch {args.batch_size} each" if runtime.ddp.enabled else "")
+        + f"; {memory_note}"
     )
     early = EarlyStopping(args.early_stop, best=checkpoint["best_miou"] if checkpoint else -1.0)
     status = fit(

