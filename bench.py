@@ -60,6 +60,7 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--images", type=positive_int, default=64, help="images in the inference and loader folder")
     add_device_flag(p)
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile row")
+    p.add_argument("--rows", default="", help="comma-separated words: only the training rows whose label has one")
     p.add_argument("--parts", default="training,inference,large,loader", help="comma-separated parts to run")
     return p
 
@@ -112,12 +113,13 @@ def training_flops_per_image(args, device) -> float:
     return counter.get_total_flops()
 
 
-def bench_training(args, runtime: Runtime, compile_model: bool, keep_memory: bool) -> dict:
+def bench_training(args, runtime: Runtime, compile_model: bool, keep_memory: bool, grad_checkpoint: bool) -> dict:
     torch.manual_seed(0)
     device = runtime.device
     if keep_memory:
         keep_freed_cpu_memory(device)
     model = ResidualAttnUNet(3, args.classes, args.widths).to(device, memory_format=runtime.memory_format)
+    model.grad_checkpoint = grad_checkpoint
     parts = {"loss_fn": build_loss("ce"), "optimizer": build_optimizer(model, 1e-4, device)}
     parts.update(scaler=runtime.grad_scaler(), runtime=runtime)
     step_model = torch.compile(model) if compile_model else model
@@ -263,17 +265,20 @@ def report_training(args, device: torch.device) -> None:
         f"training step: {flops / 1e9:.1f} GFLOP per image\n"
     )
     baseline, fast = Runtime(device, "fp32", channels_last=False), Runtime(device, fast_precision, channels_last=True)
-    rows = [("fp32 NCHW eager (baseline)", baseline, False, False)]
+    rows = [("fp32 NCHW eager (baseline)", baseline, False, False, False)]
     if device.type == "cpu":
-        rows.append(("baseline + freed memory kept", baseline, False, True))
-    rows.append((f"default: {fast_precision} channels_last", fast, False, True))
+        rows.append(("baseline + freed memory kept", baseline, False, True, False))
+    rows.append((f"default: {fast_precision} channels_last", fast, False, True, False))
+    rows.append(("default + --grad-checkpoint", fast, False, True, True))
     if not args.skip_compile:
-        rows.append((f"--compile: {fast_precision} channels_last", fast, True, True))
+        rows.append((f"--compile: {fast_precision} channels_last", fast, True, True, False))
     memory = "peak GPU MB" if device.type == "cuda" else "peak RSS MB"
     print(f"{'training':<34} {'images/s':>9} {'GFLOP/s':>9} {'of ceiling':>11} {'speed-up':>9} {memory:>12}")
     baseline_speed = None
-    for label, runtime, compile_model, keep_memory in rows:
-        result = isolated(bench_training, args, runtime, compile_model, keep_memory)
+    for label, runtime, compile_model, keep_memory, grad_checkpoint in rows:
+        if args.rows and not any(word in label for word in args.rows.split(",")):
+            continue
+        result = isolated(bench_training, args, runtime, compile_model, keep_memory, grad_checkpoint)
         baseline_speed = baseline_speed or result["images_per_s"]
         achieved = result["images_per_s"] * flops / 1e9
         extra = f"  (first step, compile included: {result['first_step_s']:.1f} s)" if compile_model else ""

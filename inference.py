@@ -107,9 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     true_masks = None
     if args.masks_dir is not None:
         true_masks = {p.stem: p for p in list_images(require_folder(args.masks_dir, "--masks_dir"))}
-    slide_only = [flag for flag in ("tile", "overlap", "scale") if getattr(args, flag) is not None]
-    if args.mode == "resize" and slide_only:
-        raise UserError(f"--{slide_only[0]} applies to --mode slide only")
     checkpoint = args.checkpoint or default_checkpoint()
     outputs = Outputs(resolve_output_dir(args, checkpoint), save_probs=args.save_probs)
     runtime = Runtime.from_flags(args.device, args.precision, args.channels_last)
@@ -125,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         scale=args.scale,
     )
     sampling = predictor.sampling
+    slide_only = [flag for flag in ("tile", "overlap", "scale") if getattr(args, flag) is not None]
+    if sampling.mode == "resize" and slide_only:
+        raise UserError(f"--{slide_only[0]} applies to --mode slide only (this checkpoint resizes; add --mode slide)")
     if sampling.mode == "slide":
         print(f"sliding {sampling.tile} px tiles, overlap {sampling.overlap:.2f}, {scale_text(sampling)}")
     result = segment_folder(
@@ -148,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         scores = result.matrix.compute()
         print(
             f"evaluation on {result.evaluated} images: mIoU {scores['miou']:.4f}  mean Dice {scores['mdice']:.4f}  "
-            f"pixel accuracy {scores['pixel_acc']:.4f}"
+            f"pixel accuracy {scores['pixel_acc']:.4f}\nIoU per class: "
+            + ", ".join(
+                f"{name} {iou:.4f}" for name, iou in zip(predictor.mapping.names, scores["iou"].tolist(), strict=True)
+            )
         )
     return 1 if result.todo and result.unreadable == result.todo else 0
 

@@ -119,3 +119,23 @@ def test_dropout_is_in_the_bottleneck_and_decoder_only():
     model = ResidualAttnUNet(3, 2, (4, 8), dropout=0.3)
     placed = {name.split(".")[0] for name, module in model.named_modules() if isinstance(module, torch.nn.Dropout2d)}
     assert placed == {"bottleneck", "decoders"}
+
+
+def test_crops_keep_the_aspect_ratio_and_pad_small_images_with_ignore():
+    from dataset import RandomScale
+
+    torch.manual_seed(0)
+    image = tv_tensors.Image(torch.zeros(3, 40, 80, dtype=torch.uint8))
+    mask = tv_tensors.Mask(torch.ones(40, 80, dtype=torch.uint8))
+    for _ in range(10):
+        scaled, _ = RandomScale((0.5, 2.0))(image, mask)
+        height, width = scaled.shape[-2:]
+        assert abs(width - 2 * height) <= 1 and 20 <= height <= 80  # one factor for both sides
+    assert RandomScale((1.0, 1.0), base_size=20)(image)[0].shape[-2:] == (20, 40)  # shorter side -> base
+    transform = build_transforms(64, "none", normalize=False, crop_size=16, scale_range=(1.0, 1.0))
+    small, small_mask = transform(
+        tv_tensors.Image(torch.full((3, 10, 12), 7, dtype=torch.uint8)), tv_tensors.Mask(mask[:10, :12])
+    )
+    assert small.shape == (3, 16, 16) and small_mask.shape == (16, 16)
+    assert (small_mask == 1).sum() == 120 and (small_mask == IGNORE_INDEX).sum() == 16 * 16 - 120
+    assert (small == 7).all(0).sum() == 120  # the image is padded where the mask is ignored, not stretched

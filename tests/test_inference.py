@@ -101,6 +101,8 @@ def test_evaluation_equals_torchmetrics_on_the_written_masks(trained_run, tiny_d
     probs = np.load(out / "probs" / f"{truth.stem}.npy")
     assert probs.dtype == np.float16 and probs.shape == (mapping.num_classes, 48, 48)
     np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2)
+    agree = probs.argmax(0) == lut[read_mask(out / "masks" / truth.name)]  # the mask is the probabilities' argmax
+    assert agree.mean() > 0.99  # float16 rounding may break near-ties
 
 
 @pytest.mark.parametrize(
@@ -118,6 +120,19 @@ def test_evaluation_equals_torchmetrics_on_the_written_masks(trained_run, tiny_d
         (
             lambda folder, ckpt: ["--input_dir", folder, "--checkpoint", folder / "wide.jpg"],
             "not a loadable checkpoint",
+        ),
+        (
+            lambda folder, ckpt: [
+                "--input_dir",
+                folder,
+                "--checkpoint",
+                ckpt,
+                "--output_dir",
+                folder.parent / "o",
+                "--tile",
+                64,
+            ],
+            "--tile applies to --mode slide only",
         ),
     ],
 )

@@ -128,3 +128,18 @@ def test_the_checkpoint_flags_choose_the_mode():
     assert Sampling.from_training_flags({"image_size": 96}) == Sampling("resize", 96, tile=96)
     crop = Sampling.from_training_flags({"image_size": 256, "crop_size": 64, "base_size": 128})
     assert (crop.mode, crop.tile, crop.base_size) == ("slide", 64, 128)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--base-size", "64"], "--base-size applies to --crop-size training only"),
+        (["--crop-size", "32", "--scale-range", "2", "1"], "--scale-range 2 1: LOW must not exceed HIGH"),
+    ],
+)
+def test_crop_flags_that_contradict_each_other_are_one_line_errors(tiny_demo, tmp_path, flags, message):
+    import train
+    from conftest import run_in_process
+
+    result = run_in_process(train.main, "--data-root", tiny_demo, "--run-dir", tmp_path / "run", *flags)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -274,7 +274,7 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_demo, t
         def forward(self, logits, target):
             self.calls += 1
             value = self.loss(logits, target)
-            return value * float("nan") if self.calls > 7 else value  # epoch 1: 6 batches (validation: no loss_fn)
+            return value * float("nan") if self.calls > 10 else value  # 3 memory-probe steps, epoch 1: 6
 
     def poisoned_after_one_epoch(*args, **kwargs):
         return PoisonedAfterOneEpoch(real_build_loss(*args, **kwargs))
