@@ -190,6 +190,7 @@ def segment_folder(
         num_workers=decoding_workers(workers, predictor.runtime.device),
         collate_fn=collate,
         worker_init_fn=init_worker,
+        pin_memory=predictor.runtime.device.type == "cuda",
     )
     pending: deque[tuple[Future, int]] = deque()
     with ThreadPoolExecutor(max_workers=2) as writer:
