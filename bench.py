@@ -3,8 +3,8 @@
 All rows come from one run, so their ratios hold on a noisy machine: measured fp32 and bf16
 matrix-multiply ceilings, training images/s and achieved GFLOP/s (counted with FlopCounterMode)
 for the naive fp32 NCHW eager step, the default fast path and torch.compile, inference over a
-folder for a naive per-image loop and for inference.py, its peak memory on four 24-megapixel photos,
-and data-loader images/s per worker.
+folder for a naive per-image loop and for inference.py (PyTorch fp32 and default precision, and
+onnxruntime on the CPU), its peak memory on four 24-megapixel photos, and data-loader images/s per worker.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms.v2 import functional as TF
 
-from checkpoints import save_checkpoint
+from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from cli import (
     ArgumentParser,
     add_device_flag,
@@ -44,6 +44,7 @@ from image_io import list_images
 from labels import LabelMapping
 from losses import build_loss
 from model import ResidualAttnUNet
+from onnx_model import export_metadata, export_network
 from predictions import Outputs, segment_folder
 from predictor import Predictor
 from utils import Runtime, keep_freed_cpu_memory, resolve_device, resolve_precision
@@ -61,7 +62,9 @@ def get_args_parser() -> ArgumentParser:
     add_device_flag(p)
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile row")
     p.add_argument("--rows", default="", help="comma-separated words: only the training rows whose label has one")
-    p.add_argument("--parts", default="training,inference,large,loader", help="comma-separated parts to run")
+    p.add_argument(
+        "--parts", default="training,inference,onnx,large,loader", help="comma-separated parts to run (onnx: CPU only)"
+    )
     return p
 
 
@@ -172,11 +175,22 @@ def naive_inference(args, device, folder: Path, checkpoint: Path, output: Path) 
         Image.fromarray(logits.max(1).indices[0].byte().cpu().numpy()).save(output / f"{path.stem}.png")
 
 
-def fast_inference(args, device, folder: Path, checkpoint: Path, output: Path) -> None:
+def fast_inference(args, device, folder: Path, checkpoint: Path, output: Path, precision: str = "auto") -> None:
     """What inference.py runs with its defaults: batched, native bf16, channels_last, BatchNorm folded."""
-    runtime = Runtime.from_flags(device.type, "auto", channels_last=True)
+    runtime = Runtime.from_flags(device.type, precision, channels_last=True)
     keep_freed_cpu_memory(runtime.device)
     predictor = Predictor.from_checkpoint(checkpoint, runtime)
+    segment_folder(predictor, list_images(folder), folder, Outputs(output), batch_size=args.batch_size)
+
+
+def fp32_inference(args, device, folder: Path, checkpoint: Path, output: Path) -> None:
+    """inference.py --precision fp32."""
+    fast_inference(args, device, folder, checkpoint, output, precision="fp32")
+
+
+def onnx_inference(args, device, folder: Path, checkpoint: Path, output: Path) -> None:
+    """inference.py --onnx: the same pre- and post-processing, onnxruntime's CPU provider running the network."""
+    predictor = Predictor.from_onnx(checkpoint.with_suffix(".onnx"))
     segment_folder(predictor, list_images(folder), folder, Outputs(output), batch_size=args.batch_size)
 
 
@@ -189,19 +203,32 @@ def timed_inference(run, args, device, folders: dict[str, Path], checkpoint: Pat
     return timing["seconds"]
 
 
-def bench_inference(args, device, root: Path, images: Path) -> dict:
-    """Demo-style JPEGs at 1.25x the model's size, so both paths resize as real inference would."""
+def bench_inference(args, device, root: Path, images: Path, runs: dict) -> dict:
+    """Demo-style JPEGs at 1.25x the model's size, so every path resizes as real inference would.
+    runs: row label -> function(args, device, folder, checkpoint, output); each timed in a fresh process."""
     files = sorted(images.glob("*.jpg"))
     checkpoint = root / "bench.pt"
-    write_checkpoint(args, checkpoint)
+    if not checkpoint.exists():
+        write_checkpoint(args, checkpoint)
     folders = {"images": images, "warm-up": root / "warm-up", "output": root / "predictions"}
-    folders["warm-up"].mkdir()
+    folders["warm-up"].mkdir(exist_ok=True)
     for path in files[: args.batch_size]:  # a full batch: oneDNN prepares its kernels per shape
         shutil.copy(path, folders["warm-up"])
+    if onnx_inference in runs.values():
+        model = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint).eval().fold_batchnorm()
+        export_network(model, checkpoint.with_suffix(".onnx"), metadata=export_metadata(load_checkpoint(checkpoint)))
     return {
-        name: len(files) / isolated(timed_inference, run, args, device, folders, checkpoint)
-        for name, run in (("naive", naive_inference), ("fast", fast_inference))
+        label: len(files) / isolated(timed_inference, run, args, device, folders, checkpoint)
+        for label, run in runs.items()
     }
+
+
+def report_inference(speeds: dict, title: str) -> None:
+    """Rows of images/s, each against the first."""
+    print(f"\n{title:<34} {'images/s':>9} {'speed-up':>9}")
+    first = next(iter(speeds.values()))
+    for label, speed in speeds.items():
+        print(f"{label:<34} {speed:>9.2f} {speed / first:>8.2f}x")
 
 
 LARGE_PHOTOS = {"count": 4, "size": (6000, 4000), "classes": 81}  # phone photos, COCO's categories
@@ -303,14 +330,17 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="bench-"))
     try:
         data = make_demo_data(root / "data", num_train=args.images, num_val=1, size=int(args.image_size * 1.25))
+        images = data / "images" / "train"
         if "inference" in parts:
-            speeds = bench_inference(args, device, root, data / "images" / "train")
-            print(f"\n{'inference over a folder':<34} {'images/s':>9} {'speed-up':>9}")
-            print(f"{'naive per-image fp32 loop':<34} {speeds['naive']:>9.2f} {1:>8.2f}x")
-            print(
-                f"{'inference.py (batched, workers)':<34} {speeds['fast']:>9.2f} "
-                f"{speeds['fast'] / speeds['naive']:>8.2f}x"
-            )
+            runs = {"naive per-image fp32 loop": naive_inference, "inference.py (batched, workers)": fast_inference}
+            report_inference(bench_inference(args, device, root, images, runs), "inference over a folder")
+        if "onnx" in parts and device.type == "cpu":
+            runs = {
+                "PyTorch fp32": fp32_inference,
+                f"PyTorch {resolve_precision('auto', device)} (default)": fast_inference,
+                "onnxruntime fp32 (--onnx)": onnx_inference,
+            }
+            report_inference(bench_inference(args, device, root, images, runs), "inference.py on the CPU")
         if "large" in parts:
             bench_large_images(args, device, root)
         if "loader" in parts:

@@ -13,6 +13,8 @@ from model import ResidualAttnUNet
 from utils import UserError, replace_atomically
 
 RUNS = Path("runs")
+# Raised when what a checkpoint holds changes meaning; checkpoints written before the field existed are 1.
+FORMAT_VERSION = 2
 
 
 class CheckpointError(UserError):
@@ -40,6 +42,7 @@ def training_state(
 ) -> dict:
     """Plain tensors, numbers, strings, lists and dicts only, so it loads with weights_only=True."""
     return {
+        "format_version": FORMAT_VERSION,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -113,3 +116,11 @@ def newest_checkpoint(name: str, runs: Path = RUNS) -> Path | None:
     """runs/*/checkpoints/<name> written most recently (by time, not by sorting names)."""
     candidates = list(runs.glob(f"*/checkpoints/{name}"))
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def default_checkpoint(name: str = "best.pt", runs: Path = RUNS) -> Path:
+    """For scripts run without --checkpoint: the most recent run's checkpoint."""
+    path = newest_checkpoint(name, runs)
+    if path is None:
+        raise CheckpointError(f"{runs}: no run with checkpoints/{name}; train first or pass --checkpoint")
+    return path

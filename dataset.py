@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +41,9 @@ def pair_files(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
     return [(images[s], masks[s]) for s in stems]
 
 
-def normalize_images() -> v2.Compose:
+def normalize_images(mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> v2.Compose:
     """uint8 images (plain tensors and batches too) to the model's float input; masks pass untouched."""
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
 class RandomScale(v2.Transform):

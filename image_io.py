@@ -77,23 +77,41 @@ _UPRIGHT = {
 
 
 def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, Image.Transpose | None]:
-    """RGB, shown upright, and the EXIF transpose that did it (masks may need the same).
-
-    Palette, grey, RGBA, CMYK and 16-bit images all convert.
-    """
+    """RGB (to_rgb), shown upright, and the EXIF transpose that did it (masks may need the same)."""
     image = _decode(path, max_pixels, "image")
     try:
         upright = _UPRIGHT.get(image.getexif().get(0x0112, 1))
     except (OSError, SyntaxError, ValueError) as err:
         raise BadSampleError(f"{path}: unreadable image ({err})") from None
+    image = to_rgb(image)
+    return (image.transpose(upright) if upright is not None else image), upright
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Palette, grey, RGBA, CMYK and 16-bit (scaled to 8 bits) images as 8-bit RGB."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image)
         scale = 1 / 256 if array.max() > 255 else 1
         image = Image.fromarray((array * scale).clip(0, 255).astype(np.uint8))
     elif image.mode in ("P", "LA", "PA") or "transparency" in image.info:
         image = image.convert("RGBA")
-    image = image.convert("RGB")
-    return (image.transpose(upright) if upright is not None else image), upright
+    return image.convert("RGB")
+
+
+def rgb_array(image: str | Path | Image.Image | np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A path (read as inference.py reads files), a PIL image or an (H, W[, 1|3|4]) uint8/uint16 array ->
+    (H, W, 3) uint8, for the Python API."""
+    if isinstance(image, (str, Path)):
+        return np.array(read_image(Path(image), max_pixels)[0])
+    if isinstance(image, np.ndarray):
+        if image.dtype not in (np.uint8, np.uint16) or not (
+            image.ndim == 2 or image.ndim == 3 and image.shape[2] in (1, 3, 4)
+        ):
+            raise ValueError(f"a {image.dtype} array of shape {image.shape}; expected uint8 or uint16 (H, W[, 1|3|4])")
+        image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a path, a PIL image or a NumPy array, not {type(image).__name__}")
+    return np.array(to_rgb(image))  # a copy: writable, as torch.from_numpy wants
 
 
 def align_mask(mask: np.ndarray, image: Image.Image, upright: Image.Transpose | None, mask_path: Path) -> np.ndarray:

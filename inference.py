@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from checkpoints import newest_checkpoint
+from checkpoints import default_checkpoint
 from cli import ArgumentParser, add_hardware_flags, float_in, image_size_type, non_negative_int, positive_int, run_cli
 from image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, list_images
 from predictions import Outputs, segment_folder
@@ -22,7 +22,9 @@ from utils import Runtime, UserError, keep_freed_cpu_memory, refuse_inside, requ
 def get_args_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input_dir", "--input-dir", type=Path, required=True, help="folder of images to segment")
-    p.add_argument("--checkpoint", type=Path, help="default: best.pt of the most recently written run in runs/")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--checkpoint", type=Path, help="default: best.pt of the most recently written run in runs/")
+    model.add_argument("--onnx", type=Path, help="an export.py file, run by onnxruntime on the CPU, instead")
     p.add_argument(
         "--output_dir",
         "--output-dir",
@@ -77,8 +79,11 @@ def find_inputs(input_dir: Path, recursive: bool) -> list[Path]:
     return files
 
 
-def resolve_output_dir(args: argparse.Namespace, checkpoint: Path) -> Path:
-    output = args.output_dir or checkpoint.resolve().parent.parent / "predictions" / args.input_dir.resolve().name
+def resolve_output_dir(args: argparse.Namespace, model_file: Path) -> Path:
+    """Default: <run>/predictions/<input folder> for a model file in <run>/checkpoints, else beside the file."""
+    folder = model_file.resolve().parent
+    run = folder.parent if folder.name == "checkpoints" else folder
+    output = args.output_dir or run / "predictions" / args.input_dir.resolve().name
     refuse_inside(
         output,
         args.input_dir,
@@ -93,11 +98,19 @@ def scale_text(sampling) -> str:
     return "images at native resolution" if sampling.scale == 1 else f"images rescaled by {sampling.scale:g}"
 
 
-def default_checkpoint() -> Path:
-    path = newest_checkpoint("best.pt")
-    if path is None:
-        raise UserError("runs: no run with checkpoints/best.pt; train first or pass --checkpoint")
-    return path
+def load_predictor(args: argparse.Namespace, model_file: Path) -> Predictor:
+    options = {"tta": args.tta, "batch_size": args.batch_size}
+    sampling = {"mode": args.mode, "tile": args.tile, "overlap": args.overlap, "scale": args.scale}
+    if args.onnx is None:
+        runtime = Runtime.from_flags(args.device, args.precision, args.channels_last)
+        return Predictor.from_checkpoint(model_file, runtime, **options, **sampling)
+    if args.device not in ("auto", "cpu") or args.precision not in ("auto", "fp32"):
+        raise UserError(
+            "--onnx runs on onnxruntime's CPU provider in fp32; --device and --precision apply to --checkpoint"
+        )
+    predictor = Predictor.from_onnx(model_file, **options, **sampling)
+    print(f"running {model_file} with onnxruntime ({', '.join(predictor.network.session.get_providers())}), fp32")
+    return predictor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,20 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     true_masks = None
     if args.masks_dir is not None:
         true_masks = {p.stem: p for p in list_images(require_folder(args.masks_dir, "--masks_dir"))}
-    checkpoint = args.checkpoint or default_checkpoint()
-    outputs = Outputs(resolve_output_dir(args, checkpoint), save_probs=args.save_probs)
-    runtime = Runtime.from_flags(args.device, args.precision, args.channels_last)
-    keep_freed_cpu_memory(runtime.device)
-    predictor = Predictor.from_checkpoint(
-        checkpoint,
-        runtime,
-        tta=args.tta,
-        batch_size=args.batch_size,
-        mode=args.mode,
-        tile=args.tile,
-        overlap=args.overlap,
-        scale=args.scale,
-    )
+    model_file = args.onnx or args.checkpoint or default_checkpoint()
+    predictor = load_predictor(args, model_file)
+    outputs = Outputs(resolve_output_dir(args, model_file), save_probs=args.save_probs)
+    keep_freed_cpu_memory(predictor.runtime.device)
     sampling = predictor.sampling
     slide_only = [flag for flag in ("tile", "overlap", "scale") if getattr(args, flag) is not None]
     if sampling.mode == "resize" and slide_only:

@@ -140,6 +140,10 @@ class LabelMapping:
             lut[self.ignore_value] = IGNORE_INDEX
         return lut
 
+    def value_array(self) -> np.ndarray:
+        """class index -> raw mask value (uint8 where all fit), to write a label map's values in one fancy-index."""
+        return np.asarray(self.values, dtype=np.uint8 if max(self.values) < 256 else np.uint16)
+
     def unknown_values(self, counts: dict[int, int]) -> list[int]:
         if self.binary:
             return []

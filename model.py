@@ -53,10 +53,11 @@ class SelfAttention2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        q = self.query(x).flatten(2).transpose(1, 2)  # (b, hw, c/8)
-        k = self.key(x).flatten(2).transpose(1, 2)
-        v = self.value(x).flatten(2).transpose(1, 2)  # (b, hw, c)
-        attended = F.scaled_dot_product_attention(q, k, v)  # softmax(QK^T / sqrt(d)) V
+        # One head, in the (batch, heads, positions, channels) layout the fused kernels and ONNX export expect.
+        q = self.query(x).flatten(2).transpose(1, 2)[:, None]  # (b, 1, hw, c/8)
+        k = self.key(x).flatten(2).transpose(1, 2)[:, None]
+        v = self.value(x).flatten(2).transpose(1, 2)[:, None]  # (b, 1, hw, c)
+        attended = F.scaled_dot_product_attention(q, k, v)[:, 0]  # softmax(QK^T / sqrt(d)) V
         return x + self.gate * attended.transpose(1, 2).reshape(b, c, h, w)
 
 
@@ -120,10 +121,9 @@ class ResidualAttnUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
-        # Pad to a multiple of the total stride so any input size works; crop the logits back.
-        pad_h, pad_w = -height % self.stride, -width % self.stride
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        # Pad to a multiple of the total stride so any input size works; crop the logits back. Unconditional
+        # (a zero pad is a cheap copy), so an exported graph pads whatever size it is given.
+        x = F.pad(x, (0, -width % self.stride, 0, -height % self.stride), mode="replicate")
         skips = []
         for encoder in self.encoders:
             x = self._run(encoder, x)

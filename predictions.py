@@ -94,7 +94,7 @@ class Outputs:
 
 def write_prediction(original: torch.Tensor, targets: dict[str, Path], labels: np.ndarray, mapping: LabelMapping):
     """Mask of original values and overlay, each written to a temporary name and renamed."""
-    values = np.asarray(mapping.values, dtype=np.uint8 if max(mapping.values) < 256 else np.uint16)[labels]
+    values = mapping.value_array()[labels]
     image = original.permute(1, 2, 0).numpy()
     files = {"mask": Image.fromarray(values), "overlay": overlay_with_legend(image, labels, mapping.names)}
     # Overlays are for looking at: zlib level 1 writes them 4-5x faster than the default 6, 13% larger.

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
@@ -21,7 +22,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
 from dataset import normalize_images
+from image_io import rgb_array
 from labels import LabelMapping
+from onnx_model import OnnxError, OnnxModel
 from utils import PRECISION_DTYPES, Runtime
 
 MODES = ("resize", "slide")
@@ -46,6 +49,14 @@ class Sampling:
         if flags.get("crop_size"):
             return cls("slide", size, tile=int(flags["crop_size"]), base_size=flags.get("base_size"))
         return cls("resize", size, tile=size)
+
+    @classmethod
+    def for_model(cls, flags: dict, **typed) -> Sampling:
+        """The training flags' choice, with the fields a user typed (None: not typed) replacing it."""
+        chosen = replace(cls.from_training_flags(flags), **{k: v for k, v in typed.items() if v is not None})
+        if typed.get("scale") is not None:
+            chosen = replace(chosen, base_size=None)  # a typed --scale replaces the training's --base-size
+        return chosen
 
     def working_size(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) the network sees an image of this size at."""
@@ -130,22 +141,35 @@ class Predictor:
     normalize: v2.Compose = field(default_factory=normalize_images)  # on the device, a batch at a time
 
     @classmethod
-    def from_checkpoint(cls, path: Path, runtime: Runtime, *, tta: bool = False, batch_size: int = 8, **sampling):
-        """sampling: Sampling fields to override (None keeps the checkpoint's choice)."""
+    def from_checkpoint(
+        cls, path: Path, runtime: Runtime | None = None, *, tta: bool = False, batch_size: int = 8, **sampling
+    ):
+        """runtime: default the best device and precision at hand. sampling: Sampling fields to override (None
+        keeps the checkpoint's choice)."""
+        path, runtime = Path(path), runtime or Runtime.from_flags("auto", "auto", channels_last=True)
         state = load_checkpoint(path)
         model = model_from_checkpoint(state, path)
         try:
             mapping = LabelMapping.from_dict(state["mapping"])
-            chosen = Sampling.from_training_flags({"image_size": state["image_size"], **state.get("args", {})})
+            chosen = Sampling.for_model({"image_size": state["image_size"], **state.get("args", {})}, **sampling)
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: holds no usable label mapping and image size ({err!r})") from None
-        chosen = replace(chosen, **{k: v for k, v in sampling.items() if v is not None})
-        if sampling.get("scale") is not None:
-            chosen = replace(chosen, base_size=None)  # a typed --scale replaces the training's --base-size
         # Weights cast once to the inference dtype: autocast would cast every weight on every batch.
         dtype = PRECISION_DTYPES[runtime.precision]
         model.eval().fold_batchnorm().to(runtime.device, dtype, memory_format=runtime.memory_format)
         return cls(model, mapping, chosen, runtime, input_dtype=dtype, tta=tta, batch_size=batch_size)
+
+    @classmethod
+    def from_onnx(cls, path: Path, *, tta: bool = False, batch_size: int = 8, **sampling):
+        """An export.py file run by onnxruntime on the CPU; pre- and post-processing as from_checkpoint."""
+        network = OnnxModel.open(Path(path))
+        try:
+            chosen = Sampling.for_model(network.training, **sampling)
+            normalize = normalize_images(network.normalize["mean"], network.normalize["std"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise OnnxError(f"{path}: unusable training or normalisation metadata ({err!r})") from None
+        runtime = Runtime(torch.device("cpu"))
+        return cls(network, network.mapping, chosen, runtime, tta=tta, batch_size=batch_size, normalize=normalize)
 
     @classmethod
     def for_validation(cls, model: torch.nn.Module, mapping: LabelMapping, sampling: Sampling, runtime: Runtime):
@@ -156,6 +180,27 @@ class Predictor:
                 return model(images)
 
         return cls(network, mapping, sampling, runtime)
+
+    def predict(self, image) -> np.ndarray:
+        """A path, PIL image or (H, W[, C]) uint8 array -> (H, W) map of the original mask values."""
+        labels = self.segment([self._as_tensor(image)])[0]
+        return self.mapping.value_array()[labels.numpy()]
+
+    def predict_proba(self, image) -> np.ndarray:
+        """A path, PIL image or (H, W[, C]) uint8 array -> (classes, H, W) float32 softmax, classes in the
+        order of self.mapping.values."""
+        tensor = self._as_tensor(image)
+        probs = np.empty((self.mapping.num_classes, *tensor.shape[-2:]), dtype=np.float32)
+
+        def keep(_, top: int, band: torch.Tensor) -> None:
+            probs[:, top : top + band.shape[1]] = band.cpu().numpy()
+
+        self.segment([tensor], on_band=keep)
+        return probs
+
+    @staticmethod
+    def _as_tensor(image) -> torch.Tensor:
+        return torch.from_numpy(rgb_array(image)).permute(2, 0, 1)
 
     @torch.inference_mode()
     def batch_probabilities(self, images: torch.Tensor) -> torch.Tensor:

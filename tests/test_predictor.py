@@ -1,11 +1,20 @@
 """Whole images of any size -> labels and probabilities, in bands: resize and slide modes."""
 
+import os
+import re
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+import inference
 import predictor as predictor_module
+from conftest import ROOT, run_in_process
 from labels import LabelMapping
 from predictor import Predictor, RowResampler, Sampling, tile_starts
 from utils import Runtime
@@ -139,7 +148,50 @@ def test_the_checkpoint_flags_choose_the_mode():
 )
 def test_crop_flags_that_contradict_each_other_are_one_line_errors(tiny_demo, tmp_path, flags, message):
     import train
-    from conftest import run_in_process
 
     result = run_in_process(train.main, "--data-root", tiny_demo, "--run-dir", tmp_path / "run", *flags)
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_predict_takes_a_path_pil_image_or_array_and_gives_what_inference_writes(trained_run, tiny_demo, tmp_path):
+    checkpoint = trained_run / "checkpoints/best.pt"
+    image_path = sorted((tiny_demo / "images/val").iterdir())[0]
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / image_path.name).write_bytes(image_path.read_bytes())
+    args = ["--input_dir", folder, "--checkpoint", checkpoint, "--output_dir", tmp_path / "out", "--precision", "fp32"]
+    assert run_in_process(inference.main, *args).returncode == 0
+    written = np.asarray(Image.open(tmp_path / "out/masks" / f"{image_path.stem}.png"))
+
+    predictor = Predictor.from_checkpoint(checkpoint, CPU)
+    pixels = Image.open(image_path).convert("RGB")
+    for image in (image_path, str(image_path), pixels, np.asarray(pixels), np.asarray(pixels.convert("RGBA"))):
+        labels = predictor.predict(image)
+        assert labels.shape == written.shape and labels.dtype == written.dtype
+        np.testing.assert_array_equal(labels, written)
+    probs = predictor.predict_proba(pixels)
+    assert probs.shape == (predictor.mapping.num_classes, *written.shape) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(0), 1, atol=1e-5)
+    np.testing.assert_array_equal(predictor.mapping.value_array()[probs.argmax(0)], written)
+    grey = np.asarray(pixels.convert("L"))
+    np.testing.assert_array_equal(predictor.predict(grey), predictor.predict(pixels.convert("L").convert("RGB")))
+
+
+@pytest.mark.parametrize("image", [np.zeros((4, 4), np.float32), np.zeros((4, 4, 2), np.uint8), [[0, 1]]])
+def test_predict_names_what_it_cannot_take(image):
+    predictor = Predictor(pointwise_model(), MAPPING, Sampling("resize", 8), CPU)
+    with pytest.raises((ValueError, TypeError), match="expected"):
+        predictor.predict(image)
+
+
+def test_the_readme_python_example_runs(trained_run, tiny_demo, tmp_path):
+    """The README's Python API block, run as written from a folder laid out like the repository after the demo."""
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"From Python.*?```python\n(.*?)```", readme, re.S)[1]
+    (tmp_path / "runs/demo/checkpoints").mkdir(parents=True)
+    shutil.copy(trained_run / "checkpoints/best.pt", tmp_path / "runs/demo/checkpoints")
+    shutil.copytree(tiny_demo / "images", tmp_path / "data/demo/images")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "(48, 48)" in result.stdout and "(5, 48, 48)" in result.stdout
