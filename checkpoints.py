@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from labels import LabelMapping
 from model import ResidualAttnUNet
@@ -32,23 +33,27 @@ def training_state(
     *,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler,
     scaler: torch.amp.GradScaler,
+    ema: AveragedModel | None,
     epoch: int,
     args: argparse.Namespace,
     mapping: LabelMapping,
     best_miou: float,
+    best_confusion: list[list[int]] | None,
     history: list[dict],
 ) -> dict:
-    """Plain tensors, numbers, strings, lists and dicts only, so it loads with weights_only=True."""
+    """Plain tensors, numbers, strings, lists and dicts only, so it loads with weights_only=True. The learning
+    rate is a function of the epoch (engine.scheduled_lr), so no scheduler state is needed to resume."""
+    extra = {} if ema is None else {"ema": ema.module.state_dict(), "ema_updates": int(ema.n_averaged)}
     return {
         "format_version": FORMAT_VERSION,
         "model": model.state_dict(),
+        **extra,
         "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "epoch": epoch,
         "best_miou": best_miou,
+        "best_confusion": best_confusion,  # the best epoch's validation confusion matrix, for the final report
         "history": history,
         "mapping": mapping.to_dict(),
         "model_args": model.config,
@@ -80,9 +85,12 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
-def load_model_weights(model: torch.nn.Module, state: dict, path: Path, *, assign: bool = False) -> None:
-    """load_state_dict, with one line naming the file and the first weight that is missing, extra or misshapen."""
-    weights = state.get("model")
+def load_model_weights(
+    model: torch.nn.Module, state: dict, path: Path, *, assign: bool = False, key: str = "model"
+) -> None:
+    """load_state_dict, with one line naming the file and the first weight that is missing, extra or misshapen.
+    key: "model", or "ema" for the moving average of an --ema run."""
+    weights = state.get(key)
     if not isinstance(weights, dict) or not weights:
         raise CheckpointError(f"{path}: holds no model weights")
     expected = model.state_dict()
@@ -100,15 +108,15 @@ def load_model_weights(model: torch.nn.Module, state: dict, path: Path, *, assig
     model.load_state_dict(weights, assign=assign)
 
 
-def model_from_checkpoint(state: dict, path: Path) -> ResidualAttnUNet:
-    """The model its model_args describe, with its weights; built on the meta device, so nothing is initialised
-    only to be overwritten."""
+def model_from_checkpoint(state: dict, path: Path, *, ema: bool = True) -> ResidualAttnUNet:
+    """The model its model_args describe, with its weights (the EMA's where the run kept one, unless ema=False);
+    built on the meta device, so nothing is initialised only to be overwritten."""
     try:
         with torch.device("meta"):
             model = ResidualAttnUNet(**state["model_args"])
     except (TypeError, ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path}: model_args {state.get('model_args')} describe no model ({err})") from None
-    load_model_weights(model, state, path, assign=True)
+    load_model_weights(model, state, path, assign=True, key="ema" if ema and "ema" in state else "model")
     return model
 
 

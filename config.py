@@ -1,13 +1,16 @@
-"""train.py's flags, and how they are filled in: typed flags win, then the checkpoint being resumed, then
-the demo's settings, then the parser's defaults."""
+"""train.py's flags, and how they are filled in: typed flags win, then a --config file, then the checkpoint
+being resumed, then the demo's settings, then the parser's defaults; and the config.yaml that replays a run."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
-from checkpoints import CheckpointError, load_checkpoint, newest_checkpoint
+import yaml
+
+from checkpoints import CheckpointError, load_checkpoint, newest_checkpoint, plain_args
 from cli import (
     ArgumentParser,
     add_hardware_flags,
@@ -21,15 +24,18 @@ from cli import (
 )
 from coco import MODES
 from demo import DEMO_ROOTS, DEMO_STYLES
+from engine import OPTIMIZERS, SCHEDULES
 from image_io import DEFAULT_MAX_PIXELS
 from labels import IGNORE_INDEX
 from losses import LOSSES
-from utils import UserError
+from utils import UserError, replace_atomically
 
 DEMO_SETTINGS = {"image_size": 96, "widths": (16, 32, 64, 128), "epochs": 30, "batch_size": 16}
 DATA_FLAGS = ("data_root", "train_images", "train_masks", "val_images", "val_masks", "train_coco", "val_coco")
-RESUME_KEYS = ("args", "epoch", "history", "best_miou", "mapping", "optimizer", "scheduler", "scaler", "rng")
-MUST_MATCH_CHECKPOINT = ("widths", "binary", "ignore_value", "coco_mode")  # they fix the model or its classes
+RESUME_KEYS = ("args", "epoch", "history", "best_miou", "mapping", "optimizer", "scaler", "rng")
+NOT_REPLAYED = ("config", "resume", "run_dir")  # a replayed config starts a new run in a new folder
+# They fix the model, its classes or the shape of the optimiser's state.
+MUST_MATCH_CHECKPOINT = ("widths", "binary", "ignore_value", "coco_mode", "optimizer", "weight_decay")
 
 
 def add_data_flags(p: ArgumentParser) -> None:
@@ -140,13 +146,41 @@ def add_model_flags(p: ArgumentParser) -> None:
         "--lr",
         type=float_in(0, low_open=True),
         default=1e-4,
-        help="Adam learning rate, cosine-annealed to 0 over --epochs",
+        help="initial learning rate (reached after --warmup-epochs), then annealed by --schedule",
     )
     model.add_argument(
         "--early-stop",
         type=non_negative_int,
         default=0,
         help="stop after N epochs without a better val mIoU (0: never)",
+    )
+
+
+def add_recipe_flags(p: ArgumentParser) -> None:
+    """The knobs segmentation papers turn; each off by default, so the reference recipe (Adam, cosine) stays."""
+    recipe = p.add_argument_group("training recipe (defaults: the reference design's Adam + cosine)")
+    recipe.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adam")
+    recipe.add_argument(
+        "--weight-decay",
+        type=float_in(0),
+        default=0.0,
+        help="on convolution weights only (adam: L2, adamw: decoupled)",
+    )
+    recipe.add_argument("--warmup-epochs", type=non_negative_int, default=0, help="linear warmup to --lr over N epochs")
+    recipe.add_argument(
+        "--schedule", choices=SCHEDULES, default="cosine", help="decay after warmup: cosine to 0, or poly (power 0.9)"
+    )
+    recipe.add_argument(
+        "--ema",
+        type=float_in(0, 1, low_open=True, high_open=True),
+        metavar="DECAY",
+        help="keep an exponential moving average of the weights (e.g. 0.999): validated, saved, used by inference",
+    )
+    recipe.add_argument(
+        "--accumulate", type=positive_int, default=1, help="gradient accumulation: one update every N batches"
+    )
+    recipe.add_argument(
+        "--clip-grad", type=float_in(0, low_open=True), metavar="NORM", help="clip the gradient norm to NORM"
     )
 
 
@@ -183,7 +217,12 @@ def get_args_parser() -> ArgumentParser:
         description="Train the residual self-attention U-Net. With no data flags it trains on the built-in demo.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for add_flags in (add_data_flags, add_input_flags, add_model_flags, add_run_flags):
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="a YAML file of flags (a run's config.yaml replays it); flags typed on the command line win",
+    )
+    for add_flags in (add_data_flags, add_input_flags, add_model_flags, add_recipe_flags, add_run_flags):
         add_flags(p)
     return p
 
@@ -249,18 +288,83 @@ def resumed_checkpoint(args: argparse.Namespace, given: set[str]) -> dict | None
     return checkpoint
 
 
-def check_crop_flags(args: argparse.Namespace, given: set[str]) -> None:
+def check_crop_flags(args: argparse.Namespace, parser: ArgumentParser) -> None:
     low, high = args.scale_range
     if low > high:
         raise UserError(f"--scale-range {low:g} {high:g}: LOW must not exceed HIGH")
-    needs_crop = [name for name in ("scale_range", "base_size") if name in given]
+    needs_crop = [
+        name
+        for name in ("scale_range", "base_size")
+        if flag_text(getattr(args, name)) != flag_text(parser.get_default(name))  # set, not only typed
+    ]
     if needs_crop and not args.crop_size:
         raise UserError(f"--{needs_crop[0].replace('_', '-')} applies to --crop-size training only")
 
 
+def config_value_tokens(action: argparse.Action, value, where: str) -> list[str]:
+    """One key of a config file as the command-line tokens that set it, each checked as the flag checks it."""
+    flag = action.option_strings[0]
+    if isinstance(action, argparse.BooleanOptionalAction | argparse._StoreTrueAction):
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: {value!r} is not true or false")
+        if isinstance(action, argparse._StoreTrueAction):
+            return [flag] if value else []
+        return [flag if value else action.option_strings[1]]
+    if value is None:
+        return []
+    if action.nargs is None and isinstance(value, list) and action.dest == "widths":
+        value = ",".join(map(str, value))
+    texts = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    if len(texts) != (action.nargs if isinstance(action.nargs, int) else 1) or isinstance(value, dict):
+        raise UserError(f"{where}: {value!r} is not what --{action.dest.replace('_', '-')} takes")
+    for text in texts:
+        try:
+            converted = action.type(text) if action.type else text
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
+            raise UserError(f"{where}: {err}") from None
+        if action.choices is not None and converted not in action.choices:
+            raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return [flag, *texts]
+
+
+def config_file_argv(path: Path, parser: ArgumentParser) -> list[str]:
+    """A YAML file of flags (a run's config.yaml) as the command line that sets them; unknown keys and values
+    of the wrong type are one-line errors naming the file and the key."""
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as err:
+        raise UserError(f"{path}: cannot read --config ({err.strerror or err})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not a YAML file ({str(err).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected flag names and values (key: value lines)")
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", *NOT_REPLAYED)}
+    argv = []
+    for key, value in values.items():
+        action = actions.get(str(key).replace("-", "_"))
+        if action is None:
+            raise UserError(f"{path}: unknown key {key!r} (not a train.py flag)")
+        argv += config_value_tokens(action, value, f"{path}: {key}")
+    return argv
+
+
+def save_config(args: argparse.Namespace, path: Path) -> None:
+    """The resolved flags, written where --config reads them back to replay the run (in a new run folder)."""
+    flags = {a.dest for a in get_args_parser()._actions if a.option_strings} - {"help", *NOT_REPLAYED}
+    if not args.demo:
+        flags.discard("demo_style")
+    values = {name: value for name, value in plain_args(args).items() if name in flags}
+    with replace_atomically(path) as tmp:
+        tmp.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict | None]:
-    """Flags, filled in from the demo settings or from the checkpoint being resumed."""
+    """Flags: typed, then from --config, the demo settings or the checkpoint being resumed."""
     parser = get_args_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = parser.parse_known_args(argv)[0].config
+    if config_path is not None:
+        argv = config_file_argv(config_path, parser) + argv  # later tokens win: typed flags override the file
     args = parser.parse_args(argv)
     given = explicit_flags(parser, argv)
     checkpoint = resumed_checkpoint(args, given)
@@ -271,7 +375,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
         for name, value in DEMO_SETTINGS.items():
             if name not in given:
                 setattr(args, name, value)
-    check_crop_flags(args, given)
+    check_crop_flags(args, parser)
     if args.run_dir is None:
         name = DEMO_ROOTS[args.demo_style].name if args.demo else (args.data_root or args.train_images).resolve().name
         args.run_dir = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -3,10 +3,15 @@ when it stops (signals, early stopping, a non-finite loss)."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import signal
 import time
+from dataclasses import dataclass
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -18,9 +23,64 @@ from utils import Runtime
 PANEL_SAMPLES = 4  # validation images kept for the sample panel
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """The reference design's Adam; the fused kernel where PyTorch has one."""
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cuda", "cpu"))
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+SCHEDULES = ("cosine", "poly")
+POLY_POWER = 0.9  # MMSegmentation's and DeepLab's
+
+
+def build_optimizer(
+    model: torch.nn.Module, lr: float, device: torch.device, *, name: str = "adam", weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """The reference design's Adam by default; the fused kernel where PyTorch has one. Weight decay (L2 for
+    adam, decoupled for adamw) applies to convolution weights only, never to biases, norms or the attention
+    gate, as in timm and MMSegmentation."""
+    params = list(model.parameters())
+    groups = [{"params": params, "weight_decay": 0.0}]  # one group, as checkpoints of the reference recipe hold
+    if weight_decay > 0:
+        groups = [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+    return OPTIMIZERS[name](groups, lr=lr, fused=device.type in ("cuda", "cpu"))
+
+
+def scheduled_lr(epoch: int, *, base: float, epochs: int, warmup: int = 0, schedule: str = "cosine") -> float:
+    """The learning rate of a (1-based) epoch, a function of the epoch alone so a resumed run needs nothing
+    else: linear warmup to base over the warmup epochs, then cosine (to 0 after the last epoch, as
+    CosineAnnealingLR) or poly decay over the rest."""
+    if epoch <= warmup:
+        return base * epoch / (warmup + 1)
+    progress = (epoch - 1 - warmup) / max(epochs - warmup, 1)
+    if schedule == "poly":
+        return base * (1 - progress) ** POLY_POWER
+    return base * (1 + math.cos(math.pi * progress)) / 2
+
+
+def ema_model(model: torch.nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of the weights and BatchNorm statistics. The decay warms up as in timm
+    (min(decay, (1 + n) / (10 + n)) after n updates) so short runs are not averaged into their initial weights."""
+
+    def average(ema: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+        n = float(updates)
+        weight = 1 - min(decay, (1 + n) / (10 + n))
+        if torch.is_floating_point(ema[0]):
+            torch._foreach_lerp_(ema, current, weight)
+        else:  # BatchNorm's batch counters
+            torch._foreach_copy_(ema, current)
+
+    return AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+
+
+@dataclass(frozen=True)
+class Updates:
+    """How gradients become weight updates: accumulated over micro-batches, clipped, followed by an EMA."""
+
+    accumulate: int = 1
+    clip_grad: float | None = None
+    ema: AveragedModel | None = None
+
+
+EVERY_STEP = Updates()  # the reference recipe: one update per batch, no clipping, no EMA
 
 
 class NonFiniteLoss(RuntimeError):
@@ -94,15 +154,26 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     runtime: Runtime,
+    updates: Updates = EVERY_STEP,
+    update: bool = True,
 ) -> torch.Tensor:
-    """Forward in the chosen precision, loss in fp32, backward, update; the loss stays on the device."""
-    with runtime.autocast():
-        logits = model(images)
-    loss = loss_fn(logits, masks)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    """Forward in the chosen precision, loss in fp32, backward; with update, the optimiser step on the
+    gradients accumulated so far (clipped), then the EMA. The loss stays on the device."""
+    between_updates = not update and isinstance(model, DistributedDataParallel)
+    with model.no_sync() if between_updates else contextlib.nullcontext():  # all-reduce once per update
+        with runtime.autocast():
+            logits = model(images)
+        loss = loss_fn(logits, masks)
+        scaler.scale(loss / updates.accumulate).backward()
+    if update:
+        if updates.clip_grad is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), updates.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if updates.ema is not None:
+            updates.ema.update_parameters(model)  # DDP and compiled wrappers list the same parameters
     return loss.detach()
 
 
@@ -116,6 +187,7 @@ def train_one_epoch(
     runtime: Runtime,
     epoch: int,
     stop: GracefulStop,
+    updates: Updates = EVERY_STEP,
     time_first_step: bool = False,
 ) -> tuple[float, list[str]]:
     """One pass over the sampler; returns the mean loss and the bad samples that were skipped.
@@ -133,7 +205,18 @@ def train_one_epoch(
         images = images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
         masks = masks.to(runtime.device, non_blocking=True)
         step_started = time.perf_counter()
-        loss = train_step(model, images, masks, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler, runtime=runtime)
+        update = steps % updates.accumulate == 0 or steps == len(loader)  # a short last group still steps
+        loss = train_step(
+            model,
+            images,
+            masks,
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            scaler=scaler,
+            runtime=runtime,
+            updates=updates,
+            update=update,
+        )
         if time_first_step and steps == 1 and runtime.ddp.is_main:
             loss.item()  # waits for the step: once per run
             tqdm.write(f"first step, torch.compile included: {time.perf_counter() - step_started:.1f} s")

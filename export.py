@@ -36,6 +36,9 @@ def get_args_parser() -> ArgumentParser:
     )
     p.add_argument("--check-count", type=positive_int, default=4, help="how many of those images")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument(
+        "--no-ema", dest="ema", action="store_false", help="export the trained weights of an --ema run, not the average"
+    )
     return p
 
 
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if output.exists() and not args.overwrite:
         raise UserError(f"{output}: already exists; pass --overwrite to replace it")
     state = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(state, checkpoint).eval().fold_batchnorm().float()
+    model = model_from_checkpoint(state, checkpoint, ema=args.ema).eval().fold_batchnorm().float()
     flags = {"image_size": state["image_size"], **state.get("args", {})}
     sampling = Sampling.from_training_flags(flags)
     images = read_check_images(args.images or validation_folder(flags), args.check_count)

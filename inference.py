@@ -16,6 +16,7 @@ from cli import ArgumentParser, add_hardware_flags, float_in, image_size_type, n
 from image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, list_images
 from predictions import Outputs, segment_folder
 from predictor import MODES, Predictor
+from records import format_report, write_report
 from utils import Runtime, UserError, keep_freed_cpu_memory, refuse_inside, require_folder
 
 
@@ -36,7 +37,8 @@ def get_args_parser() -> ArgumentParser:
         "--masks_dir",
         "--masks-dir",
         type=Path,
-        help="ground-truth masks (same file stems): also print mIoU, mean Dice and pixel accuracy",
+        help="ground-truth masks (same file stems): also score the predictions (mIoU, per-class report.csv/.json, "
+        "confusion matrix)",
     )
     p.add_argument(
         "--mode",
@@ -54,6 +56,9 @@ def get_args_parser() -> ArgumentParser:
         help="slide: rescale images by this first (default 1, or the training --base-size)",
     )
     p.add_argument("--tta", action="store_true", help="average the softmax of the image and its horizontal flip")
+    p.add_argument(
+        "--no-ema", dest="ema", action="store_false", help="use the trained weights of an --ema run, not the average"
+    )
     p.add_argument("--save-probs", action="store_true", help="also write per-class probabilities as float16 .npy")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist (default: skip them)")
     p.add_argument("--batch-size", type=positive_int, default=8)
@@ -103,7 +108,7 @@ def load_predictor(args: argparse.Namespace, model_file: Path) -> Predictor:
     sampling = {"mode": args.mode, "tile": args.tile, "overlap": args.overlap, "scale": args.scale}
     if args.onnx is None:
         runtime = Runtime.from_flags(args.device, args.precision, args.channels_last)
-        return Predictor.from_checkpoint(model_file, runtime, **options, **sampling)
+        return Predictor.from_checkpoint(model_file, runtime, ema=args.ema, **options, **sampling)
     if args.device not in ("auto", "cpu") or args.precision not in ("auto", "fp32"):
         raise UserError(
             "--onnx runs on onnxruntime's CPU provider in fp32; --device and --precision apply to --checkpoint"
@@ -149,12 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no prediction had a mask of the same name in {args.masks_dir}")
     elif true_masks is not None:
         scores = result.matrix.compute()
+        rows = write_report(result.matrix, predictor.mapping.names, outputs.root)
         print(
             f"evaluation on {result.evaluated} images: mIoU {scores['miou']:.4f}  mean Dice {scores['mdice']:.4f}  "
-            f"pixel accuracy {scores['pixel_acc']:.4f}\nIoU per class: "
-            + ", ".join(
-                f"{name} {iou:.4f}" for name, iou in zip(predictor.mapping.names, scores["iou"].tolist(), strict=True)
-            )
+            f"pixel accuracy {scores['pixel_acc']:.4f}\n{format_report(rows)}\n"
+            f"written: {outputs.root / 'report.csv'}, report.json, confusion_matrix.png"
         )
     return 1 if result.todo and result.unreadable == result.todo else 0
 

@@ -45,7 +45,8 @@ class ConfusionMatrix:
         nan = torch.tensor(float("nan"), dtype=m.dtype, device=m.device)
         iou = torch.where(union > 0, true_positive / union, nan)
         dice = torch.where(union > 0, 2 * true_positive / (target_total + pred_total), nan)
-        class_acc = torch.where(target_total > 0, true_positive / target_total, nan)
+        class_acc = torch.where(target_total > 0, true_positive / target_total, nan)  # recall
+        precision = torch.where(pred_total > 0, true_positive / pred_total, nan)
         total = m.sum()
         return {
             "iou": iou.cpu(),
@@ -54,5 +55,6 @@ class ConfusionMatrix:
             "mdice": dice.nanmean().item(),
             "class_acc": class_acc.cpu(),
             "macc": class_acc.nanmean().item(),
+            "precision": precision.cpu(),
             "pixel_acc": (true_positive.sum() / total).item() if total > 0 else float("nan"),
         }

@@ -142,13 +142,20 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(
-        cls, path: Path, runtime: Runtime | None = None, *, tta: bool = False, batch_size: int = 8, **sampling
+        cls,
+        path: Path,
+        runtime: Runtime | None = None,
+        *,
+        tta: bool = False,
+        batch_size: int = 8,
+        ema: bool = True,
+        **sampling,
     ):
-        """runtime: default the best device and precision at hand. sampling: Sampling fields to override (None
-        keeps the checkpoint's choice)."""
+        """runtime: default the best device and precision at hand. ema: the moving-average weights where the run
+        kept them (--ema). sampling: Sampling fields to override (None keeps the checkpoint's choice)."""
         path, runtime = Path(path), runtime or Runtime.from_flags("auto", "auto", channels_last=True)
         state = load_checkpoint(path)
-        model = model_from_checkpoint(state, path)
+        model = model_from_checkpoint(state, path, ema=ema)
         try:
             mapping = LabelMapping.from_dict(state["mapping"])
             chosen = Sampling.for_model({"image_size": state["image_size"], **state.get("args", {})}, **sampling)

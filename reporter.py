@@ -11,9 +11,11 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from checkpoints import save_checkpoint
+from config import save_config
 from engine import GracefulStop
 from metrics import ConfusionMatrix
 from plots import confusion_matrix_figure, curves_figure, sample_panel, save_figure
+from records import confusion_from, format_report, write_report, write_results
 
 SCALARS = {
     "loss/train": "train_loss",
@@ -46,9 +48,16 @@ class Reporter:
         if self.active:
             print(*args, **kwargs)
 
-    def epoch(self, record: dict, per_class_iou: torch.Tensor, seconds: float, skipped: str) -> None:
+    def config(self, args: argparse.Namespace) -> None:
+        """config.yaml: the resolved flags; `train.py --config` replays the run."""
+        if self.active:
+            save_config(args, self.run_dir / "config.yaml")
+
+    def epoch(self, history: list[dict], per_class_iou: torch.Tensor, skipped: str) -> None:
+        """The console line, TensorBoard scalars and results.csv of the epoch just finished (history[-1])."""
         if not self.active:
             return
+        record = history[-1]
         epoch = record["epoch"]
         for tag, key in SCALARS.items():
             self.writer.add_scalar(tag, record[key], epoch)
@@ -57,8 +66,9 @@ class Reporter:
         print(
             f"epoch {epoch}/{self.epochs}  train loss {record['train_loss']:.4f}  val loss {record['val_loss']:.4f}  "
             f"mIoU {record['miou']:.4f}  mDice {record['mdice']:.4f}  pixel acc {record['pixel_acc']:.4f}  "
-            f"lr {record['lr']:.2e}  {seconds:.1f}s" + skipped
+            f"lr {record['lr']:.2e}  {record['seconds']:.1f}s ({record['images_per_s']:.1f} images/s)" + skipped
         )
+        write_results(history, self.run_dir / "results.csv")
 
     def save(self, state: dict, *, improved: bool, numbered: bool) -> None:
         if not self.active:
@@ -81,6 +91,14 @@ class Reporter:
             fig.savefig(self.run_dir / "samples" / f"{tag}_epoch_{epoch:03d}.png", dpi=100)
             self.writer.add_figure(tag, fig, epoch)  # also closes the figure
 
+    def class_report(self, best_confusion: list[list[int]] | None, history: list[dict], best_miou: float) -> None:
+        """Per-class scores of the best epoch (what best.pt holds), printed and written as report.csv/.json."""
+        if not self.active or best_confusion is None:
+            return
+        rows = write_report(confusion_from(best_confusion), self.class_names, self.run_dir)
+        epoch = next((h["epoch"] for h in history if h["miou"] == best_miou), "?")
+        print(f"\nbest epoch {epoch} (best.pt), per class on the validation set:\n{format_report(rows)}")
+
     def finish(self, history: list[dict], args: argparse.Namespace, best_miou: float, val_images: Path) -> None:
         if not self.active:
             return
@@ -94,7 +112,8 @@ class Reporter:
         print(
             f"\nbest val mIoU {best_miou:.4f}\n"
             f"TensorBoard logs: {self.run_dir}\ncheckpoints: {self.checkpoints} (best.pt, last.pt)\n"
-            f"sample images: {self.run_dir / 'samples'}\ncurves: {self.run_dir / 'curves.png'}\nnext:\n"
+            f"sample images: {self.run_dir / 'samples'}\ncurves: {self.run_dir / 'curves.png'}\n"
+            f"records: {self.run_dir / 'results.csv'}, report.csv, report.json, config.yaml\nnext:\n"
             f"  tensorboard --logdir {self.run_dir.parent}\n"
             f"  python inference.py --input_dir {val_images} --checkpoint {self.checkpoints / 'best.pt'}"
         )

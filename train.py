@@ -24,7 +24,17 @@ from coco import cached_masks
 from config import parse_args
 from dataset import SegmentationFolder
 from demo import DEMO_IMAGES, DEMO_ROOTS, make_demo_data
-from engine import EarlyStopping, GracefulStop, NonFiniteLoss, build_optimizer, evaluate, train_one_epoch
+from engine import (
+    EarlyStopping,
+    GracefulStop,
+    NonFiniteLoss,
+    Updates,
+    build_optimizer,
+    ema_model,
+    evaluate,
+    scheduled_lr,
+    train_one_epoch,
+)
 from labels import LabelMapping
 from loaders import build_loaders
 from losses import build_loss
@@ -118,15 +128,19 @@ class Training:
     model: torch.nn.Module  # plain: what is saved and validated
     step_model: torch.nn.Module  # compiled and/or DDP-wrapped: what is trained
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     loss_fn: torch.nn.Module
+    updates: Updates  # accumulation, clipping, the EMA
 
     def state(self, **progress) -> dict:
-        """progress: epoch, args, mapping, best_miou, history (see checkpoints.training_state)."""
+        """progress: epoch, args, mapping, best_miou, best_confusion, history (see checkpoints.training_state)."""
         return training_state(
-            model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, **progress
+            model=self.model, optimizer=self.optimizer, scaler=self.scaler, ema=self.updates.ema, **progress
         )
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def train_epoch(self, loader, *, runtime: Runtime, epoch: int, stop: GracefulStop, time_first_step: bool):
         return train_one_epoch(
@@ -138,12 +152,15 @@ class Training:
             runtime=runtime,
             epoch=epoch,
             stop=stop,
+            updates=self.updates,
             time_first_step=time_first_step,
         )
 
     def validate(self, loader, *, mapping: LabelMapping, sampling: Sampling, runtime: Runtime, epoch: int):
-        self.model.eval()
-        predictor = Predictor.for_validation(self.model, mapping, sampling, runtime)
+        """The EMA's weights where there is one: what best.pt's users (inference, export) will run."""
+        model = self.model if self.updates.ema is None else self.updates.ema.module
+        model.eval()
+        predictor = Predictor.for_validation(model, mapping, sampling, runtime)
         return evaluate(predictor, loader, num_classes=mapping.num_classes, runtime=runtime, epoch=epoch)
 
     def restore(self, checkpoint: dict) -> None:
@@ -153,7 +170,6 @@ class Training:
         load_model_weights(self.model, checkpoint, path)
         parts = {
             "optimizer": self.optimizer.load_state_dict,
-            "scheduler": self.scheduler.load_state_dict,
             "scaler": self.scaler.load_state_dict,
             "rng": torch.set_rng_state,
         }
@@ -162,6 +178,10 @@ class Training:
                 load(checkpoint[name])
             except (KeyError, TypeError, ValueError, RuntimeError) as err:
                 raise CheckpointError(f"{path}: its {name} state does not fit this run ({err})") from None
+        ema = self.updates.ema
+        if ema is not None and "ema" in checkpoint:  # else the average starts from the resumed weights
+            load_model_weights(ema.module, checkpoint, path, key="ema")
+            ema.n_averaged.fill_(int(checkpoint["ema_updates"]))
 
 
 def build_model(args: argparse.Namespace, num_classes: int, runtime: Runtime) -> tuple[nn.Module, nn.Module]:
@@ -200,17 +220,29 @@ def check_memory(training: Training, args: argparse.Namespace, runtime: Runtime)
 
 def build_training(args: argparse.Namespace, train_set: SegmentationFolder, runtime: Runtime) -> Training:
     model, step_model = build_model(args, train_set.num_classes, runtime)
-    optimizer = build_optimizer(model, args.lr, runtime.device)
+    optimizer = build_optimizer(model, args.lr, runtime.device, name=args.optimizer, weight_decay=args.weight_decay)
     class_weights = train_set.class_weights.to(runtime.device)
     loss_fn = build_loss(args.loss, class_weights, dice_weight=args.dice_weight, ce_weight=args.ce_weight)
+    ema = ema_model(model, args.ema) if args.ema else None
     return Training(
         model=model,
         step_model=step_model,
         optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs),
         scaler=runtime.grad_scaler(),
         loss_fn=loss_fn.to(runtime.device),
+        updates=Updates(accumulate=args.accumulate, clip_grad=args.clip_grad, ema=ema),
     )
+
+
+def batch_text(args: argparse.Namespace, runtime: Runtime) -> str:
+    """The batch per update, when accumulation or several processes make it more than --batch-size."""
+    world = runtime.ddp.world_size if runtime.ddp.enabled else 1
+    if args.accumulate == 1 and world == 1:
+        return f"batch {args.batch_size}"
+    parts = [f"{args.batch_size} per step"]
+    parts += [f"x {args.accumulate} accumulated"] if args.accumulate > 1 else []
+    parts += [f"x {world} processes"] if world > 1 else []
+    return f"batch {' '.join(parts)} = {args.batch_size * args.accumulate * world} per update"
 
 
 def validation_sampling(args: argparse.Namespace) -> Sampling:
@@ -228,14 +260,20 @@ def fit(
     report: Reporter,
     history: list[dict],
     early: EarlyStopping,
+    best_confusion: list[list[int]] | None,
     runtime: Runtime,
 ) -> int | None:
     """The epoch loop: train, validate, save, report. An exit status if it ends early, None when it is done."""
     train_loader, val_loader = loaders
     start_epoch = history[-1]["epoch"] if history else 0
+    world = runtime.ddp.world_size if runtime.ddp.enabled else 1
     with GracefulStop() as stop:
         for epoch in range(start_epoch + 1, args.epochs + 1):
-            started, lr = time.time(), training.optimizer.param_groups[0]["lr"]
+            started = time.time()
+            lr = scheduled_lr(
+                epoch, base=args.lr, epochs=args.epochs, warmup=args.warmup_epochs, schedule=args.schedule
+            )
+            training.set_lr(lr)
             train_loader.sampler.set_epoch(epoch)
             first = args.compile and epoch == start_epoch + 1
             try:
@@ -244,6 +282,7 @@ def fit(
                 )
             except NonFiniteLoss as err:
                 return report.non_finite(err)
+            train_seconds = time.time() - started
             if stop.requested:
                 last = report.checkpoints / "last.pt"
                 saved = f"{last} holds epoch {epoch - 1}" if epoch > 1 else "no epoch had finished, nothing was saved"
@@ -251,28 +290,33 @@ def fit(
             val_loss, matrix, samples, val_skipped = training.validate(
                 val_loader, mapping=mapping, sampling=validation_sampling(args), runtime=runtime, epoch=epoch
             )
-            training.scheduler.step()
             metrics = matrix.compute()
-            record = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                **{key: metrics[key] for key in ("miou", "mdice", "pixel_acc")},
-                "lr": lr,
-            }
-            history.append(record)
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "val_loss": val_loss,
+                    **{key: metrics[key] for key in ("miou", "mdice", "pixel_acc")},
+                    "lr": lr,
+                    "seconds": time.time() - started,
+                    "images_per_s": len(train_loader) * args.batch_size * world / train_seconds,
+                }
+            )
             improved = early.update(metrics["miou"])
+            if improved:
+                best_confusion = matrix.matrix.cpu().tolist()
             numbered = epoch % args.save_every == 0 or epoch == args.epochs or early.should_stop
-            state = training.state(epoch=epoch, args=args, mapping=mapping, best_miou=early.best, history=history)
-            report.save(state, improved=improved, numbered=numbered)
+            progress = dict(mapping=mapping, best_miou=early.best, best_confusion=best_confusion, history=history)
+            report.save(training.state(epoch=epoch, args=args, **progress), improved=improved, numbered=numbered)
             if numbered:
                 report.figures(epoch, samples, matrix)
-            report.epoch(record, metrics["iou"], time.time() - started, skip_report(skipped, val_skipped))
+            report.epoch(history, metrics["iou"], skip_report(skipped, val_skipped))
             if stop.requested:
                 return report.stopped(stop, f"after epoch {epoch}")
             if early.should_stop:
                 report.print(f"early stop: no better val mIoU for {args.early_stop} epochs (best {early.best:.4f})")
                 break
+    report.class_report(best_confusion, history, early.best)
     return None
 
 
@@ -323,13 +367,21 @@ def train(args: argparse.Namespace, checkpoint: dict | None, runtime: Runtime) -
     report.print(
         f"{len(train_set)} training and {len(val_set)} validation images, {mapping.num_classes} classes "
         f"({', '.join(mapping.names)}); {count_parameters(training.model) / 1e6:.2f} M parameters; "
-        f"{runtime.describe()}"
-        + (f"; {runtime.ddp.world_size} processes, batch {args.batch_size} each" if runtime.ddp.enabled else "")
-        + f"; {memory_note}"
+        f"{runtime.describe()}; {batch_text(args, runtime)}; {memory_note}"
     )
+    report.config(args)
     early = EarlyStopping(args.early_stop, best=checkpoint["best_miou"] if checkpoint else -1.0)
+    best_confusion = checkpoint.get("best_confusion") if checkpoint else None
     status = fit(
-        training, loaders, args=args, mapping=mapping, report=report, history=history, early=early, runtime=runtime
+        training,
+        loaders,
+        args=args,
+        mapping=mapping,
+        report=report,
+        history=history,
+        early=early,
+        best_confusion=best_confusion,
+        runtime=runtime,
     )
     if status is not None:
         return status

@@ -1,4 +1,6 @@
+import csv
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -98,6 +100,14 @@ def test_evaluation_equals_torchmetrics_on_the_written_masks(trained_run, tiny_d
         jaccard.update(pred, torch.from_numpy(lut[read_mask(truth)].astype(np.int64)))
     per_class = jaccard.compute()
     assert printed == pytest.approx(per_class[per_class.isfinite()].mean().item(), abs=1e-4)
+    with open(out / "report.csv", newline="") as handle:
+        report = list(csv.DictReader(handle))
+    assert [row["class"] for row in report] == mapping.names
+    for row, iou in zip(report, per_class.tolist(), strict=True):
+        assert float(row["iou"]) == pytest.approx(iou, abs=1e-6) or float(row["pixels"]) == 0
+    assert json.loads((out / "report.json").read_text())["miou"] == pytest.approx(printed, abs=1e-4)
+    with Image.open(out / "confusion_matrix.png") as image:
+        image.verify()
     probs = np.load(out / "probs" / f"{truth.stem}.npy")
     assert probs.dtype == np.float16 and probs.shape == (mapping.num_classes, 48, 48)
     np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2)

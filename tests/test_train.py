@@ -130,3 +130,98 @@ def test_compiled_training_says_what_its_first_step_cost_and_saves_plain_weights
     assert "first step, torch.compile included:" in capsys.readouterr().out
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert not any(name.startswith("_orig_mod") for name in state["model"])  # loads into an uncompiled model
+
+
+def test_a_run_records_results_config_and_a_per_class_report(trained_run):
+    import csv
+    import json
+
+    state = load_checkpoint(trained_run / "checkpoints" / "last.pt")
+    with open(trained_run / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for row, record in zip(rows, state["history"], strict=True):
+        for key in ("train_loss", "val_loss", "miou", "mdice", "pixel_acc", "lr"):
+            assert float(row[key]) == pytest.approx(record[key], rel=1e-9)
+        assert float(row["seconds"]) > 0 and float(row["images_per_s"]) > 0
+    report = json.loads((trained_run / "report.json").read_text())
+    matrix = torch.tensor(report["confusion_matrix"], dtype=torch.float64)
+    tp, truth, predicted = matrix.diag(), matrix.sum(1), matrix.sum(0)
+    with open(trained_run / "report.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert [r["class"] for r in table] == state["mapping"]["names"]
+    for k, row in enumerate(table):
+        assert int(row["pixels"]) == truth[k]
+        assert float(row["iou"]) == pytest.approx((tp[k] / (truth[k] + predicted[k] - tp[k])).item(), nan_ok=True)
+        assert float(row["recall"]) == pytest.approx((tp[k] / truth[k]).item(), nan_ok=True)
+        assert float(row["precision"]) == pytest.approx((tp[k] / predicted[k]).item(), nan_ok=True)
+    assert report["miou"] == pytest.approx(state["best_miou"])  # the best epoch's matrix
+    with Image.open(trained_run / "confusion_matrix.png") as image:
+        image.verify()
+
+
+def test_config_yaml_replays_the_run_and_typed_flags_override_it(trained_run, tmp_path):
+    import yaml
+
+    config = yaml.safe_load((trained_run / "config.yaml").read_text())
+    assert config["epochs"] == 2 and config["widths"] == [4, 8, 16, 32] and "run_dir" not in config
+    run_dir = tmp_path / "replay"
+    assert train.main(["--config", str(trained_run / "config.yaml"), "--run-dir", str(run_dir), "--epochs", "1"]) == 0
+    replayed = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert replayed == {**config, "epochs": 1}
+    first, again = (load_checkpoint(d / "checkpoints" / "epoch_001.pt") for d in (trained_run, run_dir))
+    assert again["history"][0]["train_loss"] == pytest.approx(first["history"][0]["train_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("epoch: 3\n", "unknown key 'epoch'"),
+        ("epochs: many\n", "epochs: 'many' is not a positive integer"),
+        ("compile: 1\n", "compile: 1 is not true or false"),
+        ("optimizer: sgd\n", "optimizer: 'sgd' is not one of adam, adamw"),
+        ("scale_range: 0.5\n", "scale_range: 0.5 is not what --scale-range takes"),
+        ("- epochs\n", "expected flag names and values"),
+        ("epochs: [1\n", "not a YAML file"),
+    ],
+)
+def test_a_config_file_with_a_wrong_key_or_value_is_one_line(tmp_path, text, message):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    result = run_in_process(train.main, "--config", path, "--run-dir", tmp_path / "run")
+    assert result.returncode == 2
+    assert message in result.stderr and str(path) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+RECIPE_FLAGS = [
+    *("--optimizer", "adamw", "--weight-decay", "0.05", "--warmup-epochs", "1", "--schedule", "poly"),
+    *("--ema", "0.9", "--accumulate", "2", "--clip-grad", "0.5"),
+]
+
+
+def test_a_run_with_every_recipe_flag_resumes_to_the_weights_of_an_uninterrupted_one(tiny_demo, tmp_path, capsys):
+    common = ["--data-root", str(tiny_demo), *TINY_TRAIN_FLAGS, *RECIPE_FLAGS, "--epochs", "3", "--save-every", "1"]
+    assert train.main([*common, "--run-dir", str(tmp_path / "whole")]) == 0
+    assert "batch 4 per step x 2 accumulated = 8 per update" in capsys.readouterr().out
+    resumed = tmp_path / "resumed"
+    first = str(tmp_path / "whole/checkpoints/epoch_001.pt")
+    assert train.main(["--resume", first, "--run-dir", str(resumed)]) == 0
+    whole, again = (load_checkpoint(d / "checkpoints/last.pt") for d in (tmp_path / "whole", resumed))
+    for key in ("model", "ema"):
+        for name, tensor in whole[key].items():
+            torch.testing.assert_close(again[key][name], tensor, rtol=1e-5, atol=1e-6, msg=f"{key} {name}")
+    assert again["ema_updates"] == whole["ema_updates"] == 3 * (24 // 4) // 2
+    # poly after one warmup epoch, from an independent formula; the resumed run's csv holds each epoch once
+    lrs = [float(line.split(",")[6]) for line in (resumed / "results.csv").read_text().splitlines()[1:]]
+    assert lrs == pytest.approx([3e-3 / 2, 3e-3, 3e-3 * (1 - 1 / 2) ** 0.9])
+    # the checkpoint's average is what inference uses unless told otherwise
+    from predictor import Predictor
+    from utils import Runtime
+
+    runtime = Runtime(torch.device("cpu"))
+    averaged = Predictor.from_checkpoint(resumed / "checkpoints/last.pt", runtime)
+    trained = Predictor.from_checkpoint(resumed / "checkpoints/last.pt", runtime, ema=False)
+    weight = "encoders.0.conv2.weight"
+    assert not torch.equal(averaged.network.state_dict()[weight], trained.network.state_dict()[weight])

@@ -1,0 +1,99 @@
+"""The training recipe's parts against PyTorch's own schedulers and plain arithmetic: learning-rate schedules,
+weight-decay groups, gradient accumulation, clipping, the EMA."""
+
+import pytest
+import torch
+
+from engine import Updates, build_optimizer, ema_model, scheduled_lr, train_step
+from model import ResidualAttnUNet
+from utils import Runtime
+
+CPU = Runtime(torch.device("cpu"))
+
+
+def torch_schedule(epochs, warmup, schedule, base=0.1):
+    """The learning rate of each epoch from torch.optim.lr_scheduler, stepped once per epoch."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
+    lr_scheduler = torch.optim.lr_scheduler
+    decay = (
+        lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs - warmup)
+        if schedule == "cosine"
+        else lr_scheduler.PolynomialLR(optimizer, total_iters=epochs - warmup, power=0.9)
+    )
+    if warmup:
+        ramp = lr_scheduler.LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1, total_iters=warmup)
+        decay = lr_scheduler.SequentialLR(optimizer, [ramp, decay], milestones=[warmup])
+    lrs = []
+    for _ in range(epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        decay.step()
+    return lrs
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "poly"])
+@pytest.mark.parametrize(("epochs", "warmup"), [(10, 0), (10, 3), (7, 1)])
+def test_schedules_equal_torch_schedulers(epochs, warmup, schedule):
+    ours = [scheduled_lr(e, base=0.1, epochs=epochs, warmup=warmup, schedule=schedule) for e in range(1, epochs + 1)]
+    assert ours == pytest.approx(torch_schedule(epochs, warmup, schedule), rel=1e-9, abs=1e-12)
+
+
+def test_weight_decay_reaches_convolution_weights_only():
+    model = ResidualAttnUNet(3, 2, (4, 8))
+    optimizer = build_optimizer(model, 1e-3, torch.device("cpu"), name="adamw", weight_decay=0.05)
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    for name, param in model.named_parameters():
+        assert (id(param) in decayed) == (param.ndim == 4), name
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert len(build_optimizer(model, 1e-3, torch.device("cpu")).param_groups) == 1  # the reference recipe's
+
+
+def conv_model(seed=0):
+    """No BatchNorm: batch statistics would make micro-batches differ from the whole batch."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(6, 3, 1))
+
+
+def batch(seed=0, n=4):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=generator), torch.randint(0, 3, (n, 8, 8), generator=generator)
+
+
+def step_parts(model, optimizer=None):
+    optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=1e-2)
+    return dict(loss_fn=torch.nn.CrossEntropyLoss(), optimizer=optimizer, scaler=CPU.grad_scaler(), runtime=CPU)
+
+
+def test_two_accumulated_halves_update_as_the_whole_batch():
+    images, masks = batch()
+    whole, halves = conv_model(), conv_model()
+    train_step(whole, images, masks, **step_parts(whole))
+    parts, updates = step_parts(halves), Updates(accumulate=2)
+    train_step(halves, images[:2], masks[:2], **parts, updates=updates, update=False)
+    train_step(halves, images[2:], masks[2:], **parts, updates=updates, update=True)
+    for a, b in zip(whole.parameters(), halves.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in halves.parameters())  # cleared for the next group
+
+
+def test_clipping_bounds_the_step_of_plain_sgd():
+    model = conv_model()
+    before = torch.nn.utils.parameters_to_vector(model.parameters()).clone()
+    parts = step_parts(model, torch.optim.SGD(model.parameters(), lr=1.0))
+    train_step(model, *batch(), **parts, updates=Updates(clip_grad=0.01))
+    moved = torch.nn.utils.parameters_to_vector(model.parameters()) - before
+    assert moved.norm().item() == pytest.approx(0.01, rel=1e-4)
+
+
+def test_the_ema_follows_the_weights_with_a_warming_decay():
+    model = conv_model()
+    ema = ema_model(model, decay=0.9)
+    parts = step_parts(model)
+    expected = [p.detach().clone() for p in model.parameters()]
+    for n in range(5):
+        train_step(model, *batch(seed=n), **parts, updates=Updates(ema=ema))
+        decay = 0.0 if n == 0 else min(0.9, (1 + n) / (10 + n))  # the first update copies the weights
+        expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, model.parameters(), strict=True)]
+    for averaged, reference in zip(ema.module.parameters(), expected, strict=True):
+        torch.testing.assert_close(averaged, reference, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(next(ema.module.parameters()), next(model.parameters()))
