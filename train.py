@@ -236,13 +236,17 @@ def build_training(args: argparse.Namespace, train_set: SegmentationFolder, runt
 
 def batch_text(args: argparse.Namespace, runtime: Runtime) -> str:
     """The batch per update, when accumulation or several processes make it more than --batch-size."""
-    world = runtime.ddp.world_size if runtime.ddp.enabled else 1
+    world = runtime.ddp.world_size
     if args.accumulate == 1 and world == 1:
         return f"batch {args.batch_size}"
     parts = [f"{args.batch_size} per step"]
     parts += [f"x {args.accumulate} accumulated"] if args.accumulate > 1 else []
     parts += [f"x {world} processes"] if world > 1 else []
     return f"batch {' '.join(parts)} = {args.batch_size * args.accumulate * world} per update"
+
+
+def learning_rate(args: argparse.Namespace, epoch: int) -> float:
+    return scheduled_lr(epoch, base=args.lr, epochs=args.epochs, warmup=args.warmup_epochs, schedule=args.schedule)
 
 
 def validation_sampling(args: argparse.Namespace) -> Sampling:
@@ -266,13 +270,9 @@ def fit(
     """The epoch loop: train, validate, save, report. An exit status if it ends early, None when it is done."""
     train_loader, val_loader = loaders
     start_epoch = history[-1]["epoch"] if history else 0
-    world = runtime.ddp.world_size if runtime.ddp.enabled else 1
     with GracefulStop() as stop:
         for epoch in range(start_epoch + 1, args.epochs + 1):
-            started = time.time()
-            lr = scheduled_lr(
-                epoch, base=args.lr, epochs=args.epochs, warmup=args.warmup_epochs, schedule=args.schedule
-            )
+            started, lr = time.time(), learning_rate(args, epoch)
             training.set_lr(lr)
             train_loader.sampler.set_epoch(epoch)
             first = args.compile and epoch == start_epoch + 1
@@ -291,20 +291,14 @@ def fit(
                 val_loader, mapping=mapping, sampling=validation_sampling(args), runtime=runtime, epoch=epoch
             )
             metrics = matrix.compute()
+            scores = {key: metrics[key] for key in ("miou", "mdice", "pixel_acc")}
+            images_per_s = len(train_loader) * args.batch_size * runtime.ddp.world_size / train_seconds
             history.append(
-                {
-                    "epoch": epoch,
-                    "train_loss": train_loss,
-                    "val_loss": val_loss,
-                    **{key: metrics[key] for key in ("miou", "mdice", "pixel_acc")},
-                    "lr": lr,
-                    "seconds": time.time() - started,
-                    "images_per_s": len(train_loader) * args.batch_size * world / train_seconds,
-                }
+                dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, **scores, lr=lr)
+                | dict(seconds=time.time() - started, images_per_s=images_per_s)
             )
             improved = early.update(metrics["miou"])
-            if improved:
-                best_confusion = matrix.matrix.cpu().tolist()
+            best_confusion = matrix.matrix.cpu().tolist() if improved else best_confusion
             numbered = epoch % args.save_every == 0 or epoch == args.epochs or early.should_stop
             progress = dict(mapping=mapping, best_miou=early.best, best_confusion=best_confusion, history=history)
             report.save(training.state(epoch=epoch, args=args, **progress), improved=improved, numbered=numbered)
