@@ -90,15 +90,22 @@ def build_transforms(
         geometry = [v2.Resize(size, antialias=True)]
     else:
         geometry = [v2.RandomResizedCrop(size, scale=(0.25 if strong else 0.5, 1.0), antialias=True)]
+    colour = []
     if augment != "none":
         geometry += [
             v2.RandomHorizontalFlip(),
             *([v2.RandomVerticalFlip()] if strong else []),
             v2.RandomRotation(15, fill=fill),
+        ]
+        colour = [
             v2.ColorJitter(0.3, 0.3, 0.3, 0.05 if strong else 0.0),
             *([v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.3)] if strong else []),
         ]
-    return v2.Compose([*geometry, *(normalize_images().transforms if normalize else [])])
+    if not normalize:
+        return v2.Compose([*geometry, *colour])
+    # Colour on float: on uint8 every jitter op converts to float and back (four times the work).
+    to_float, to_input = normalize_images().transforms
+    return v2.Compose([*geometry, to_float, *colour, to_input])
 
 
 class SegmentationFolder(Dataset):
