@@ -4,7 +4,8 @@ All rows come from one run, so their ratios hold on a noisy machine: measured fp
 matrix-multiply ceilings, training images/s and achieved GFLOP/s (counted with FlopCounterMode)
 for the naive fp32 NCHW eager step, the default fast path and torch.compile, inference over a
 folder for a naive per-image loop and for inference.py (PyTorch fp32 and default precision, and
-onnxruntime on the CPU), its peak memory on four 24-megapixel photos, and data-loader images/s per worker.
+onnxruntime on the CPU), its peak memory on four 24-megapixel photos, and the data loader's time per stage
+and images/s per worker process on COCO-sized JPEGs.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -37,10 +40,10 @@ from cli import (
     positive_int_upto,
     widths_type,
 )
-from dataset import MEAN, STD, SegmentationFolder
+from dataset import MEAN, STD, SegmentationFolder, build_transforms, normalize_images
 from demo import make_demo_data
 from engine import build_optimizer, train_step
-from image_io import list_images
+from image_io import list_images, read_image
 from labels import LabelMapping
 from losses import build_loss
 from model import ResidualAttnUNet
@@ -272,14 +275,85 @@ def bench_large_images(args, device: torch.device, root: Path) -> None:
         print(f"{label:<34} {seconds:>9.2f} {result['peak_mb']:>12.0f}  {result['mask_size']}")
 
 
-def bench_loader(args, data: Path, workers: int) -> float:
-    dataset = SegmentationFolder(data / "images/train", data / "masks/train", args.image_size, augment="basic")
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers, shuffle=True)
-    next(iter(loader))  # start-up of the workers is not throughput
+LOADER_PHOTOS = {"count": 64, "size": (640, 480), "classes": 5}  # COCO-sized JPEGs and their index masks
+STAGES = ("decode", "mask + lookup", "geometry", "colour + normalise", "collate")
+NOT_GEOMETRY = (v2.ToDtype, v2.ColorJitter, v2.RandomApply, v2.Normalize)  # where the colour stage starts
+
+
+def write_loader_data(root: Path) -> tuple[Path, Path]:
+    images, masks = root / "loader/images", root / "loader/masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    width, height = LOADER_PHOTOS["size"]
+    rng = np.random.default_rng(0)
+    for k in range(LOADER_PHOTOS["count"]):
+        write_photo(images / f"{k:03d}.jpg", LOADER_PHOTOS["size"], seed=k)
+        mask = np.zeros((height, width), np.uint8)
+        for label in range(1, LOADER_PHOTOS["classes"]):
+            top, left = rng.integers(0, height - 100), rng.integers(0, width - 100)
+            mask[top : top + rng.integers(50, 200), left : left + rng.integers(50, 300)] = label
+        Image.fromarray(mask).save(masks / f"{k:03d}.png")
+    return images, masks
+
+
+def uint8_colour_pipeline(dataset: SegmentationFolder, augment: str) -> v2.Compose:
+    """The pipeline before colour moved to float: jitter on uint8, then convert and normalise."""
+    plain = build_transforms(dataset.image_size, augment, normalize=False)
+    return v2.Compose([*plain.transforms, *normalize_images().transforms])
+
+
+def loader_stages(images: Path, masks: Path, image_size: int, augment: str, uint8_colour: bool) -> dict:
+    """Milliseconds per sample in each stage, on one thread as in a DataLoader worker, and the images/s of
+    one worker process running the whole pipeline."""
+    torch.set_num_threads(1)
+    dataset = SegmentationFolder(images, masks, image_size, augment=augment, scan_workers=1)
+    if uint8_colour:
+        dataset.transform = uint8_colour_pipeline(dataset, augment)
+    steps = dataset.transform.transforms
+    split = next((i for i, step in enumerate(steps) if isinstance(step, NOT_GEOMETRY)), len(steps))
+    geometry, colour = v2.Compose(steps[:split]), v2.Compose(steps[split:])
+    seconds = dict.fromkeys(STAGES, 0.0)
+    samples = []
+    for index, (image_path, _) in enumerate(dataset.pairs):
+        started = time.perf_counter()
+        pil_image, upright = read_image(image_path)
+        image = tv_tensors.Image(TF.pil_to_tensor(pil_image))
+        decoded = time.perf_counter()
+        mask = dataset.load_mask(index, pil_image, upright)
+        loaded = time.perf_counter()
+        image, mask = geometry(image, mask)
+        moved = time.perf_counter()
+        image, mask = colour(image, mask)
+        samples.append((image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()))
+        seconds["decode"] += decoded - started
+        seconds["mask + lookup"] += loaded - decoded
+        seconds["geometry"] += moved - loaded
+        seconds["colour + normalise"] += time.perf_counter() - moved
+    started = time.perf_counter()
+    for first in range(0, len(samples), 8):
+        default_collate(samples[first : first + 8])
+    seconds["collate"] = time.perf_counter() - started
+    per_sample = {stage: 1000 * value / len(samples) for stage, value in seconds.items()}
+    loader = DataLoader(dataset, batch_size=8, num_workers=1, shuffle=True)
+    next(iter(loader))  # the worker's start-up is not throughput
     timing = {}
     with timer(torch.device("cpu"), timing):
-        count = sum(len(images) for images, _ in loader)
-    return count / timing["seconds"]
+        count = sum(len(batch) for batch, _ in loader)
+    return {"ms": per_sample, "images_per_s": count / timing["seconds"]}
+
+
+def bench_loader(args, root: Path) -> None:
+    images, masks = write_loader_data(root)
+    width, height = LOADER_PHOTOS["size"]
+    print(f"\ndata loader: {LOADER_PHOTOS['count']} JPEGs {width}x{height} -> {args.image_size} px, ms per image")
+    print(f"{'augment':<26}" + "".join(f"{stage:>19}" for stage in STAGES) + f"{'1 worker images/s':>19}")
+    for augment in ("none", "basic", "strong"):
+        for label, uint8_colour in ((f"{augment} (colour on uint8)", True), (augment, False)):
+            if augment == "none" and uint8_colour:
+                continue
+            result = isolated(loader_stages, images, masks, args.image_size, augment, uint8_colour)
+            row = "".join(f"{result['ms'][stage]:>19.2f}" for stage in STAGES)
+            print(f"{label:<26}{row}{result['images_per_s']:>19.1f}")
 
 
 def report_training(args, device: torch.device) -> None:
@@ -344,10 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         if "large" in parts:
             bench_large_images(args, device, root)
         if "loader" in parts:
-            print(f"\n{'data loader (decode+resize+augment)':<34} {'images/s':>9}")
-            for workers in (1, 2):
-                label = f"{workers} worker" + ("s" if workers > 1 else "")
-                print(f"{label:<34} {bench_loader(args, data, workers):>9.1f}")
+            bench_loader(args, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -208,11 +209,14 @@ class SegmentationFolder(Dataset):
 
     def load(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
         """Decoded, mapped, full-size image and mask, before any transform."""
-        image_path, mask_path = self.pairs[index]
-        image, upright = read_image(image_path, self.max_pixels)
+        image, upright = read_image(self.pairs[index][0], self.max_pixels)
+        return tv_tensors.Image(TF.pil_to_tensor(image)), self.load_mask(index, image, upright)
+
+    def load_mask(self, index: int, image: Image.Image, upright: Image.Transpose | None) -> tv_tensors.Mask:
+        """The mask of a decoded image, turned as the image was, its values mapped to class indices."""
+        mask_path = self.pairs[index][1]
         mask = align_mask(read_mask(mask_path, self.max_pixels), image, upright, mask_path)
-        labels = self.lut[mask]
-        return tv_tensors.Image(TF.pil_to_tensor(image)), tv_tensors.Mask(torch.from_numpy(labels))
+        return tv_tensors.Mask(torch.from_numpy(self.lut[mask]))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.load(index) if self.transform is None else self.transform(*self.load(index))

@@ -177,6 +177,33 @@ def train_step(
     return loss.detach()
 
 
+class DataWait:
+    """How much of an epoch the loop spent blocked on the loader. The first batch (workers starting up) is left
+    out; with sync, a CUDA step is waited for, so its queued work is not counted as waiting."""
+
+    def __init__(self, device: torch.device, sync: bool):
+        self.device, self.sync = device, sync and device.type == "cuda"
+        self.waited = self.elapsed = 0.0
+        self.step_done_at: float | None = None
+
+    def batch_arrived(self) -> None:
+        if self.step_done_at is not None:
+            self.waited += time.perf_counter() - self.step_done_at
+
+    def step_done(self) -> None:
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if self.step_done_at is not None:
+            self.elapsed += now - self.step_done_at
+        self.step_done_at = now
+
+    def describe(self, workers: int) -> str:
+        share = self.waited / self.elapsed if self.elapsed else 0.0
+        advice = "the loader keeps up" if share < 0.1 else "the step waits for data: add --workers if cores are free"
+        return f"first epoch: {share:.0%} of the time waiting for data with --workers {workers}; {advice}"
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     loader: DataLoader,
@@ -189,10 +216,12 @@ def train_one_epoch(
     stop: GracefulStop,
     updates: Updates = EVERY_STEP,
     time_first_step: bool = False,
+    report_data_wait: bool = False,
 ) -> tuple[float, list[str]]:
     """One pass over the sampler; returns the mean loss and the bad samples that were skipped.
 
     time_first_step: say how long the first step took, which with --compile holds the compilation.
+    report_data_wait: say how much of the epoch waited for the loader (see DataWait).
     """
     model.train()
     total_loss = torch.zeros((), device=runtime.device)
@@ -200,7 +229,9 @@ def train_one_epoch(
     skipped: list[str] = []
     steps = 0
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True, disable=not runtime.ddp.is_main)
+    data_wait = DataWait(runtime.device, sync=report_data_wait)
     for steps, (images, masks, skipped_here) in enumerate(bar, 1):
+        data_wait.batch_arrived()
         skipped.extend(line for s in skipped_here for line in s.splitlines())
         images = images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
         masks = masks.to(runtime.device, non_blocking=True)
@@ -220,6 +251,7 @@ def train_one_epoch(
         if time_first_step and steps == 1 and runtime.ddp.is_main:
             loss.item()  # waits for the step: once per run
             tqdm.write(f"first step, torch.compile included: {time.perf_counter() - step_started:.1f} s")
+        data_wait.step_done()
         # Recorded on the device and read at log points only: no host sync per step.
         first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(loss), steps, first_bad_step)
         total_loss += loss
@@ -229,6 +261,8 @@ def train_one_epoch(
             bar.set_postfix(loss=f"{total_loss.item() / steps:.4f}")  # a host sync point
         if stop.agreed(runtime):
             break
+    if report_data_wait and runtime.ddp.is_main:
+        tqdm.write(data_wait.describe(loader.num_workers))
     return total_loss.item() / max(steps, 1), skipped
 
 

@@ -21,7 +21,7 @@ from demo import DEMO_ROOTS
 from image_io import BadSampleError, list_images, read_image
 from onnx_model import OnnxError, OnnxModel, compare_networks, export_metadata, export_network
 from predictor import Sampling
-from utils import UserError, replace_atomically
+from utils import UserError, replace_atomically, require_folder
 
 MIN_LABEL_AGREEMENT = 0.999
 
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     model = model_from_checkpoint(state, checkpoint, ema=args.ema).eval().fold_batchnorm().float()
     flags = {"image_size": state["image_size"], **state.get("args", {})}
     sampling = Sampling.from_training_flags(flags)
-    images = read_check_images(args.images or validation_folder(flags), args.check_count)
+    folder = require_folder(args.images, "--images") if args.images else validation_folder(flags)
+    images = read_check_images(folder, args.check_count)
     if not images:
         print("no real images found to check on (--images DIR): checking on random inputs only")
     side = sampling.tile if sampling.mode == "slide" else sampling.image_size

@@ -142,7 +142,9 @@ class Training:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def train_epoch(self, loader, *, runtime: Runtime, epoch: int, stop: GracefulStop, time_first_step: bool):
+    def train_epoch(self, loader, *, runtime: Runtime, epoch: int, stop: GracefulStop, first: bool, compiled: bool):
+        """first: the first epoch of this process, which says what the first step cost (with compile) and how
+        much of the epoch waited for data."""
         return train_one_epoch(
             self.step_model,
             loader,
@@ -153,7 +155,8 @@ class Training:
             epoch=epoch,
             stop=stop,
             updates=self.updates,
-            time_first_step=time_first_step,
+            time_first_step=first and compiled,
+            report_data_wait=first,
         )
 
     def validate(self, loader, *, mapping: LabelMapping, sampling: Sampling, runtime: Runtime, epoch: int):
@@ -275,10 +278,14 @@ def fit(
             started, lr = time.time(), learning_rate(args, epoch)
             training.set_lr(lr)
             train_loader.sampler.set_epoch(epoch)
-            first = args.compile and epoch == start_epoch + 1
             try:
                 train_loss, skipped = training.train_epoch(
-                    train_loader, runtime=runtime, epoch=epoch, stop=stop, time_first_step=first
+                    train_loader,
+                    runtime=runtime,
+                    epoch=epoch,
+                    stop=stop,
+                    first=epoch == start_epoch + 1,
+                    compiled=args.compile,
                 )
             except NonFiniteLoss as err:
                 return report.non_finite(err)

@@ -97,3 +97,16 @@ def test_the_ema_follows_the_weights_with_a_warming_decay():
     for averaged, reference in zip(ema.module.parameters(), expected, strict=True):
         torch.testing.assert_close(averaged, reference, rtol=1e-5, atol=1e-6)
     assert not torch.equal(next(ema.module.parameters()), next(model.parameters()))
+
+
+def test_data_wait_counts_the_time_between_a_step_and_the_next_batch(monkeypatch):
+    import engine
+
+    wait = engine.DataWait(torch.device("cpu"), sync=True)
+    wait.batch_arrived()  # the first batch (workers starting up) is not counted
+    for event, now in (("step", 0.0), ("batch", 1.0), ("step", 3.0), ("batch", 4.0), ("step", 4.0)):
+        monkeypatch.setattr(engine.time, "perf_counter", lambda now=now: now)
+        wait.step_done() if event == "step" else wait.batch_arrived()
+    assert (wait.waited, wait.elapsed) == (2.0, 4.0)  # waited 1 + 1 of the 4 s after the first step
+    assert "50% of the time waiting for data with --workers 3" in wait.describe(3)
+    assert "add --workers" in wait.describe(3)

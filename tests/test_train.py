@@ -204,7 +204,9 @@ RECIPE_FLAGS = [
 def test_a_run_with_every_recipe_flag_resumes_to_the_weights_of_an_uninterrupted_one(tiny_demo, tmp_path, capsys):
     common = ["--data-root", str(tiny_demo), *TINY_TRAIN_FLAGS, *RECIPE_FLAGS, "--epochs", "3", "--save-every", "1"]
     assert train.main([*common, "--run-dir", str(tmp_path / "whole")]) == 0
-    assert "batch 4 per step x 2 accumulated = 8 per update" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "batch 4 per step x 2 accumulated = 8 per update" in printed
+    assert printed.count("of the time waiting for data with --workers 0") == 1  # the first epoch only
     resumed = tmp_path / "resumed"
     first = str(tmp_path / "whole/checkpoints/epoch_001.pt")
     assert train.main(["--resume", first, "--run-dir", str(resumed)]) == 0
