@@ -304,7 +304,7 @@ def uint8_colour_pipeline(dataset: SegmentationFolder, augment: str) -> v2.Compo
 
 def loader_stages(images: Path, masks: Path, image_size: int, augment: str, uint8_colour: bool) -> dict:
     """Milliseconds per sample in each stage, on one thread as in a DataLoader worker, and the images/s of
-    one worker process running the whole pipeline."""
+    one process running the whole pipeline through a DataLoader (what one worker delivers)."""
     torch.set_num_threads(1)
     dataset = SegmentationFolder(images, masks, image_size, augment=augment, scan_workers=1)
     if uint8_colour:
@@ -334,8 +334,7 @@ def loader_stages(images: Path, masks: Path, image_size: int, augment: str, uint
         default_collate(samples[first : first + 8])
     seconds["collate"] = time.perf_counter() - started
     per_sample = {stage: 1000 * value / len(samples) for stage, value in seconds.items()}
-    loader = DataLoader(dataset, batch_size=8, num_workers=1, shuffle=True)
-    next(iter(loader))  # the worker's start-up is not throughput
+    loader = DataLoader(dataset, batch_size=8, shuffle=True)  # in this process: the rate of one worker
     timing = {}
     with timer(torch.device("cpu"), timing):
         count = sum(len(batch) for batch, _ in loader)
@@ -346,7 +345,7 @@ def bench_loader(args, root: Path) -> None:
     images, masks = write_loader_data(root)
     width, height = LOADER_PHOTOS["size"]
     print(f"\ndata loader: {LOADER_PHOTOS['count']} JPEGs {width}x{height} -> {args.image_size} px, ms per image")
-    print(f"{'augment':<26}" + "".join(f"{stage:>19}" for stage in STAGES) + f"{'1 worker images/s':>19}")
+    print(f"{'augment':<26}" + "".join(f"{stage:>19}" for stage in STAGES) + f"{'images/s':>19}")
     for augment in ("none", "basic", "strong"):
         for label, uint8_colour in ((f"{augment} (colour on uint8)", True), (augment, False)):
             if augment == "none" and uint8_colour:
