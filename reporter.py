@@ -118,6 +118,12 @@ class Reporter:
             f"  python inference.py --input_dir {val_images} --checkpoint {self.checkpoints / 'best.pt'}"
         )
 
+    def during_epoch(self, epoch: int) -> str:
+        """When a stop came mid-epoch: what last.pt holds."""
+        last = self.checkpoints / "last.pt"
+        saved = f"{last} holds epoch {epoch - 1}" if epoch > 1 else "no epoch had finished, nothing was saved"
+        return f"during epoch {epoch}; {saved}"
+
     def stopped(self, stop: GracefulStop, when: str) -> int:
         """Say how to continue after SIGINT/SIGTERM; returns the exit status (130 or 143)."""
         self.print(

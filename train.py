@@ -291,9 +291,7 @@ def fit(
                 return report.non_finite(err)
             train_seconds = time.time() - started
             if stop.requested:
-                last = report.checkpoints / "last.pt"
-                saved = f"{last} holds epoch {epoch - 1}" if epoch > 1 else "no epoch had finished, nothing was saved"
-                return report.stopped(stop, f"during epoch {epoch}; {saved}")
+                return report.stopped(stop, report.during_epoch(epoch))
             val_loss, matrix, samples, val_skipped = training.validate(
                 val_loader, mapping=mapping, sampling=validation_sampling(args), runtime=runtime, epoch=epoch
             )
