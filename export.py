@@ -37,7 +37,10 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--check-count", type=positive_int, default=4, help="how many of those images")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument(
-        "--no-ema", dest="ema", action="store_false", help="export the trained weights of an --ema run, not the average"
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="export the moving average of the weights where the run kept one (train.py --ema)",
     )
     return p
 

@@ -57,7 +57,10 @@ def get_args_parser() -> ArgumentParser:
     )
     p.add_argument("--tta", action="store_true", help="average the softmax of the image and its horizontal flip")
     p.add_argument(
-        "--no-ema", dest="ema", action="store_false", help="use the trained weights of an --ema run, not the average"
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="use the moving average of the weights where the run kept one (train.py --ema)",
     )
     p.add_argument("--save-probs", action="store_true", help="also write per-class probabilities as float16 .npy")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist (default: skip them)")
