@@ -20,7 +20,6 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -30,7 +29,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
+from bench_data import LOADER_PHOTOS, write_checkpoint, write_loader_data, write_photo
+from checkpoints import load_checkpoint, model_from_checkpoint
 from cli import (
     ArgumentParser,
     add_device_flag,
@@ -44,7 +44,6 @@ from dataset import MEAN, STD, SegmentationFolder, build_transforms, normalize_i
 from demo import make_demo_data
 from engine import build_optimizer, train_step
 from image_io import list_images, read_image
-from labels import LabelMapping
 from losses import build_loss
 from model import ResidualAttnUNet
 from onnx_model import export_metadata, export_network
@@ -151,18 +150,6 @@ def bench_training(args, runtime: Runtime, compile_model: bool, keep_memory: boo
     }
 
 
-def write_checkpoint(args, path: Path) -> None:
-    model = ResidualAttnUNet(3, args.classes, args.widths)
-    mapping = LabelMapping(list(range(args.classes)), [f"class {k}" for k in range(args.classes)])
-    state = {
-        "model": model.state_dict(),
-        "mapping": mapping.to_dict(),
-        "image_size": args.image_size,
-        "model_args": model.config,
-    }
-    save_checkpoint(state, path)
-
-
 def naive_inference(args, device, folder: Path, checkpoint: Path, output: Path) -> None:
     """The baseline: one image at a time, fp32, NCHW, decode and write in the same thread."""
     state = torch.load(checkpoint, weights_only=True)
@@ -212,7 +199,7 @@ def bench_inference(args, device, root: Path, images: Path, runs: dict) -> dict:
     files = sorted(images.glob("*.jpg"))
     checkpoint = root / "bench.pt"
     if not checkpoint.exists():
-        write_checkpoint(args, checkpoint)
+        write_checkpoint(checkpoint, classes=args.classes, widths=args.widths, image_size=args.image_size)
     folders = {"images": images, "warm-up": root / "warm-up", "output": root / "predictions"}
     folders["warm-up"].mkdir(exist_ok=True)
     for path in files[: args.batch_size]:  # a full batch: oneDNN prepares its kernels per shape
@@ -237,16 +224,6 @@ def report_inference(speeds: dict, title: str) -> None:
 LARGE_PHOTOS = {"count": 4, "size": (6000, 4000), "classes": 81}  # phone photos, COCO's categories
 
 
-def write_photo(path: Path, size: tuple[int, int], seed: int) -> None:
-    """Smooth colour gradients with texture: JPEG-compresses like a photo, unlike pure noise."""
-    width, height = size
-    rng = np.random.default_rng(seed)
-    y, x = np.ogrid[:height, :width]
-    channels = [(np.sin(x / rng.uniform(200, 900) + y / rng.uniform(200, 900) + c) + 1) * 100 for c in range(3)]
-    pixels = np.stack(channels, -1) + rng.integers(0, 40, (height, width, 1))
-    Image.fromarray(pixels.astype(np.uint8)).save(path, quality=90)
-
-
 def large_inference(device: torch.device, folder: Path, checkpoint: Path, output: Path, sampling: dict) -> dict:
     """inference.py's defaults on the large photos, in a process of its own so its peak RSS is its own."""
     runtime = Runtime.from_flags(device.type, "auto", channels_last=True)
@@ -267,7 +244,7 @@ def bench_large_images(args, device: torch.device, root: Path) -> None:
     for k in range(LARGE_PHOTOS["count"]):
         write_photo(folder / f"photo{k}.jpg", LARGE_PHOTOS["size"], seed=k)
     checkpoint = root / "large.pt"
-    write_checkpoint(argparse.Namespace(**{**vars(args), "classes": LARGE_PHOTOS["classes"]}), checkpoint)
+    write_checkpoint(checkpoint, classes=LARGE_PHOTOS["classes"], widths=args.widths, image_size=args.image_size)
     print(f"\n{'4 photos 6000x4000, 81 classes':<34} {'s/image':>9} {'peak RSS MB':>12}  mask size")
     for label, sampling in (("resize (default)", {}), ("slide, --scale 0.25", {"mode": "slide", "scale": 0.25})):
         result = isolated(large_inference, device, folder, checkpoint, root / "large-out" / label, sampling)
@@ -275,25 +252,8 @@ def bench_large_images(args, device: torch.device, root: Path) -> None:
         print(f"{label:<34} {seconds:>9.2f} {result['peak_mb']:>12.0f}  {result['mask_size']}")
 
 
-LOADER_PHOTOS = {"count": 64, "size": (640, 480), "classes": 5}  # COCO-sized JPEGs and their index masks
 STAGES = ("decode", "mask + lookup", "geometry", "colour + normalise", "collate")
 NOT_GEOMETRY = (v2.ToDtype, v2.ColorJitter, v2.RandomApply, v2.Normalize)  # where the colour stage starts
-
-
-def write_loader_data(root: Path) -> tuple[Path, Path]:
-    images, masks = root / "loader/images", root / "loader/masks"
-    images.mkdir(parents=True)
-    masks.mkdir(parents=True)
-    width, height = LOADER_PHOTOS["size"]
-    rng = np.random.default_rng(0)
-    for k in range(LOADER_PHOTOS["count"]):
-        write_photo(images / f"{k:03d}.jpg", LOADER_PHOTOS["size"], seed=k)
-        mask = np.zeros((height, width), np.uint8)
-        for label in range(1, LOADER_PHOTOS["classes"]):
-            top, left = rng.integers(0, height - 100), rng.integers(0, width - 100)
-            mask[top : top + rng.integers(50, 200), left : left + rng.integers(50, 300)] = label
-        Image.fromarray(mask).save(masks / f"{k:03d}.png")
-    return images, masks
 
 
 def uint8_colour_pipeline(dataset: SegmentationFolder, augment: str) -> v2.Compose:
