@@ -137,6 +137,16 @@ def add_device_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
 
 
+def add_ema_flag(parser: argparse.ArgumentParser) -> None:
+    """--ema/--no-ema, the same in inference.py and export.py."""
+    parser.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the moving average of the weights where the run kept one (train.py --ema); --no-ema: the trained ones",
+    )
+
+
 def add_hardware_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--device, --precision and --channels-last, the same in train.py and inference.py."""
     add_device_flag(parser)

@@ -15,7 +15,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from checkpoints import default_checkpoint, load_checkpoint, model_from_checkpoint
-from cli import ArgumentParser, positive_int, run_cli
+from cli import ArgumentParser, add_ema_flag, positive_int, run_cli
 from dataset import normalize_images
 from demo import DEMO_ROOTS
 from image_io import BadSampleError, list_images, read_image
@@ -36,12 +36,7 @@ def get_args_parser() -> ArgumentParser:
     )
     p.add_argument("--check-count", type=positive_int, default=4, help="how many of those images")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument(
-        "--ema",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="export the moving average of the weights where the run kept one (train.py --ema)",
-    )
+    add_ema_flag(p)
     return p
 
 

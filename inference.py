@@ -12,7 +12,16 @@ import sys
 from pathlib import Path
 
 from checkpoints import default_checkpoint
-from cli import ArgumentParser, add_hardware_flags, float_in, image_size_type, non_negative_int, positive_int, run_cli
+from cli import (
+    ArgumentParser,
+    add_ema_flag,
+    add_hardware_flags,
+    float_in,
+    image_size_type,
+    non_negative_int,
+    positive_int,
+    run_cli,
+)
 from image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, list_images
 from predictions import Outputs, segment_folder
 from predictor import MODES, Predictor
@@ -56,12 +65,7 @@ def get_args_parser() -> ArgumentParser:
         help="slide: rescale images by this first (default 1, or the training --base-size)",
     )
     p.add_argument("--tta", action="store_true", help="average the softmax of the image and its horizontal flip")
-    p.add_argument(
-        "--ema",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="use the moving average of the weights where the run kept one (train.py --ema)",
-    )
+    add_ema_flag(p)
     p.add_argument("--save-probs", action="store_true", help="also write per-class probabilities as float16 .npy")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist (default: skip them)")
     p.add_argument("--batch-size", type=positive_int, default=8)
