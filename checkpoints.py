@@ -11,7 +11,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from labels import LabelMapping
 from model import ResidualAttnUNet
-from utils import UserError, replace_atomically
+from utils import UserError, first_line, replace_atomically
 
 RUNS = Path("runs")
 # Raised when what a checkpoint holds changes meaning; checkpoints written before the field existed are 1.
@@ -78,11 +78,15 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for truncated, foreign or unsafe files
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line})") from None
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line(err)})") from None
     if not isinstance(state, dict) or "model" not in state or "model_args" not in state:
         raise CheckpointError(f"{path}: not a checkpoint written by train.py")
     return state
+
+
+def training_flags(state: dict) -> dict:
+    """The flags the run was trained with, image_size included (old checkpoints kept it outside args)."""
+    return {"image_size": state["image_size"], **state.get("args", {})}
 
 
 def load_model_weights(

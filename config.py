@@ -28,7 +28,7 @@ from engine import OPTIMIZERS, SCHEDULES
 from image_io import DEFAULT_MAX_PIXELS
 from labels import IGNORE_INDEX
 from losses import LOSSES
-from utils import UserError, replace_atomically
+from utils import UserError, first_line, replace_atomically
 
 DEMO_SETTINGS = {"image_size": 96, "widths": (16, 32, 64, 128), "epochs": 30, "batch_size": 16}
 DATA_FLAGS = ("data_root", "train_images", "train_masks", "val_images", "val_masks", "train_coco", "val_coco")
@@ -301,6 +301,11 @@ def check_crop_flags(args: argparse.Namespace, parser: ArgumentParser) -> None:
         raise UserError(f"--{needs_crop[0].replace('_', '-')} applies to --crop-size training only")
 
 
+def replayable_flags(parser: ArgumentParser) -> dict[str, argparse.Action]:
+    """The flags a config file may set, by name: all but --help and NOT_REPLAYED."""
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", *NOT_REPLAYED)}
+
+
 def config_value_tokens(action: argparse.Action, value, where: str) -> list[str]:
     """One key of a config file as the command-line tokens that set it, each checked as the flag checks it."""
     flag = action.option_strings[0]
@@ -335,10 +340,10 @@ def config_file_argv(path: Path, parser: ArgumentParser) -> list[str]:
     except OSError as err:
         raise UserError(f"{path}: cannot read --config ({err.strerror or err})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not a YAML file ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{path}: not a YAML file ({first_line(err)})") from None
     if not isinstance(values, dict):
         raise UserError(f"{path}: expected flag names and values (key: value lines)")
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", *NOT_REPLAYED)}
+    actions = replayable_flags(parser)
     argv = []
     for key, value in values.items():
         action = actions.get(str(key).replace("-", "_"))
@@ -350,7 +355,7 @@ def config_file_argv(path: Path, parser: ArgumentParser) -> list[str]:
 
 def save_config(args: argparse.Namespace, path: Path) -> None:
     """The resolved flags, written where --config reads them back to replay the run (in a new run folder)."""
-    flags = {a.dest for a in get_args_parser()._actions if a.option_strings} - {"help", *NOT_REPLAYED}
+    flags = set(replayable_flags(get_args_parser()))
     if not args.demo:
         flags.discard("demo_style")
     values = {name: value for name, value in plain_args(args).items() if name in flags}

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from checkpoints import default_checkpoint, load_checkpoint, model_from_checkpoint
+from checkpoints import default_checkpoint, load_checkpoint, model_from_checkpoint, training_flags
 from cli import ArgumentParser, add_ema_flag, positive_int, run_cli
 from dataset import normalize_images
 from demo import DEMO_ROOTS
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{output}: already exists; pass --overwrite to replace it")
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, checkpoint, ema=args.ema).eval().fold_batchnorm().float()
-    flags = {"image_size": state["image_size"], **state.get("args", {})}
+    flags = training_flags(state)
     sampling = Sampling.from_training_flags(flags)
     folder = require_folder(args.images, "--images") if args.images else validation_folder(flags)
     images = read_check_images(folder, args.check_count)

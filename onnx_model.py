@@ -11,9 +11,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from checkpoints import training_flags
 from dataset import MEAN, STD
 from labels import LabelMapping
-from utils import UserError
+from utils import UserError, first_line
 
 METADATA_KEYS = ("format_version", "mapping", "normalize", "training", "model_args")  # each under "segmentation."
 SAMPLING_FLAGS = ("image_size", "crop_size", "base_size")  # what Sampling.from_training_flags reads
@@ -25,7 +26,7 @@ class OnnxError(UserError):
 
 def export_metadata(state: dict) -> dict[str, str]:
     """What inference needs from a checkpoint, as the JSON strings ONNX metadata_props hold."""
-    flags = {"image_size": state["image_size"], **state.get("args", {})}
+    flags = training_flags(state)
     values = {
         "format_version": state.get("format_version", 1),
         "mapping": state["mapping"],
@@ -74,8 +75,7 @@ class OnnxModel:
         try:
             session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own types for truncated, foreign and invalid files
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise OnnxError(f"{path}: not a loadable ONNX model ({first_line})") from None
+            raise OnnxError(f"{path}: not a loadable ONNX model ({first_line(err)})") from None
         props = session.get_modelmeta().custom_metadata_map
         missing = [key for key in METADATA_KEYS if f"segmentation.{key}" not in props]
         if missing:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
+from checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint, training_flags
 from dataset import normalize_images
 from image_io import rgb_array
 from labels import LabelMapping
@@ -158,7 +158,7 @@ class Predictor:
         model = model_from_checkpoint(state, path, ema=ema)
         try:
             mapping = LabelMapping.from_dict(state["mapping"])
-            chosen = Sampling.for_model({"image_size": state["image_size"], **state.get("args", {})}, **sampling)
+            chosen = Sampling.for_model(training_flags(state), **sampling)
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: holds no usable label mapping and image size ({err!r})") from None
         # Weights cast once to the inference dtype: autocast would cast every weight on every batch.

@@ -56,6 +56,12 @@ class WriteError(UserError):
     """A file could not be written (disk full, read-only, no permission); the message names it and the cause."""
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's first line for a one-line error (libraries raise pages); its type where it has no text."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def require_folder(path: Path, flag: str = "") -> Path:
     """The one wording for a missing folder or a file where a folder belongs; flag names the option."""
     label = f"{flag} {path}" if flag else str(path)
