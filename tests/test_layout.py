@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = {"train", "inference", "export", "prepare_masks", "bench", "fetch_real_data"}
+SCRIPTS = {"train", "inference", "export", "prepare_masks", "bench", "fetch_real_data", "score_masks"}
 
 
 def imported_names(path) -> set[str]:
