@@ -56,6 +56,20 @@ def scheduled_lr(epoch: int, *, base: float, epochs: int, warmup: int = 0, sched
     return base * (1 + math.cos(math.pi * progress)) / 2
 
 
+@dataclass(frozen=True)
+class TimeBudget:
+    """--time-budget: the epochs that fit in a wall-clock budget. They are estimated once, at the end of the first
+    epoch (validation included), and then fixed as --epochs, so the schedule spans the whole budget and a resumed
+    run keeps the same schedule."""
+
+    seconds: float
+    started: float  # time.monotonic() when the run started: data scans and model building count too
+
+    def epochs_that_fit(self, first_epoch_seconds: float) -> int:
+        left = self.seconds - (time.monotonic() - self.started)
+        return 1 + max(0, int(left // max(first_epoch_seconds, 1e-3)))
+
+
 def ema_model(model: torch.nn.Module, decay: float) -> AveragedModel:
     """An exponential moving average of the weights and BatchNorm statistics. The decay warms up as in timm
     (min(decay, (1 + n) / (10 + n)) after n updates) so short runs are not averaged into their initial weights."""

@@ -26,6 +26,15 @@ def write_csv(rows: list[dict], columns: tuple[str, ...], path: Path) -> None:
         tmp.write_text(text.getvalue(), encoding="utf-8")
 
 
+def epoch_record(epoch: int, *, losses: tuple, metrics: dict, lr: float, seconds: tuple, images: int) -> dict:
+    """One row of the run's history (results.csv, TensorBoard): seconds = (training, training + validation)."""
+    scores = {key: metrics[key] for key in ("miou", "mdice", "pixel_acc")}
+    train_loss, val_loss = losses
+    return dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, **scores, lr=lr) | dict(
+        seconds=seconds[1], images_per_s=images / seconds[0]
+    )
+
+
 def write_results(history: list[dict], path: Path) -> None:
     """Rewritten whole from the history every epoch, so a resumed run (whose history is the checkpoint's) never
     holds an epoch twice or misses one."""

@@ -11,11 +11,25 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from checkpoints import save_checkpoint
-from config import save_config
+from config import get_args_parser
+from config_file import save_config
 from engine import GracefulStop
 from metrics import ConfusionMatrix
 from plots import confusion_matrix_figure, curves_figure, sample_panel, save_figure
 from records import confusion_from, format_report, write_report, write_results
+from utils import Runtime
+
+
+def batch_text(args: argparse.Namespace, runtime: Runtime) -> str:
+    """The batch per update, when accumulation or several processes make it more than --batch-size."""
+    world = runtime.ddp.world_size
+    if args.accumulate == 1 and world == 1:
+        return f"batch {args.batch_size}"
+    parts = [f"{args.batch_size} per step"]
+    parts += [f"x {args.accumulate} accumulated"] if args.accumulate > 1 else []
+    parts += [f"x {world} processes"] if world > 1 else []
+    return f"batch {' '.join(parts)} = {args.batch_size * args.accumulate * world} per update"
+
 
 SCALARS = {
     "loss/train": "train_loss",
@@ -51,7 +65,7 @@ class Reporter:
     def config(self, args: argparse.Namespace) -> None:
         """config.yaml: the resolved flags; `train.py --config` replays the run."""
         if self.active:
-            save_config(args, self.run_dir / "config.yaml")
+            save_config(args, self.run_dir / "config.yaml", get_args_parser())
 
     def epoch(self, history: list[dict], per_class_iou: torch.Tensor, skipped: str) -> None:
         """The console line, TensorBoard scalars and results.csv of the epoch just finished (history[-1])."""

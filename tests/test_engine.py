@@ -110,3 +110,13 @@ def test_data_wait_counts_the_time_between_a_step_and_the_next_batch(monkeypatch
     assert (wait.waited, wait.elapsed) == (2.0, 4.0)  # waited 1 + 1 of the 4 s after the first step
     assert "50% of the time waiting for data with --workers 3" in wait.describe(3)
     assert "add --workers" in wait.describe(3)
+
+
+def test_a_time_budget_counts_the_start_up_and_fits_whole_epochs(monkeypatch):
+    import engine
+
+    budget = engine.TimeBudget(seconds=100, started=1000.0)
+    monkeypatch.setattr(engine.time, "monotonic", lambda: 1012.0)  # start-up and the first epoch took 12 s
+    assert budget.epochs_that_fit(10.0) == 1 + 8
+    monkeypatch.setattr(engine.time, "monotonic", lambda: 1150.0)  # the first epoch alone overran the budget
+    assert budget.epochs_that_fit(10.0) == 1

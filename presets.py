@@ -1,0 +1,34 @@
+"""Named sets of train.py flag values, applied beneath the flags a user types: the demo's, and the reference
+design's recipe that this repo's first defaults followed (one flag away: --preset reference)."""
+
+from __future__ import annotations
+
+import argparse
+
+DEMO_SETTINGS = {"image_size": 96, "crop_size": None, "widths": (16, 32, 64, 128), "epochs": 30, "batch_size": 16}
+
+PRESETS = {
+    "reference": {  # whole images squashed to 256 x 256, plain cross-entropy, Adam 1e-4 + cosine over 50 epochs
+        "image_size": 256,
+        "crop_size": None,
+        "widths": (64, 128, 256, 512),
+        "loss": "ce",
+        "augment": "basic",
+        "sampler": "weighted",
+        "min_epoch_samples": 0,  # an epoch is one pass, however small the set
+        "batch_size": 8,
+        "epochs": 50,
+        "lr": 1e-4,
+        "optimizer": "adam",
+        "weight_decay": 0.0,
+        "warmup_epochs": 0,
+        "schedule": "cosine",
+    },
+}
+
+
+def apply_settings(args: argparse.Namespace, settings: dict, given: set[str]) -> None:
+    """Each setting not typed (or set by --config) replaces the parser's default."""
+    for name, value in settings.items():
+        if name not in given:
+            setattr(args, name, value)
