@@ -129,6 +129,7 @@ def widths_type(text: str) -> tuple[int, ...]:
 
 
 image_size_type = positive_int_upto(MAX_IMAGE_SIZE)
+crop_size_type = int_in(0, MAX_IMAGE_SIZE)  # 0: no crops, whole images squashed to --image-size
 seed_type = int_in(0, 2**32 - 1)  # what NumPy's seeding accepts
 mask_value_type = int_in(0, MAX_MASK_VALUE)
 

@@ -8,12 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
-from checkpoints import CheckpointError, load_checkpoint, newest_checkpoint, plain_args
+from checkpoints import CheckpointError, load_checkpoint, newest_checkpoint
 from cli import (
     ArgumentParser,
     add_hardware_flags,
+    crop_size_type,
     float_in,
     image_size_type,
     mask_value_type,
@@ -23,17 +22,17 @@ from cli import (
     widths_type,
 )
 from coco import MODES
+from config_file import config_file_argv
 from demo import DEMO_ROOTS, DEMO_STYLES
 from engine import OPTIMIZERS, SCHEDULES
 from image_io import DEFAULT_MAX_PIXELS
 from labels import IGNORE_INDEX
 from losses import LOSSES
-from utils import UserError, first_line, replace_atomically
+from presets import DEMO_SETTINGS, PRESETS, apply_settings
+from utils import UserError
 
-DEMO_SETTINGS = {"image_size": 96, "widths": (16, 32, 64, 128), "epochs": 30, "batch_size": 16}
 DATA_FLAGS = ("data_root", "train_images", "train_masks", "val_images", "val_masks", "train_coco", "val_coco")
 RESUME_KEYS = ("args", "epoch", "history", "best_miou", "mapping", "optimizer", "scaler", "rng")
-NOT_REPLAYED = ("config", "resume", "run_dir")  # a replayed config starts a new run in a new folder
 # They fix the model, its classes or the shape of the optimiser's state.
 MUST_MATCH_CHECKPOINT = ("widths", "binary", "ignore_value", "coco_mode", "optimizer", "weight_decay")
 
@@ -71,19 +70,30 @@ def add_data_flags(p: ArgumentParser) -> None:
     data.add_argument(
         "--train-subset", type=positive_int, help="train on the first N training images only (classes from all)"
     )
+    data.add_argument("--strict", action="store_true", help="stop at a bad sample instead of skipping it")
+    data.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        help="larger images and masks are bad samples (skipped and named), never decoded",
+    )
 
 
 def add_input_flags(p: ArgumentParser) -> None:
     """How samples reach the model: size, augmentation, sampling, loader processes."""
     inputs = p.add_argument_group("inputs")
     inputs.add_argument(
-        "--image-size", type=image_size_type, default=256, help="images and masks are resized to this square"
+        "--image-size",
+        type=image_size_type,
+        default=256,
+        help="with --crop-size 0: whole images and masks are squashed to this square",
     )
     inputs.add_argument(
         "--crop-size",
-        type=image_size_type,
-        help="train on random N x N crops at native resolution (aspect ratio kept) instead of squashing whole "
-        "images to --image-size; validation and inference then slide N px tiles over each image",
+        type=crop_size_type,
+        default=256,
+        help="train on random N x N crops at native resolution (aspect ratio kept); validation and inference slide "
+        "N px tiles over each image. 0: squash whole images to --image-size instead (the reference design)",
     )
     inputs.add_argument(
         "--scale-range",
@@ -101,7 +111,7 @@ def add_input_flags(p: ArgumentParser) -> None:
     inputs.add_argument(
         "--val-mode",
         choices=("resize", "slide"),
-        help="how validation shows images to the model (default: slide with --crop-size, else resize); "
+        help="how validation shows images to the model (default: slide, or resize with --crop-size 0); "
         "either way it is scored at each image's original size, as inference.py scores",
     )
     inputs.add_argument(
@@ -116,32 +126,43 @@ def add_input_flags(p: ArgumentParser) -> None:
         default="weighted",
         help="weighted: images holding rare classes are drawn more often",
     )
-    inputs.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
-    inputs.add_argument("--strict", action="store_true", help="stop at a bad sample instead of skipping it")
     inputs.add_argument(
-        "--max-pixels",
-        type=positive_int,
-        default=DEFAULT_MAX_PIXELS,
-        help="larger images and masks are bad samples (skipped and named), never decoded",
+        "--min-epoch-samples",
+        type=non_negative_int,
+        default=100,
+        metavar="N",
+        help="an epoch draws at least N images: smaller sets are drawn several times per epoch, so validation and "
+        "checkpoints do not take most of a tiny set's time (0: one pass)",
     )
+    inputs.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
 
 
 def add_model_flags(p: ArgumentParser) -> None:
     model = p.add_argument_group("model and optimisation")
-    model.add_argument(
-        "--widths", type=widths_type, default=(64, 128, 256, 512), help="encoder widths, comma-separated"
-    )
+    model.add_argument("--widths", type=widths_type, default=(32, 64, 128, 256), help="encoder widths, comma-separated")
     model.add_argument(
         "--dropout",
         type=float_in(0, 1, high_open=True),
         default=0.0,
         help="Dropout2d in the bottleneck and decoder blocks",
     )
-    model.add_argument("--loss", choices=LOSSES, default="ce", help="weighted_ce: class weights from mask statistics")
+    model.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default="dice_ce",
+        help="dice_ce: soft Dice + cross-entropy; weighted_ce: class weights from mask statistics",
+    )
     model.add_argument("--dice-weight", type=float_in(0), default=1.0, help="weight of the Dice term of dice_ce")
     model.add_argument("--ce-weight", type=float_in(0), default=1.0, help="weight of the cross-entropy term of dice_ce")
     model.add_argument("--epochs", type=positive_int, default=50)
-    model.add_argument("--batch-size", type=positive_int, default=8)
+    model.add_argument(
+        "--time-budget",
+        type=float_in(0, low_open=True),
+        metavar="MINUTES",
+        help="train for this wall-clock time instead of --epochs: the epochs that fit, estimated from the first "
+        "(validation included), become --epochs and the schedule spans them",
+    )
+    model.add_argument("--batch-size", type=positive_int, default=4)
     model.add_argument(
         "--lr",
         type=float_in(0, low_open=True),
@@ -216,6 +237,12 @@ def get_args_parser() -> ArgumentParser:
     p = ArgumentParser(
         description="Train the residual self-attention U-Net. With no data flags it trains on the built-in demo.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        help="reference: the reference design's recipe (whole images squashed to --image-size 256, plain "
+        "cross-entropy, batch 8, 50 epochs); flags typed with it still win",
     )
     p.add_argument(
         "--config",
@@ -301,68 +328,6 @@ def check_crop_flags(args: argparse.Namespace, parser: ArgumentParser) -> None:
         raise UserError(f"--{needs_crop[0].replace('_', '-')} applies to --crop-size training only")
 
 
-def replayable_flags(parser: ArgumentParser) -> dict[str, argparse.Action]:
-    """The flags a config file may set, by name: all but --help and NOT_REPLAYED."""
-    return {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", *NOT_REPLAYED)}
-
-
-def config_value_tokens(action: argparse.Action, value, where: str) -> list[str]:
-    """One key of a config file as the command-line tokens that set it, each checked as the flag checks it."""
-    flag = action.option_strings[0]
-    if isinstance(action, argparse.BooleanOptionalAction | argparse._StoreTrueAction):
-        if not isinstance(value, bool):
-            raise UserError(f"{where}: {value!r} is not true or false")
-        if isinstance(action, argparse._StoreTrueAction):
-            return [flag] if value else []
-        return [flag if value else action.option_strings[1]]
-    if value is None:
-        return []
-    if action.nargs is None and isinstance(value, list) and action.dest == "widths":
-        value = ",".join(map(str, value))
-    texts = [str(v) for v in value] if isinstance(value, list) else [str(value)]
-    if len(texts) != (action.nargs if isinstance(action.nargs, int) else 1) or isinstance(value, dict):
-        raise UserError(f"{where}: {value!r} is not what --{action.dest.replace('_', '-')} takes")
-    for text in texts:
-        try:
-            converted = action.type(text) if action.type else text
-        except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
-            raise UserError(f"{where}: {err}") from None
-        if action.choices is not None and converted not in action.choices:
-            raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
-    return [flag, *texts]
-
-
-def config_file_argv(path: Path, parser: ArgumentParser) -> list[str]:
-    """A YAML file of flags (a run's config.yaml) as the command line that sets them; unknown keys and values
-    of the wrong type are one-line errors naming the file and the key."""
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as err:
-        raise UserError(f"{path}: cannot read --config ({err.strerror or err})") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not a YAML file ({first_line(err)})") from None
-    if not isinstance(values, dict):
-        raise UserError(f"{path}: expected flag names and values (key: value lines)")
-    actions = replayable_flags(parser)
-    argv = []
-    for key, value in values.items():
-        action = actions.get(str(key).replace("-", "_"))
-        if action is None:
-            raise UserError(f"{path}: unknown key {key!r} (not a train.py flag)")
-        argv += config_value_tokens(action, value, f"{path}: {key}")
-    return argv
-
-
-def save_config(args: argparse.Namespace, path: Path) -> None:
-    """The resolved flags, written where --config reads them back to replay the run (in a new run folder)."""
-    flags = set(replayable_flags(get_args_parser()))
-    if not args.demo:
-        flags.discard("demo_style")
-    values = {name: value for name, value in plain_args(args).items() if name in flags}
-    with replace_atomically(path) as tmp:
-        tmp.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict | None]:
     """Flags: typed, then from --config, the demo settings or the checkpoint being resumed."""
     parser = get_args_parser()
@@ -376,10 +341,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
     args.demo = not any(getattr(args, flag, None) for flag in DATA_FLAGS)
     if "demo_style" in given and not args.demo:
         raise UserError("--demo-style chooses the built-in demo; it does not apply with data flags")
-    if args.demo and checkpoint is None:
-        for name, value in DEMO_SETTINGS.items():
-            if name not in given:
-                setattr(args, name, value)
+    if checkpoint is None:
+        apply_settings(args, DEMO_SETTINGS if args.demo else {}, given)
+        apply_settings(args, PRESETS.get(args.preset, {}), given)
+    if {"epochs", "time_budget"} <= given:
+        raise UserError("--epochs and --time-budget: give one (a time budget sets the epochs)")
     check_crop_flags(args, parser)
     if args.run_dir is None:
         name = DEMO_ROOTS[args.demo_style].name if args.demo else (args.data_root or args.train_images).resolve().name

@@ -28,8 +28,11 @@ class EpochSampler(Sampler):
     sees the same samples augmented the same way as an uninterrupted one.
     """
 
-    def __init__(self, sampler: Sampler, seed: int, generator: torch.Generator | None = None, rank: int = 0):
+    def __init__(
+        self, sampler: Sampler, seed: int, generator: torch.Generator | None = None, rank: int = 0, size: int = 0
+    ):
         self.sampler, self.seed, self.generator, self.rank, self.epoch = sampler, seed, generator, rank, 0
+        self.size = size  # indices wrap around at the dataset's size (0: they never pass it)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -43,7 +46,7 @@ class EpochSampler(Sampler):
 
     def __iter__(self):
         for position, index in enumerate(self.sampler):
-            yield epoch_seed(self.seed, self.epoch, self.rank, position), index
+            yield epoch_seed(self.seed, self.epoch, self.rank, position), index % self.size if self.size else index
 
 
 class DistributedWeightedSampler(Sampler):
@@ -51,9 +54,9 @@ class DistributedWeightedSampler(Sampler):
     (a seed shared through set_epoch) and keeps every world_size-th draw starting at its rank.
     """
 
-    def __init__(self, weights: torch.Tensor, num_replicas: int, rank: int, seed: int = 0):
+    def __init__(self, weights: torch.Tensor, num_replicas: int, rank: int, seed: int = 0, num_samples: int = 0):
         self.weights, self.num_replicas, self.rank, self.seed, self.epoch = weights, num_replicas, rank, seed, 0
-        self.num_samples = math.ceil(len(weights) / num_replicas)
+        self.num_samples = math.ceil((num_samples or len(weights)) / num_replicas)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -68,27 +71,34 @@ class DistributedWeightedSampler(Sampler):
 
 
 def make_weighted_sampler(
-    dataset: SegmentationFolder, generator: torch.Generator | None = None
+    dataset: SegmentationFolder, generator: torch.Generator | None = None, num_samples: int = 0
 ) -> WeightedRandomSampler:
     """Draw images holding rare classes more often (the inverse-frequency rule)."""
     return WeightedRandomSampler(
-        dataset.sample_weights(), num_samples=len(dataset), replacement=True, generator=generator
+        dataset.sample_weights(), num_samples=num_samples or len(dataset), replacement=True, generator=generator
     )
 
 
-def train_sampler(train_set: SegmentationFolder, *, weighted: bool, seed: int, runtime: Runtime) -> EpochSampler:
-    """Weighted (rare classes drawn more often) or uniform; under DDP each rank takes its own share."""
+def train_sampler(
+    train_set: SegmentationFolder, *, weighted: bool, seed: int, runtime: Runtime, min_epoch_samples: int = 0
+) -> EpochSampler:
+    """Weighted (rare classes drawn more often) or uniform; under DDP each rank takes its own share.
+
+    An epoch draws at least min_epoch_samples images: a set smaller than that is drawn several times (uniform:
+    whole shuffled passes), so on a tiny set the validation and checkpoint after each epoch do not take most
+    of the time, as nnU-Net's fixed-length epochs avoid."""
     generator = torch.Generator()
     ddp = runtime.ddp
+    samples = max(len(train_set), min_epoch_samples)
     if ddp.world_size > 1 and weighted:
-        sampler = DistributedWeightedSampler(train_set.sample_weights(), ddp.world_size, ddp.rank, seed)
+        sampler = DistributedWeightedSampler(train_set.sample_weights(), ddp.world_size, ddp.rank, seed, samples)
     elif ddp.world_size > 1:
-        sampler = DistributedSampler(train_set, ddp.world_size, ddp.rank, shuffle=True, seed=seed)
+        sampler = DistributedSampler(range(samples), ddp.world_size, ddp.rank, shuffle=True, seed=seed)
     elif weighted:
-        sampler = make_weighted_sampler(train_set, generator)
+        sampler = make_weighted_sampler(train_set, generator, samples)
     else:
-        sampler = RandomSampler(train_set, generator=generator)
-    return EpochSampler(sampler, seed, generator, ddp.rank)
+        sampler = RandomSampler(train_set, num_samples=samples, generator=generator)
+    return EpochSampler(sampler, seed, generator, ddp.rank, size=len(train_set))
 
 
 def as_lists(batch: list[tuple]) -> tuple[list, ...]:
@@ -106,6 +116,7 @@ def build_loaders(
     seed: int,
     strict: bool,
     runtime: Runtime,
+    min_epoch_samples: int = 0,
 ) -> tuple[DataLoader, DataLoader]:
     """Bad samples are replaced in training and left out of validation (see SkipBadSamples).
 
@@ -119,7 +130,9 @@ def build_loaders(
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
-    sampler = train_sampler(train_set, weighted=weighted, seed=seed, runtime=runtime)
+    sampler = train_sampler(
+        train_set, weighted=weighted, seed=seed, runtime=runtime, min_epoch_samples=min_epoch_samples
+    )
     train_loader = DataLoader(SkipBadSamples(train_set, strict), batch_size, sampler=sampler, drop_last=True, **options)
     val_shard = range(runtime.ddp.rank, len(val_set), runtime.ddp.world_size)
     val_loader = DataLoader(

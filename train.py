@@ -28,6 +28,7 @@ from engine import (
     EarlyStopping,
     GracefulStop,
     NonFiniteLoss,
+    TimeBudget,
     Updates,
     build_optimizer,
     ema_model,
@@ -41,7 +42,8 @@ from losses import build_loss
 from memory import available_bytes, check_fits, measure_training_step
 from model import ResidualAttnUNet, count_parameters
 from predictor import Predictor, Sampling
-from reporter import Reporter, skip_report
+from records import epoch_record
+from reporter import Reporter, batch_text, skip_report
 from utils import Runtime, UserError, keep_freed_cpu_memory, require_folder, seed_everything
 
 
@@ -98,7 +100,7 @@ def build_datasets(
         unknown_labels="ignore" if args.ignore_unknown_labels else "error",
         **labels,
     )
-    if args.batch_size > len(train_set):
+    if args.batch_size > max(len(train_set), args.min_epoch_samples):
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images")
     return train_set, val_set
 
@@ -131,6 +133,7 @@ class Training:
     scaler: torch.amp.GradScaler
     loss_fn: torch.nn.Module
     updates: Updates  # accumulation, clipping, the EMA
+    compiled: bool = False  # the first step's time (compilation included) is worth printing
 
     def state(self, **progress) -> dict:
         """progress: epoch, args, mapping, best_miou, best_confusion, history (see checkpoints.training_state)."""
@@ -142,7 +145,7 @@ class Training:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def train_epoch(self, loader, *, runtime: Runtime, epoch: int, stop: GracefulStop, first: bool, compiled: bool):
+    def train_epoch(self, loader, *, runtime: Runtime, epoch: int, stop: GracefulStop, first: bool):
         """first: the first epoch of this process, which says what the first step cost (with compile) and how
         much of the epoch waited for data."""
         return train_one_epoch(
@@ -155,7 +158,7 @@ class Training:
             epoch=epoch,
             stop=stop,
             updates=self.updates,
-            time_first_step=first and compiled,
+            time_first_step=first and self.compiled,
             report_data_wait=first,
         )
 
@@ -234,18 +237,8 @@ def build_training(args: argparse.Namespace, train_set: SegmentationFolder, runt
         scaler=runtime.grad_scaler(),
         loss_fn=loss_fn.to(runtime.device),
         updates=Updates(accumulate=args.accumulate, clip_grad=args.clip_grad, ema=ema),
+        compiled=args.compile,
     )
-
-
-def batch_text(args: argparse.Namespace, runtime: Runtime) -> str:
-    """The batch per update, when accumulation or several processes make it more than --batch-size."""
-    world = runtime.ddp.world_size
-    if args.accumulate == 1 and world == 1:
-        return f"batch {args.batch_size}"
-    parts = [f"{args.batch_size} per step"]
-    parts += [f"x {args.accumulate} accumulated"] if args.accumulate > 1 else []
-    parts += [f"x {world} processes"] if world > 1 else []
-    return f"batch {' '.join(parts)} = {args.batch_size * args.accumulate * world} per update"
 
 
 def learning_rate(args: argparse.Namespace, epoch: int) -> float:
@@ -258,6 +251,15 @@ def validation_sampling(args: argparse.Namespace) -> Sampling:
     return replace(sampling, mode=args.val_mode) if args.val_mode else sampling
 
 
+def fix_epochs_to_budget(
+    args: argparse.Namespace, budget: TimeBudget, first_epoch_seconds: float, *, report: Reporter, runtime: Runtime
+) -> None:
+    """After the first epoch of a --time-budget run: the epochs that fit become --epochs, saved with the run."""
+    args.epochs = runtime.ddp.broadcast(budget.epochs_that_fit(first_epoch_seconds))
+    report.epochs = args.epochs
+    report.print(f"--time-budget {args.time_budget:g} min: {args.epochs} epochs fit (estimated from the first)")
+
+
 def fit(
     training: Training,
     loaders: tuple,
@@ -268,24 +270,22 @@ def fit(
     history: list[dict],
     early: EarlyStopping,
     best_confusion: list[list[int]] | None,
+    budget: TimeBudget | None,
     runtime: Runtime,
 ) -> int | None:
     """The epoch loop: train, validate, save, report. An exit status if it ends early, None when it is done."""
     train_loader, val_loader = loaders
-    start_epoch = history[-1]["epoch"] if history else 0
+    epoch = start_epoch = history[-1]["epoch"] if history else 0
     with GracefulStop() as stop:
-        for epoch in range(start_epoch + 1, args.epochs + 1):
+        while epoch < args.epochs:
+            epoch += 1
             started, lr = time.time(), learning_rate(args, epoch)
             training.set_lr(lr)
             train_loader.sampler.set_epoch(epoch)
             try:
+                first = epoch == start_epoch + 1
                 train_loss, skipped = training.train_epoch(
-                    train_loader,
-                    runtime=runtime,
-                    epoch=epoch,
-                    stop=stop,
-                    first=epoch == start_epoch + 1,
-                    compiled=args.compile,
+                    train_loader, runtime=runtime, epoch=epoch, stop=stop, first=first
                 )
             except NonFiniteLoss as err:
                 return report.non_finite(err)
@@ -296,12 +296,14 @@ def fit(
                 val_loader, mapping=mapping, sampling=validation_sampling(args), runtime=runtime, epoch=epoch
             )
             metrics = matrix.compute()
-            scores = {key: metrics[key] for key in ("miou", "mdice", "pixel_acc")}
-            images_per_s = len(train_loader) * args.batch_size * runtime.ddp.world_size / train_seconds
-            history.append(
-                dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, **scores, lr=lr)
-                | dict(seconds=time.time() - started, images_per_s=images_per_s)
+            images = len(train_loader) * args.batch_size * runtime.ddp.world_size
+            seconds = (train_seconds, time.time() - started)
+            record = epoch_record(
+                epoch, losses=(train_loss, val_loss), metrics=metrics, lr=lr, seconds=seconds, images=images
             )
+            history.append(record)
+            if budget is not None and epoch == 1:
+                fix_epochs_to_budget(args, budget, history[-1]["seconds"], report=report, runtime=runtime)
             improved = early.update(metrics["miou"])
             best_confusion = matrix.matrix.cpu().tolist() if improved else best_confusion
             numbered = epoch % args.save_every == 0 or epoch == args.epochs or early.should_stop
@@ -331,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace, checkpoint: dict | None, runtime: Runtime) -> int:
+    started = time.monotonic()
     args.run_dir = runtime.ddp.broadcast(args.run_dir)  # a timestamped name must be the same on every rank
     if not runtime.ddp.is_main:
         logging.getLogger().setLevel(logging.ERROR)
@@ -347,6 +350,7 @@ def train(args: argparse.Namespace, checkpoint: dict | None, runtime: Runtime) -
         seed=args.seed,
         strict=args.strict,
         runtime=runtime,
+        min_epoch_samples=args.min_epoch_samples,
     )
     training = build_training(args, train_set, runtime)
     memory_note = check_memory(training, args, runtime)
@@ -380,6 +384,7 @@ def train(args: argparse.Namespace, checkpoint: dict | None, runtime: Runtime) -
         history=history,
         early=early,
         best_confusion=best_confusion,
+        budget=TimeBudget(args.time_budget * 60, started) if args.time_budget and not checkpoint else None,
         runtime=runtime,
     )
     if status is not None:

@@ -36,6 +36,10 @@ def tiny_demo(tmp_path_factory) -> Path:
 TINY_TRAIN_FLAGS = [
     "--image-size",
     "32",
+    "--crop-size",
+    "0",
+    "--min-epoch-samples",
+    "0",
     "--widths",
     "4,8,16,32",
     "--batch-size",

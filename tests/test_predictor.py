@@ -142,7 +142,7 @@ def test_the_checkpoint_flags_choose_the_mode():
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--base-size", "64"], "--base-size applies to --crop-size training only"),
+        (["--crop-size", "0", "--base-size", "64"], "--base-size applies to --crop-size training only"),
         (["--crop-size", "32", "--scale-range", "2", "1"], "--scale-range 2 1: LOW must not exceed HIGH"),
     ],
 )

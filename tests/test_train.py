@@ -227,3 +227,54 @@ def test_a_run_with_every_recipe_flag_resumes_to_the_weights_of_an_uninterrupted
     trained = Predictor.from_checkpoint(resumed / "checkpoints/last.pt", runtime, ema=False)
     weight = "encoders.0.conv2.weight"
     assert not torch.equal(averaged.network.state_dict()[weight], trained.network.state_dict()[weight])
+
+
+def test_a_time_budget_fixes_the_epochs_after_the_first_and_a_resume_keeps_them(tiny_demo, tmp_path, monkeypatch):
+    import yaml
+
+    from engine import TimeBudget, scheduled_lr
+
+    monkeypatch.setattr(TimeBudget, "epochs_that_fit", lambda self, first_epoch_seconds: 3)
+    whole = tmp_path / "whole"
+    flags = ["--data-root", str(tiny_demo), *TINY_TRAIN_FLAGS, "--time-budget", "0.5", "--save-every", "1"]
+    assert train.main([*flags, "--run-dir", str(whole)]) == 0
+    last = load_checkpoint(whole / "checkpoints/last.pt")
+    assert last["epoch"] == 3 and last["args"]["epochs"] == 3 and last["args"]["time_budget"] == 0.5
+    cosine_over_3 = [scheduled_lr(e, base=3e-3, epochs=3) for e in (1, 2, 3)]
+    assert [h["lr"] for h in last["history"]] == pytest.approx(cosine_over_3)
+    assert "epochs" not in yaml.safe_load((whole / "config.yaml").read_text())  # a replay fits its own epochs
+    monkeypatch.setattr(TimeBudget, "epochs_that_fit", lambda self, first_epoch_seconds: 8)
+    resumed = tmp_path / "resumed"
+    assert train.main(["--resume", str(whole / "checkpoints/epoch_001.pt"), "--run-dir", str(resumed)]) == 0
+    again = load_checkpoint(resumed / "checkpoints/last.pt")
+    assert again["epoch"] == 3 and [h["lr"] for h in again["history"]] == pytest.approx(cosine_over_3)
+
+
+def test_epochs_and_a_time_budget_together_are_one_line(tiny_demo, tmp_path):
+    result = run_in_process(train.main, "--data-root", tiny_demo, "--epochs", "3", "--time-budget", "1")
+    assert result.returncode == 2 and "--epochs and --time-budget: give one" in result.stderr
+
+
+def test_the_reference_preset_sets_the_reference_recipe_beneath_typed_flags(tiny_demo):
+    from config import parse_args
+    from presets import PRESETS
+
+    args, _ = parse_args(["--data-root", str(tiny_demo), "--preset", "reference", "--epochs", "2"])
+    assert args.crop_size is None and args.image_size == 256 and args.loss == "ce" and args.batch_size == 8
+    assert args.widths == (64, 128, 256, 512) and args.lr == 1e-4 and args.schedule == "cosine"
+    assert args.epochs == 2  # typed
+    default, _ = parse_args(["--data-root", str(tiny_demo)])
+    differs = [name for name, value in PRESETS["reference"].items() if getattr(default, name) != value]
+    assert differs  # the preset is not today's defaults under another name
+
+
+def test_crop_size_0_trains_on_whole_squashed_images_as_the_reference_design(tiny_demo):
+    from config import parse_args
+    from predictor import Sampling
+
+    default, _ = parse_args(["--data-root", str(tiny_demo)])
+    whole, _ = parse_args(["--data-root", str(tiny_demo), "--crop-size", "0"])
+    assert Sampling.from_training_flags(vars(default)).mode == "slide"
+    assert Sampling.from_training_flags(vars(whole)).mode == "resize"
+    result = run_in_process(train.main, "--data-root", tiny_demo, "--scale-range", "1", "2", "--crop-size", "0")
+    assert result.returncode == 2 and "--scale-range applies to --crop-size training only" in result.stderr
