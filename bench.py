@@ -262,12 +262,15 @@ def uint8_colour_pipeline(dataset: SegmentationFolder, augment: str) -> v2.Compo
     return v2.Compose([*plain.transforms, *normalize_images().transforms])
 
 
-def loader_stages(images: Path, masks: Path, image_size: int, augment: str, uint8_colour: bool) -> dict:
+def loader_stages(images: Path, masks: Path, image_size: int, augment: str, variant: str) -> dict:
     """Milliseconds per sample in each stage, on one thread as in a DataLoader worker, and the images/s of
-    one process running the whole pipeline through a DataLoader (what one worker delivers)."""
+    one process running the whole pipeline through a DataLoader (what one worker delivers).
+    variant: "crop" (the default --crop-size 256), "uint8 colour" (the earlier pipeline), or "" (whole images)."""
     torch.set_num_threads(1)
-    dataset = SegmentationFolder(images, masks, image_size, augment=augment, scan_workers=1)
-    if uint8_colour:
+    torch.manual_seed(0)  # the same random draws for every variant: rows compare like with like
+    crop = {"crop_size": image_size} if variant == "crop" else None
+    dataset = SegmentationFolder(images, masks, image_size, augment=augment, scan_workers=1, crop=crop)
+    if variant == "uint8 colour":
         dataset.transform = uint8_colour_pipeline(dataset, augment)
     steps = dataset.transform.transforms
     split = next((i for i, step in enumerate(steps) if isinstance(step, NOT_GEOMETRY)), len(steps))
@@ -305,14 +308,15 @@ def bench_loader(args, root: Path) -> None:
     images, masks = write_loader_data(root)
     width, height = LOADER_PHOTOS["size"]
     print(f"\ndata loader: {LOADER_PHOTOS['count']} JPEGs {width}x{height} -> {args.image_size} px, ms per image")
-    print(f"{'augment':<26}" + "".join(f"{stage:>19}" for stage in STAGES) + f"{'images/s':>19}")
+    print(f"{'augment':<34}" + "".join(f"{stage:>19}" for stage in STAGES) + f"{'images/s':>19}")
     for augment in ("none", "basic", "strong"):
-        for label, uint8_colour in ((f"{augment} (colour on uint8)", True), (augment, False)):
-            if augment == "none" and uint8_colour:
+        for variant in ("uint8 colour", "", "crop"):
+            if augment == "none" and variant == "uint8 colour":
                 continue
-            result = isolated(loader_stages, images, masks, args.image_size, augment, uint8_colour)
+            result = isolated(loader_stages, images, masks, args.image_size, augment, variant)
             row = "".join(f"{result['ms'][stage]:>19.2f}" for stage in STAGES)
-            print(f"{label:<26}{row}{result['images_per_s']:>19.1f}")
+            label = f"{augment} ({variant})" if variant else f"{augment} (whole image resized)"
+            print(f"{label:<34}{row}{result['images_per_s']:>19.1f}")
 
 
 def report_training(args, device: torch.device) -> None:
