@@ -1,5 +1,5 @@
 """train.py's flags, and how they are filled in: typed flags win, then a --config file, then the checkpoint
-being resumed, then the demo's settings, then the parser's defaults; and the config.yaml that replays a run."""
+being resumed, then --preset and the demo's settings (presets.py), then the parser's defaults."""
 
 from __future__ import annotations
 
