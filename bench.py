@@ -40,7 +40,7 @@ from cli import (
     positive_int_upto,
     widths_type,
 )
-from dataset import MEAN, STD, SegmentationFolder, build_transforms, normalize_images
+from dataset import MEAN, STD, RandomRotation, SegmentationFolder
 from demo import make_demo_data
 from engine import build_optimizer, train_step
 from image_io import list_images, read_image
@@ -254,24 +254,30 @@ def bench_large_images(args, device: torch.device, root: Path) -> None:
 
 STAGES = ("decode", "mask + lookup", "geometry", "colour + normalise", "collate")
 NOT_GEOMETRY = (v2.ToDtype, v2.ColorJitter, v2.RandomApply, v2.Normalize)  # where the colour stage starts
+LOADER_VARIANTS = ("whole, torchvision rotation", "whole", "crop, torchvision rotation", "crop")
 
 
-def uint8_colour_pipeline(dataset: SegmentationFolder, augment: str) -> v2.Compose:
-    """The pipeline before colour moved to float: jitter on uint8, then convert and normalise."""
-    plain = build_transforms(dataset.image_size, augment, normalize=False)
-    return v2.Compose([*plain.transforms, *normalize_images().transforms])
+def torchvision_rotation_pipeline(transform: v2.Compose) -> v2.Compose:
+    """The pipeline before dataset.RandomRotation: torchvision's rotation, a float grid_sample per image and mask."""
+    return v2.Compose(
+        [
+            v2.RandomRotation(t.degrees, fill=t.fill) if isinstance(t, RandomRotation) else t
+            for t in transform.transforms
+        ]
+    )
 
 
 def loader_stages(images: Path, masks: Path, image_size: int, augment: str, variant: str) -> dict:
     """Milliseconds per sample in each stage, on one thread as in a DataLoader worker, and the images/s of
     one process running the whole pipeline through a DataLoader (what one worker delivers).
-    variant: "crop" (the default --crop-size 256), "uint8 colour" (the earlier pipeline), or "" (whole images)."""
+    variant: "whole" (--crop-size 0) or "crop" (the default --crop-size 256), each optionally followed by
+    ", torchvision rotation" (the pipeline before dataset.RandomRotation)."""
     torch.set_num_threads(1)
     torch.manual_seed(0)  # the same random draws for every variant: rows compare like with like
-    crop = {"crop_size": image_size} if variant == "crop" else None
+    crop = {"crop_size": image_size} if variant.startswith("crop") else None
     dataset = SegmentationFolder(images, masks, image_size, augment=augment, scan_workers=1, crop=crop)
-    if variant == "uint8 colour":
-        dataset.transform = uint8_colour_pipeline(dataset, augment)
+    if variant.endswith("torchvision rotation"):
+        dataset.transform = torchvision_rotation_pipeline(dataset.transform)
     steps = dataset.transform.transforms
     split = next((i for i, step in enumerate(steps) if isinstance(step, NOT_GEOMETRY)), len(steps))
     geometry, colour = v2.Compose(steps[:split]), v2.Compose(steps[split:])
@@ -308,15 +314,12 @@ def bench_loader(args, root: Path) -> None:
     images, masks = write_loader_data(root)
     width, height = LOADER_PHOTOS["size"]
     print(f"\ndata loader: {LOADER_PHOTOS['count']} JPEGs {width}x{height} -> {args.image_size} px, ms per image")
-    print(f"{'augment':<34}" + "".join(f"{stage:>19}" for stage in STAGES) + f"{'images/s':>19}")
+    print(f"{'augment':<40}" + "".join(f"{stage:>19}" for stage in STAGES) + f"{'images/s':>19}")
     for augment in ("none", "basic", "strong"):
-        for variant in ("uint8 colour", "", "crop"):
-            if augment == "none" and variant == "uint8 colour":
-                continue
+        for variant in ("whole", "crop") if augment == "none" else LOADER_VARIANTS:
             result = isolated(loader_stages, images, masks, args.image_size, augment, variant)
             row = "".join(f"{result['ms'][stage]:>19.2f}" for stage in STAGES)
-            label = f"{augment} ({variant})" if variant else f"{augment} (whole image resized)"
-            print(f"{label:<34}{row}{result['images_per_s']:>19.1f}")
+            print(f"{augment + ', ' + variant:<40}{row}{result['images_per_s']:>19.1f}")
 
 
 def report_training(args, device: torch.device) -> None:

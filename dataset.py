@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -66,6 +67,43 @@ class RandomScale(v2.Transform):
         return self._call_kernel(TF.resize, inpt, params["size"], antialias=True)  # masks: nearest
 
 
+def rotation_sources(angle: float, height: int, width: int) -> torch.Tensor:
+    """For each pixel of an image rotated by angle degrees about its centre (counter-clockwise, as torchvision's
+    rotate turns it), the flat index of its nearest source pixel; height * width where that lies outside."""
+    theta = math.radians(angle)
+    ys = torch.arange(height, dtype=torch.float64) + 0.5 - height / 2
+    xs = torch.arange(width, dtype=torch.float64) + 0.5 - width / 2
+    cols = ((math.cos(theta) * xs + (width / 2 - 0.5))[None, :] - (math.sin(theta) * ys)[:, None]).round_()
+    rows = ((math.sin(theta) * xs)[None, :] + (math.cos(theta) * ys + (height / 2 - 0.5))[:, None]).round_()
+    outside = (rows < 0) | (rows > height - 1) | (cols < 0) | (cols > width - 1)
+    return rows.mul_(width).add_(cols).masked_fill_(outside, height * width).long().flatten()
+
+
+def gather_pixels(inpt: torch.Tensor, sources: torch.Tensor, fill) -> torch.Tensor:
+    """inpt (..., H, W) with each pixel taken from the flat source index (H * W: the fill value); contiguous, as
+    the colour transforms after it run several times slower on a channels-last layout."""
+    *channels, height, width = inpt.shape
+    pixels = inpt.movedim((-2, -1), (0, 1)).reshape(height * width, *channels)
+    filler = torch.as_tensor(0 if fill is None else fill, dtype=pixels.dtype).expand(1, *channels)
+    picked = torch.cat((pixels, filler)).index_select(0, sources)
+    return picked.view(height, width, *channels).movedim((0, 1), (-2, -1)).contiguous()
+
+
+class RandomRotation(v2.RandomRotation):
+    """torchvision's RandomRotation (nearest, the same angle draws, the same pixels), with one sampling grid for
+    the image and its mask: each output pixel's source is computed once and gathered from both as integers,
+    instead of a float grid_sample of each with an extra channel for the fill."""
+
+    def make_params(self, flat_inputs: list) -> dict:
+        params = super().make_params(flat_inputs)
+        params["sources"] = rotation_sources(params["angle"], *v2.query_size(flat_inputs))
+        return params
+
+    def transform(self, inpt, params: dict):
+        rotated = gather_pixels(inpt.as_subclass(torch.Tensor), params["sources"], self._fill[type(inpt)])
+        return tv_tensors.wrap(rotated, like=inpt)
+
+
 def build_transforms(
     image_size: int,
     augment: str = "none",
@@ -96,7 +134,7 @@ def build_transforms(
         geometry += [
             v2.RandomHorizontalFlip(),
             *([v2.RandomVerticalFlip()] if strong else []),
-            v2.RandomRotation(15, fill=fill),
+            RandomRotation(15, fill=fill),
         ]
         colour = [
             v2.ColorJitter(0.3, 0.3, 0.3, 0.05 if strong else 0.0),

@@ -178,3 +178,24 @@ def test_colour_on_float_is_the_same_augmentation_as_colour_on_uint8(augment):
         # uint8 blend): about half a level lost per step.
         assert levels.max() <= (1e-3 if augment == "none" else 6)
         assert levels.mean() <= (1e-3 if augment == "none" else 2)
+
+
+def test_the_rotation_picks_the_pixels_torchvision_rotate_picks():
+    """One integer gather per sample for image and mask, against torchvision's grid_sample rotation (nearest, with
+    fills): same random angle, the same pixels, rectangular images of every parity."""
+    from torchvision.transforms import v2
+
+    from dataset import RandomRotation
+
+    fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
+    generator = torch.Generator().manual_seed(3)
+    for seed in range(30):
+        height, width = (int(n) for n in torch.randint(15, 90, (2,), generator=generator))
+        image = tv_tensors.Image(torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator))
+        mask = tv_tensors.Mask(torch.randint(0, 4, (height, width), dtype=torch.uint8, generator=generator))
+        torch.manual_seed(seed)
+        expected = v2.RandomRotation(30, fill=fill)(image, mask)
+        torch.manual_seed(seed)
+        found = RandomRotation(30, fill=fill)(image, mask)
+        assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
+        assert type(found[0]) is tv_tensors.Image and type(found[1]) is tv_tensors.Mask
