@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, WeightedRandomSampler
 
 from dataset import SegmentationFolder, SkipBadSamples
-from utils import Runtime, init_worker
+from utils import Runtime, UserError, init_worker
 
 
 def epoch_seed(*parts: int) -> int:
@@ -130,6 +130,12 @@ def build_loaders(
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
+    epoch_size = max(len(train_set), min_epoch_samples)
+    if batch_size > epoch_size:
+        raise UserError(
+            f"--batch-size {batch_size} is larger than an epoch's {epoch_size} images "
+            f"({len(train_set)} training images, --min-epoch-samples {min_epoch_samples})"
+        )
     sampler = train_sampler(
         train_set, weighted=weighted, seed=seed, runtime=runtime, min_epoch_samples=min_epoch_samples
     )

@@ -100,8 +100,6 @@ def build_datasets(
         unknown_labels="ignore" if args.ignore_unknown_labels else "error",
         **labels,
     )
-    if args.batch_size > max(len(train_set), args.min_epoch_samples):
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images")
     return train_set, val_set
 
 

@@ -278,3 +278,10 @@ def test_crop_size_0_trains_on_whole_squashed_images_as_the_reference_design(tin
     assert Sampling.from_training_flags(vars(whole)).mode == "resize"
     result = run_in_process(train.main, "--data-root", tiny_demo, "--scale-range", "1", "2", "--crop-size", "0")
     assert result.returncode == 2 and "--scale-range applies to --crop-size training only" in result.stderr
+
+
+def test_a_batch_larger_than_an_epoch_is_one_line(tiny_demo, tmp_path):
+    flags = ["--data-root", tiny_demo, *TINY_TRAIN_FLAGS, "--batch-size", "30", "--run-dir", tmp_path / "run"]
+    result = run_in_process(train.main, *flags)
+    assert result.returncode == 2 and "--batch-size 30 is larger than an epoch's 24 images" in result.stderr
+    assert run_in_process(train.main, *flags, "--min-epoch-samples", "60", "--epochs", "1").returncode == 0
