@@ -35,6 +35,7 @@ DATA_FLAGS = ("data_root", "train_images", "train_masks", "val_images", "val_mas
 RESUME_KEYS = ("args", "epoch", "history", "best_miou", "mapping", "optimizer", "scaler", "rng")
 # They fix the model, its classes or the shape of the optimiser's state.
 MUST_MATCH_CHECKPOINT = ("widths", "binary", "ignore_value", "coco_mode", "optimizer", "weight_decay")
+NEW_RUN_ONLY = {"preset", "time_budget"}  # a resumed run keeps its recipe and the epochs its budget fixed
 
 
 def add_data_flags(p: ArgumentParser) -> None:
@@ -338,6 +339,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
     args = parser.parse_args(argv)
     given = explicit_flags(parser, argv)
     checkpoint = resumed_checkpoint(args, given)
+    typed_for_a_new_run = sorted(NEW_RUN_ONLY & given) if checkpoint else []
+    if typed_for_a_new_run:
+        flag = typed_for_a_new_run[0].replace("_", "-")
+        raise UserError(f"--{flag} sets up a new run; --resume continues {checkpoint['path']} as it was set up")
     args.demo = not any(getattr(args, flag, None) for flag in DATA_FLAGS)
     if "demo_style" in given and not args.demo:
         raise UserError("--demo-style chooses the built-in demo; it does not apply with data flags")

@@ -248,6 +248,9 @@ def test_a_time_budget_fixes_the_epochs_after_the_first_and_a_resume_keeps_them(
     assert train.main(["--resume", str(whole / "checkpoints/epoch_001.pt"), "--run-dir", str(resumed)]) == 0
     again = load_checkpoint(resumed / "checkpoints/last.pt")
     assert again["epoch"] == 3 and [h["lr"] for h in again["history"]] == pytest.approx(cosine_over_3)
+    for flags in (["--time-budget", "2"], ["--preset", "reference"]):  # typed on a resume: a clear no
+        result = run_in_process(train.main, "--resume", whole / "checkpoints/last.pt", *flags)
+        assert result.returncode == 2 and f"{flags[0]} sets up a new run" in result.stderr
 
 
 def test_epochs_and_a_time_budget_together_are_one_line(tiny_demo, tmp_path):
