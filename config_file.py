@@ -28,6 +28,8 @@ def config_value_tokens(action: argparse.Action, value, where: str) -> list[str]
         if isinstance(action, argparse._StoreTrueAction):
             return [flag] if value else []
         return [flag if value else action.option_strings[1]]
+    if value is None and action.dest == "crop_size":  # written before crops were the default: whole images
+        return [flag, "0"]
     if value is None:
         return []
     if action.nargs is None and isinstance(value, list) and action.dest == "widths":

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 
-DEMO_SETTINGS = {"image_size": 96, "crop_size": None, "widths": (16, 32, 64, 128), "epochs": 30, "batch_size": 16}
+DEMO_SETTINGS = {"image_size": 96, "crop_size": 0, "widths": (16, 32, 64, 128), "epochs": 30, "batch_size": 16}
 
 PRESETS = {
     "reference": {  # whole images squashed to 256 x 256, plain cross-entropy, Adam 1e-4 + cosine over 50 epochs
         "image_size": 256,
-        "crop_size": None,
+        "crop_size": 0,
         "widths": (64, 128, 256, 512),
         "loss": "ce",
         "augment": "basic",

@@ -263,7 +263,7 @@ def test_the_reference_preset_sets_the_reference_recipe_beneath_typed_flags(tiny
     from presets import PRESETS
 
     args, _ = parse_args(["--data-root", str(tiny_demo), "--preset", "reference", "--epochs", "2"])
-    assert args.crop_size is None and args.image_size == 256 and args.loss == "ce" and args.batch_size == 8
+    assert args.crop_size == 0 and args.image_size == 256 and args.loss == "ce" and args.batch_size == 8
     assert args.widths == (64, 128, 256, 512) and args.lr == 1e-4 and args.schedule == "cosine"
     assert args.epochs == 2  # typed
     default, _ = parse_args(["--data-root", str(tiny_demo)])
@@ -271,7 +271,7 @@ def test_the_reference_preset_sets_the_reference_recipe_beneath_typed_flags(tiny
     assert differs  # the preset is not today's defaults under another name
 
 
-def test_crop_size_0_trains_on_whole_squashed_images_as_the_reference_design(tiny_demo):
+def test_crop_size_0_trains_on_whole_squashed_images_as_the_reference_design(tiny_demo, tmp_path):
     from config import parse_args
     from predictor import Sampling
 
@@ -279,6 +279,9 @@ def test_crop_size_0_trains_on_whole_squashed_images_as_the_reference_design(tin
     whole, _ = parse_args(["--data-root", str(tiny_demo), "--crop-size", "0"])
     assert Sampling.from_training_flags(vars(default)).mode == "slide"
     assert Sampling.from_training_flags(vars(whole)).mode == "resize"
+    old_config = tmp_path / "config.yaml"  # of a run from before crops were the default
+    old_config.write_text("crop_size: null\n")
+    assert parse_args(["--data-root", str(tiny_demo), "--config", str(old_config)])[0].crop_size == 0
     result = run_in_process(train.main, "--data-root", tiny_demo, "--scale-range", "1", "2", "--crop-size", "0")
     assert result.returncode == 2 and "--scale-range applies to --crop-size training only" in result.stderr
 
