@@ -67,6 +67,9 @@ def score(pairs: list[tuple[Path, Path]], *, binary: bool = False, ignore_value:
     arrays = [read_pair(p, t, binary=binary, ignore_value=ignore_value) for p, t in pairs]
     classes = np.unique(np.concatenate([np.unique(t) for _, t in arrays]))
     classes = classes[classes != ignore_value]
+    if not classes.size:
+        folder = pairs[0][1].parent
+        raise UserError(f"{folder}: every true-mask pixel is --ignore-value {ignore_value}: nothing to score")
     other = len(classes)  # where predicted values the truth never holds go
     matrix = ConfusionMatrix(other + 1)
     for pred, truth in arrays:

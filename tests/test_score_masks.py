@@ -61,10 +61,13 @@ def test_binary_scores_0_255_predictions_against_0_1_truth(tmp_path):
     [
         ({"a": np.zeros((8, 8), np.uint8)}, "no prediction for 1 of 2 true masks (b.png"),
         ({"a": np.zeros((8, 8), np.uint8), "b": np.zeros((8, 9), np.uint8)}, "9x8, its true mask"),
+        ({}, "every true-mask pixel is --ignore-value 255: nothing to score"),
     ],
 )
 def test_a_missing_or_misshapen_prediction_is_one_line(tmp_path, preds, message):
     truths = {"a": np.zeros((8, 8), np.uint8), "b": np.ones((8, 8), np.uint8)}
+    if not preds:  # true masks that hold only the ignore value
+        truths, preds = {"a": np.full((8, 8), 255, np.uint8)}, {"a": np.zeros((8, 8), np.uint8)}
     result = run_in_process(
         score_masks.main, "--pred", write_masks(tmp_path / "p", preds), "--truth", write_masks(tmp_path / "t", truths)
     )
