@@ -40,10 +40,11 @@ from cli import (
     positive_int_upto,
     widths_type,
 )
-from dataset import MEAN, STD, RandomRotation, SegmentationFolder
+from dataset import RandomRotation, SegmentationFolder
 from demo import make_demo_data
 from engine import build_optimizer, train_step
 from image_io import list_images, read_image
+from intensity import IMAGENET_MEAN, IMAGENET_STD
 from losses import build_loss
 from model import ResidualAttnUNet
 from onnx_model import export_metadata, export_network
@@ -159,7 +160,7 @@ def naive_inference(args, device, folder: Path, checkpoint: Path, output: Path) 
     for path in sorted(folder.glob("*.jpg")):
         image = Image.open(path).convert("RGB")
         x = TF.to_dtype(TF.pil_to_tensor(image.resize((args.image_size, args.image_size))), torch.float32, scale=True)
-        x = TF.normalize(x, MEAN, STD)[None].to(device)
+        x = TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)[None].to(device)
         with torch.no_grad():
             logits = F.interpolate(model(x), size=(image.height, image.width), mode="bilinear")
         Image.fromarray(logits.max(1).indices[0].byte().cpu().numpy()).save(output / f"{path.stem}.png")
@@ -285,10 +286,10 @@ def loader_stages(images: Path, masks: Path, image_size: int, augment: str, vari
     samples = []
     for index, (image_path, _) in enumerate(dataset.pairs):
         started = time.perf_counter()
-        pil_image, upright = read_image(image_path)
-        image = tv_tensors.Image(TF.pil_to_tensor(pil_image))
+        pixels, orientation = read_image(image_path)
+        image = tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1))
         decoded = time.perf_counter()
-        mask = dataset.load_mask(index, pil_image, upright)
+        mask = dataset.load_mask(index, pixels, orientation)
         loaded = time.perf_counter()
         image, mask = geometry(image, mask)
         moved = time.perf_counter()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.optim.swa_utils import AveragedModel
 
+from image_io import Reading
+from intensity import Normalization
 from labels import LabelMapping
 from model import ResidualAttnUNet
 from utils import UserError, first_line, replace_atomically
@@ -20,6 +23,33 @@ FORMAT_VERSION = 2
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class DataRules:
+    """How a model sees its data, saved with it so inference sees files the same way: the label mapping, how
+    files become its input channels, and how their values are normalised."""
+
+    mapping: LabelMapping
+    reading: Reading
+    normalization: Normalization
+
+    def to_state(self) -> dict:
+        return {
+            "mapping": self.mapping.to_dict(),
+            "reading": self.reading.to_dict(),
+            "normalization": self.normalization.to_dict(),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> DataRules:
+        """Checkpoints from before channels and normalisation were choices read RGB photos with ImageNet's."""
+        channels = state["model_args"].get("in_channels", 3)
+        return cls(
+            LabelMapping.from_dict(state["mapping"]),
+            Reading.from_dict(state.get("reading"), channels=channels),
+            Normalization.from_dict(state.get("normalization")),
+        )
 
 
 def plain_args(args: argparse.Namespace) -> dict:
@@ -37,7 +67,7 @@ def training_state(
     ema: AveragedModel | None,
     epoch: int,
     args: argparse.Namespace,
-    mapping: LabelMapping,
+    rules: DataRules,
     best_miou: float,
     best_confusion: list[list[int]] | None,
     history: list[dict],
@@ -55,7 +85,7 @@ def training_state(
         "best_miou": best_miou,
         "best_confusion": best_confusion,  # the best epoch's validation confusion matrix, for the final report
         "history": history,
-        "mapping": mapping.to_dict(),
+        **rules.to_state(),
         "model_args": model.config,
         "image_size": args.image_size,
         "args": plain_args(args),

@@ -54,6 +54,7 @@ def run_cli(main: Callable[[], int | None]) -> int:
 
 
 MAX_WIDTH = 4096  # channels per level; wider is a typo, and would allocate without end
+MAX_IN_CHANNELS = 1024  # hyperspectral cubes have a few hundred bands
 MAX_IMAGE_SIZE = 8192  # px; larger is a typo for a square training size, and would allocate without end
 
 
@@ -126,6 +127,32 @@ def widths_type(text: str) -> tuple[int, ...]:
             f"{text!r} is not a comma-separated list of integers from 1 to {MAX_WIDTH}, e.g. 64,128,256,512"
         )
     return widths
+
+
+def in_channels_type(text: str) -> int | str:
+    """--in-channels: a channel count, or auto (from the first training image)."""
+    if text == "auto":
+        return text
+    try:
+        return positive_int_upto(MAX_IN_CHANNELS)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto or an integer from 1 to {MAX_IN_CHANNELS}") from None
+
+
+def add_channel_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--convert-channels and --display-channel, the same in train.py and inference.py."""
+    parser.add_argument(
+        "--convert-channels",
+        action="store_true",
+        help="images whose channel count is not the model's are converted instead of refused: colour to grey "
+        "(luminance) for 1-channel models, a grey channel repeated, or the first N channels of a file with more",
+    )
+    parser.add_argument(
+        "--display-channel",
+        type=int_in(0, MAX_IN_CHANNELS - 1),
+        metavar="K",
+        help="sample panels and overlays show channel K as grey (default: the first three channels as RGB)",
+    )
 
 
 image_size_type = positive_int_upto(MAX_IMAGE_SIZE)

@@ -8,13 +8,15 @@ import sys
 import time
 from pathlib import Path
 
-from checkpoints import CheckpointError, load_checkpoint, newest_checkpoint
+from checkpoints import CheckpointError, DataRules, load_checkpoint, newest_checkpoint
 from cli import (
     ArgumentParser,
+    add_channel_flags,
     add_hardware_flags,
     crop_size_type,
     float_in,
     image_size_type,
+    in_channels_type,
     mask_value_type,
     non_negative_int,
     positive_int,
@@ -26,6 +28,7 @@ from config_file import config_file_argv
 from demo import DEMO_ROOTS, DEMO_STYLES
 from engine import OPTIMIZERS, SCHEDULES
 from image_io import DEFAULT_MAX_PIXELS
+from intensity import NORMALIZE_CHOICES
 from labels import IGNORE_INDEX
 from losses import LOSSES
 from presets import DEMO_SETTINGS, PRESETS, apply_settings
@@ -34,7 +37,10 @@ from utils import UserError
 DATA_FLAGS = ("data_root", "train_images", "train_masks", "val_images", "val_masks", "train_coco", "val_coco")
 RESUME_KEYS = ("args", "epoch", "history", "best_miou", "mapping", "optimizer", "scaler", "rng")
 # They fix the model, its classes or the shape of the optimiser's state.
-MUST_MATCH_CHECKPOINT = ("widths", "binary", "ignore_value", "coco_mode", "optimizer", "weight_decay")
+MUST_MATCH_CHECKPOINT = (
+    *("widths", "binary", "ignore_value", "coco_mode", "optimizer", "weight_decay"),
+    *("in_channels", "normalize", "tiff_page"),
+)
 NEW_RUN_ONLY = {"preset", "time_budget"}  # a resumed run keeps its recipe and the epochs its budget fixed
 
 
@@ -78,6 +84,35 @@ def add_data_flags(p: ArgumentParser) -> None:
         default=DEFAULT_MAX_PIXELS,
         help="larger images and masks are bad samples (skipped and named), never decoded",
     )
+
+
+def add_image_flags(p: ArgumentParser) -> None:
+    """How files become the model's input channels and values (image_io.Reading, intensity.Normalization)."""
+    images = p.add_argument_group("image channels and values")
+    images.add_argument(
+        "--in-channels",
+        type=in_channels_type,
+        default=3,
+        metavar="N|auto",
+        help="the model's input channels: 3 reads every image as RGB; auto: as many as the first training image "
+        "has (grey 1, colour 3, a TIFF stack its own)",
+    )
+    images.add_argument(
+        "--normalize",
+        choices=("auto", *NORMALIZE_CHOICES),
+        default="auto",
+        help="imagenet: ImageNet's mean and std; dataset: each channel's mean and std over the training images "
+        "(16-bit and float data clipped to their 0.5-99.5 percentiles first); none: 8-bit scaled to 0..1, 16-bit "
+        "to 0..1, floats as stored. auto: imagenet for 8-bit RGB, dataset otherwise",
+    )
+    images.add_argument(
+        "--tiff-page",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="which image of a multi-image TIFF (pages, z or time planes) to read",
+    )
+    add_channel_flags(images)
 
 
 def add_input_flags(p: ArgumentParser) -> None:
@@ -250,7 +285,14 @@ def get_args_parser() -> ArgumentParser:
         type=Path,
         help="a YAML file of flags (a run's config.yaml replays it); flags typed on the command line win",
     )
-    for add_flags in (add_data_flags, add_input_flags, add_model_flags, add_recipe_flags, add_run_flags):
+    for add_flags in (
+        add_data_flags,
+        add_image_flags,
+        add_input_flags,
+        add_model_flags,
+        add_recipe_flags,
+        add_run_flags,
+    ):
         add_flags(p)
     return p
 
@@ -286,7 +328,9 @@ def find_resume_checkpoint(resume: str, run_dir: Path | None) -> Path | None:
 
 def apply_checkpoint_flags(args: argparse.Namespace, given: set[str], checkpoint: dict) -> None:
     """Flags not typed again are taken from the checkpoint; typed ones that fix the model must agree with it."""
-    path, saved = checkpoint["path"], checkpoint["args"]
+    rules = DataRules.from_state(checkpoint)  # what the model saw, for checkpoints from before these flags
+    image_flags = {"in_channels": rules.reading.channels, "normalize": rules.normalization.name, "tiff_page": 0}
+    path, saved = checkpoint["path"], {**image_flags, **checkpoint["args"]}
     for name in MUST_MATCH_CHECKPOINT:
         ours, theirs = flag_text(getattr(args, name)), flag_text(saved.get(name))
         if name in given and ours != theirs:

@@ -4,25 +4,33 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from image_io import DEFAULT_MAX_PIXELS, BadSampleError, DataError, align_mask, list_images, read_image, read_mask
+from image_io import (
+    DEFAULT_MAX_PIXELS,
+    RGB,
+    BadSampleError,
+    DataError,
+    Reading,
+    align_mask,
+    conversion_for,
+    first_readable,
+    list_images,
+    read_image,
+    read_mask,
+)
+from intensity import IMAGENET, Normalization, build_normalization, default_normalize
 from labels import IGNORE_INDEX, LabelMapping, read_class_names, scan_masks
 from utils import require_folder
 
 log = logging.getLogger(__name__)
-
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
 def pair_files(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
@@ -43,9 +51,17 @@ def pair_files(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
     return [(images[s], masks[s]) for s in stems]
 
 
-def normalize_images(mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> v2.Compose:
-    """uint8 images (plain tensors and batches too) to the model's float input; masks pass untouched."""
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+def choose_reading(
+    images_dir: Path, channels: int | str, normalize: str, *, page: int = 0, convert: bool = False
+) -> tuple[Reading, str]:
+    """--in-channels auto and --normalize auto resolved from the first image's header, which must fit the model:
+    one line now rather than every sample skipped later. Returns the reading rule and the normalisation's name."""
+    first = first_readable(list_images(images_dir), page)  # None: the dataset will say what is wrong
+    found, dtype = (first[1].channels, first[1].dtype) if first else (3, "uint8")
+    reading = Reading(found if channels == "auto" else channels, page, convert)
+    if first:
+        conversion_for(first[0], found, reading)
+    return reading, default_normalize(reading.channels, dtype) if normalize == "auto" else normalize
 
 
 class RandomScale(v2.Transform):
@@ -104,20 +120,50 @@ class RandomRotation(v2.RandomRotation):
         return tv_tensors.wrap(rotated, like=inpt)
 
 
+class ChannelJitter(v2.Transform):
+    """Brightness and contrast drawn for each channel on its own, x -> b * (m + c * (x - m)) with m the channel's
+    mean: the colour jitter of images whose channels are not an RGB photo's (hue and saturation mean nothing
+    there). uint8 images stay uint8 (rounded, clamped); masks pass untouched."""
+
+    def __init__(self, brightness: float = 0.3, contrast: float = 0.3):
+        super().__init__()
+        self.brightness, self.contrast = brightness, contrast
+
+    def make_params(self, flat_inputs: list) -> dict:
+        channels = v2.query_chw(flat_inputs)[0]
+        draw = [
+            torch.empty(channels, 1, 1).uniform_(1 - spread, 1 + spread) for spread in (self.brightness, self.contrast)
+        ]
+        return {"brightness": draw[0], "contrast": draw[1]}
+
+    def transform(self, inpt, params: dict):
+        if not isinstance(inpt, tv_tensors.Image):
+            return inpt
+        pixels = inpt.as_subclass(torch.Tensor)
+        values = pixels if pixels.is_floating_point() else pixels.float()
+        mean = values.mean((-2, -1), keepdim=True)
+        jittered = params["brightness"] * (mean + params["contrast"] * (values - mean))
+        if not pixels.is_floating_point():
+            jittered = jittered.round_().clamp_(0, 255).to(pixels.dtype)
+        return tv_tensors.wrap(jittered, like=inpt)
+
+
 def build_transforms(
     image_size: int,
     augment: str = "none",
-    normalize: bool = True,
+    normalization: Normalization | None = IMAGENET,
     *,
     crop_size: int | None = None,
     scale_range: tuple[float, float] = (0.5, 2.0),
     base_size: int | None = None,
+    photo: bool = True,
 ) -> v2.Compose:
     """Joint image/mask transforms; masks resize nearest, and pad and rotate in the ignore label.
 
     crop_size: native-resolution training, a random rescale then a random crop_size square (padded where
     the image is smaller), instead of the whole image squashed to image_size.
-    normalize=False stops at uint8 images, for the model's side to normalise whole batches on the device.
+    normalization None: no conversion to float and no normalisation (uint8 images stay uint8).
+    photo: 8-bit RGB, whose colours ColorJitter may shift; other images get brightness and contrast per channel.
     """
     if augment not in ("none", "basic", "strong"):
         raise ValueError(f"unknown augmentation {augment!r}; choose none, basic or strong")
@@ -137,14 +183,14 @@ def build_transforms(
             RandomRotation(15, fill=fill),
         ]
         colour = [
-            v2.ColorJitter(0.3, 0.3, 0.3, 0.05 if strong else 0.0),
+            v2.ColorJitter(0.3, 0.3, 0.3, 0.05 if strong else 0.0) if photo else ChannelJitter(0.3, 0.3),
             *([v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.3)] if strong else []),
         ]
-    if not normalize:
+    if normalization is None:
         return v2.Compose([*geometry, *colour])
     # Colour on float: on uint8 every jitter op converts to float and back (four times the work).
-    to_float, to_input = normalize_images().transforms
-    return v2.Compose([*geometry, to_float, *colour, to_input])
+    to_float = v2.ToDtype(torch.float32, scale=True)  # uint8 to 0..1; float pixels are left as they are
+    return v2.Compose([*geometry, to_float, *colour, v2.Lambda(normalization, tv_tensors.Image)])
 
 
 class SegmentationFolder(Dataset):
@@ -162,15 +208,20 @@ class SegmentationFolder(Dataset):
         binary: bool = False,
         augment: str = "none",
         unknown_labels: str = "error",
+        reading: Reading = RGB,
+        normalization: Normalization | None = None,
+        normalize: str = "imagenet",
         scan_workers: int = 4,
         limit: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
-        """image_size None: items are the uint8 image and the mask as loaded, for validation at full size.
+        """image_size None: items are the image as read (uint8 or float) and the mask, for validation at full size.
         crop: build_transforms' crop_size, scale_range and base_size, for native-resolution crops.
-        mapping: the training set's (None: found here); limit keeps the first N pairs, after the mapping."""
+        mapping: the training set's (None: found here); limit keeps the first N pairs, after the mapping.
+        reading: how image files become the model's channels; normalization: the training set's (None: chosen here
+        by the rule normalize names, see intensity.build_normalization)."""
         self.images_dir, self.masks_dir = Path(images_dir), Path(masks_dir)
-        self.max_pixels = max_pixels
+        self.max_pixels, self.reading = max_pixels, reading
         self.pairs, per_image = self._readable_pairs(scan_workers)
         if mapping is None:
             totals: dict[int, int] = {}
@@ -182,10 +233,16 @@ class SegmentationFolder(Dataset):
             self._refuse_unknown_values(mapping, per_image)
         self.mapping = mapping
         self.lut = mapping.lookup_table()
+        self.normalization = normalization or build_normalization(
+            normalize, [i for i, _ in self.pairs], reading, cache_folder=self.masks_dir, max_pixels=max_pixels
+        )
         self.pairs, per_image = self.pairs[:limit], per_image[:limit]
         self.class_counts = self._class_counts(per_image)
         self.image_size = image_size
-        self.transform = None if image_size is None else build_transforms(image_size, augment, **(crop or {}))
+        self.transform = None
+        if image_size is not None:
+            crop = crop or {}
+            self.transform = build_transforms(image_size, augment, self.normalization, photo=self.photo, **crop)
 
     def _readable_pairs(self, scan_workers: int) -> tuple[list[tuple[Path, Path]], list[dict[int, int]]]:
         """The pairs whose mask the label scan could read, and each one's raw value counts."""
@@ -221,6 +278,12 @@ class SegmentationFolder(Dataset):
         return counts
 
     @property
+    def photo(self) -> bool:
+        """8-bit RGB, where colour jitter means something; judged by the first readable image's header."""
+        first = first_readable([image for image, _ in self.pairs], self.reading.page)
+        return self.reading.channels == 3 and (first is None or first[1].dtype == "uint8")
+
+    @property
     def num_classes(self) -> int:
         return self.mapping.num_classes
 
@@ -246,14 +309,14 @@ class SegmentationFolder(Dataset):
         return len(self.pairs)
 
     def load(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
-        """Decoded, mapped, full-size image and mask, before any transform."""
-        image, upright = read_image(self.pairs[index][0], self.max_pixels)
-        return tv_tensors.Image(TF.pil_to_tensor(image)), self.load_mask(index, image, upright)
+        """Decoded, mapped, full-size image (C, H, W) and mask, before any transform."""
+        image, orientation = read_image(self.pairs[index][0], self.max_pixels, self.reading)
+        return tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)), self.load_mask(index, image, orientation)
 
-    def load_mask(self, index: int, image: Image.Image, upright: Image.Transpose | None) -> tv_tensors.Mask:
-        """The mask of a decoded image, turned as the image was, its values mapped to class indices."""
+    def load_mask(self, index: int, image: np.ndarray, orientation: int | None) -> tv_tensors.Mask:
+        """The mask of a decoded (H, W, C) image, turned as the image was, its values mapped to class indices."""
         mask_path = self.pairs[index][1]
-        mask = align_mask(read_mask(mask_path, self.max_pixels), image, upright, mask_path)
+        mask = align_mask(read_mask(mask_path, self.max_pixels), image.shape[:2], orientation, mask_path)
         return tv_tensors.Mask(torch.from_numpy(self.lut[mask]))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,6 +362,6 @@ class SkipBadSamples(Dataset):
         if not self.replace:
             size = self.dataset.image_size or 1
             dtype = torch.float32 if self.dataset.image_size else torch.uint8
-            blank = torch.zeros(3, size, size, dtype=dtype)
+            blank = torch.zeros(self.dataset.reading.channels, size, size, dtype=dtype)
             return blank, torch.full((size, size), IGNORE_INDEX, dtype=torch.long), skipped[0]
         raise BadSampleError(f"{self.max_tries} bad samples in a row: " + "; ".join(skipped))

@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from checkpoints import default_checkpoint, load_checkpoint, model_from_checkpoint, training_flags
+from checkpoints import DataRules, default_checkpoint, load_checkpoint, model_from_checkpoint, training_flags
 from cli import ArgumentParser, add_ema_flag, positive_int, run_cli
-from dataset import normalize_images
 from demo import DEMO_ROOTS
-from image_io import BadSampleError, list_images, read_image
+from image_io import BadSampleError, Reading, list_images, read_image
 from onnx_model import OnnxError, OnnxModel, compare_networks, export_metadata, export_network
 from predictor import Sampling
 from utils import UserError, replace_atomically, require_folder
@@ -53,12 +52,13 @@ def validation_folder(flags: dict) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def read_check_images(folder: Path | None, count: int) -> list[torch.Tensor]:
-    """The first count readable images of folder as uint8 (3, H, W); unreadable ones are passed over."""
+def read_check_images(folder: Path | None, count: int, reading: Reading) -> list[torch.Tensor]:
+    """The first count readable images of folder as (C, H, W) pixels, read as the model reads files; unreadable
+    ones are passed over."""
     images = []
     for path in list_images(folder) if folder else []:
         try:
-            images.append(TF.pil_to_tensor(read_image(path)[0]))
+            images.append(torch.from_numpy(read_image(path, reading=reading)[0]).permute(2, 0, 1))
         except BadSampleError:
             continue
         if len(images) == count:
@@ -86,14 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{output}: already exists; pass --overwrite to replace it")
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, checkpoint, ema=args.ema).eval().fold_batchnorm().float()
-    flags = training_flags(state)
+    flags, rules = training_flags(state), DataRules.from_state(state)
     sampling = Sampling.from_training_flags(flags)
     folder = require_folder(args.images, "--images") if args.images else validation_folder(flags)
-    images = read_check_images(folder, args.check_count)
+    images = read_check_images(folder, args.check_count, rules.reading)
     if not images:
         print("no real images found to check on (--images DIR): checking on random inputs only")
     side = sampling.tile if sampling.mode == "slide" else sampling.image_size
-    batches = check_batches(images, side, normalize_images(), channels=model.config["in_channels"], stride=model.stride)
+    channels = model.config["in_channels"]
+    batches = check_batches(images, side, rules.normalization, channels=channels, stride=model.stride)
     with replace_atomically(output) as tmp:
         export_network(model, tmp, metadata=export_metadata(state), opset=args.opset)
         agreement = compare_networks(model, OnnxModel.open(tmp), batches)

@@ -1,20 +1,31 @@
-"""Image and mask files -> arrays: every image mode to upright RGB, masks to label values, and the errors."""
+"""Image and mask files -> arrays: images as upright (H, W, C) arrays with the channels a model takes (every
+PIL mode; TIFF stacks of any channel count and type through tifffile), masks as label values; and the errors."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from PIL import Image
 
 from utils import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+TIFF_EXTENSIONS = {".tif", ".tiff"}
 # Larger images are bad samples (--max-pixels). 100 MP is a 12000x8000 photo: 0.3 GB as uint8 RGB and 1.2 GB
 # as float, which fits beside the model on a 16 GB machine; a 20000x20000 scan (400 MP) does not.
 DEFAULT_MAX_PIXELS = 100_000_000
 MAX_MASK_VALUE = 2**16 - 1  # labels are 8- or 16-bit values; a 32-bit mask outside that range is a bad sample
 Image.MAX_IMAGE_PIXELS = None  # our limit replaces PIL's decompression-bomb check, so both never disagree
+
+GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}  # one channel (alpha dropped)
+PIL_DTYPES = {"I": "int32", "F": "float32", "I;16": "uint16", "I;16B": "uint16", "I;16L": "uint16", "I;16N": "uint16"}
+# TIFF colour models that are not plain channels (palette, CMYK, Lab, ...) are read by PIL as photos are.
+TIFFFILE_PHOTOMETRIC = {tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE, tifffile.PHOTOMETRIC.RGB}
+ORIENTATION_TAG = 274  # EXIF and TIFF: how the stored pixels are turned to be shown upright
+LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2, as PIL's convert("L")
 
 
 class DataError(UserError):
@@ -25,21 +36,65 @@ class BadSampleError(DataError):
     """One image or mask that cannot be used; the message names the file."""
 
 
+class ChannelMismatch(BadSampleError):
+    """An image whose channel count the model cannot take as it is."""
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How an image file becomes a model's input; checkpoints record it, so inference reads files as training did.
+
+    channels: what the model takes. Grey images are repeated for 3-channel models (as photos always were read);
+    any other difference is refused unless convert: colour -> grey (luminance) for 1-channel models, a grey
+    channel repeated, or the first `channels` of a file that has more.
+    page: which image of a multi-image TIFF (pages, z or time planes; then further series), the first by default.
+    """
+
+    channels: int = 3
+    page: int = 0
+    convert: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None, channels: int = 3) -> Reading:
+        """data None: a checkpoint from before channels were chosen, read as RGB photos."""
+        data = data or {"channels": channels}
+        return cls(int(data["channels"]), int(data.get("page", 0)), bool(data.get("convert", False)))
+
+
+RGB = Reading()  # photos, as every model before channels were a choice read them
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a file's header says, before any pixel is decoded."""
+
+    channels: int
+    dtype: str  # as stored: uint8, uint16, float32, ...
+    height: int
+    width: int
+
+
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     pattern = "**/*" if recursive else "*"
     return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def check_pixels(path: Path, width: int, height: int, max_pixels: int, kind: str) -> None:
+    pixels = width * height
+    if pixels > max_pixels:
+        raise BadSampleError(
+            f"{path}: {width}x{height} {kind} has {pixels:,} pixels, over the limit of {max_pixels:,} (--max-pixels)"
+        )
 
 
 def _decode(path: Path, max_pixels: int, kind: str) -> Image.Image:
     """Opens the file, checks the size its header gives, and only then decodes the pixels."""
     try:
         with Image.open(path) as image:
-            pixels = image.width * image.height
-            if pixels > max_pixels:
-                raise BadSampleError(
-                    f"{path}: {image.width}x{image.height} {kind} has {pixels:,} pixels, "
-                    f"over the limit of {max_pixels:,} (--max-pixels)"
-                )
+            check_pixels(path, image.width, image.height, max_pixels, kind)
             image.load()
     except (OSError, SyntaxError, ValueError) as err:
         raise BadSampleError(f"{path}: unreadable {kind} ({err})") from None
@@ -64,61 +119,246 @@ def read_mask(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     return array
 
 
-# EXIF orientation tag -> the transpose that shows the image upright (as ImageOps.exif_transpose does).
+# EXIF/TIFF orientation -> the numpy view that shows the stored (H, W, ...) pixels upright (ImageOps.exif_transpose).
 _UPRIGHT = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, 2).swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
 }
 
 
-def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, Image.Transpose | None]:
-    """RGB (to_rgb), shown upright, and the EXIF transpose that did it (masks may need the same)."""
+def upright(array: np.ndarray, orientation: int | None) -> np.ndarray:
+    """The (H, W, ...) array turned as its orientation tag says (a contiguous copy), or as it is."""
+    turn = _UPRIGHT.get(orientation)
+    return array if turn is None else np.ascontiguousarray(turn(array))
+
+
+def pixel_values(array: np.ndarray, path: Path) -> np.ndarray:
+    """uint8 kept (the fast path for photos); uint16 scaled to 0..1 in float32 (torchvision's ToDtype rule); any
+    other type float32 as stored, with non-finite values (no-data) set to 0."""
+    kind, size = array.dtype.kind, array.dtype.itemsize
+    if kind == "b":
+        return array.astype(np.uint8) * np.uint8(255)
+    if kind == "u" and size == 1:
+        return array
+    if kind not in "uif":
+        raise BadSampleError(f"{path}: {array.dtype} pixels; images hold integers or real numbers")
+    if kind == "u" and size == 2:
+        return array.astype(np.float32) * np.float32(1 / 65535)
+    values = array.astype(np.float32)
+    if kind == "f" and not np.isfinite(values).all():
+        np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    return values
+
+
+def channel_conversion(have: int, want: int, convert: bool) -> str | None:
+    """How an image of `have` channels becomes a `want`-channel input (see Reading); None: it cannot."""
+    if have == want:
+        return "keep"
+    if have == 1 and (want == 3 or convert):
+        return "repeat"
+    if convert and want == 1 and have == 3:
+        return "luminance"
+    if convert and have > want:
+        return "first"
+    return None
+
+
+def mismatch_message(path: Path, have: int, want: int) -> str:
+    remedy = {"repeat": "repeats the grey channel", "luminance": "converts colour to grey (luminance)"}
+    fix = channel_conversion(have, want, convert=True)
+    advice = f"; --convert-channels {remedy.get(fix, f'keeps the first {want}')}" if fix else ""
+    return f"{path}: {have} channel{'s' * (have != 1)}, the model takes {want}{advice}"
+
+
+def conversion_for(path: Path, have: int, reading: Reading) -> str:
+    """channel_conversion, or ChannelMismatch naming the file and the remedy."""
+    conversion = channel_conversion(have, reading.channels, reading.convert)
+    if conversion is None:
+        raise ChannelMismatch(mismatch_message(path, have, reading.channels))
+    return conversion
+
+
+def fit_channels(array: np.ndarray, reading: Reading, path: Path) -> np.ndarray:
+    """(H, W, C) pixels -> (H, W, reading.channels), as channel_conversion allows."""
+    want = reading.channels
+    conversion = conversion_for(path, array.shape[2], reading)
+    if conversion == "repeat":
+        return np.repeat(array, want, axis=2)
+    if conversion == "first":
+        return np.ascontiguousarray(array[..., :want])
+    if conversion == "luminance":
+        grey = array.astype(np.float32) @ LUMINANCE
+        return (np.rint(grey).astype(np.uint8) if array.dtype == np.uint8 else grey)[..., None]
+    return array
+
+
+def pil_pixels(image: Image.Image) -> np.ndarray:
+    """(H, W, C) of a PIL image: grey modes one channel (16-bit and float kept), every other mode RGB (palette,
+    transparency and CMYK resolved as photos always were)."""
+    if image.mode in GREY_MODES:
+        return np.array(image.getchannel(0) if image.mode in ("LA", "La") else image)[..., None]
+    if image.mode != "RGB":
+        if image.mode in ("P", "PA") or "transparency" in image.info:
+            image = image.convert("RGBA")
+        image = image.convert("RGB")
+    return np.array(image)
+
+
+@dataclass(frozen=True)
+class TiffImage:
+    """Where one image of a TIFF file lies: its series, the pages holding it (one, or one per channel)."""
+
+    series: tifffile.TiffPageSeries
+    pages: list[int]
+    info: ImageInfo
+
+    @property
+    def samples_first(self) -> bool:
+        return self.series.keyframe.axes == "SYX"  # one page, channel-first (planar configuration "separate")
+
+
+def locate_tiff_image(tif: tifffile.TiffFile, number: int, path: Path) -> TiffImage:
+    """Image `number` of the file: channels are a page's samples, or the pages along a C axis (ImageJ, OME); every
+    other axis (z, time, pages) and every further series counts images."""
+    seen = 0
+    for series in tif.series:
+        key = series.keyframe
+        lead = len(series.axes) - len(key.axes)
+        if key.axes not in ("YX", "YXS", "SYX") or not series.axes.endswith(key.axes):
+            raise BadSampleError(f"{path}: unsupported TIFF layout (axes {series.axes})")
+        lead_axes, lead_shape = series.axes[:lead], tuple(series.shape[:lead])
+        grid = np.arange(len(series.pages))
+        if "S" not in key.axes and "C" in lead_axes and grid.size == np.prod(lead_shape):
+            axis = lead_axes.index("C")
+            per_image = np.moveaxis(grid.reshape(lead_shape), axis, -1).reshape(-1, lead_shape[axis])
+        else:
+            per_image = grid[:, None]
+        if number < seen + len(per_image):
+            shape = dict(zip(key.axes, key.shape, strict=True))
+            channels = shape.get("S", per_image.shape[1])
+            info = ImageInfo(channels, np.dtype(series.dtype).name, shape["Y"], shape["X"])
+            return TiffImage(series, per_image[number - seen].tolist(), info)
+        seen += len(per_image)
+    raise BadSampleError(f"{path}: holds {seen} image{'s' * (seen != 1)}; there is no image {number} (--tiff-page)")
+
+
+def _tiff_error(path: Path, err: Exception) -> BadSampleError:
+    return BadSampleError(f"{path}: unreadable image ({type(err).__name__}: {err})")
+
+
+TIFF_ERRORS = (OSError, ValueError, IndexError, KeyError, TypeError, tifffile.TiffFileError)
+
+
+def _read_tiff(tif: tifffile.TiffFile, path: Path, reading: Reading, max_pixels: int) -> tuple[np.ndarray, int]:
+    """(H, W, C) stored pixels of the chosen image and its orientation tag."""
+    image = locate_tiff_image(tif, reading.page, path)
+    check_pixels(path, image.info.width, image.info.height, max_pixels, "image")
+    planes = [image.series.pages[index].asarray() for index in image.pages]
+    if len(planes) > 1:
+        array = np.stack(planes, axis=-1)
+    elif image.samples_first:
+        array = np.moveaxis(planes[0], 0, -1)
+    else:
+        array = planes[0] if planes[0].ndim == 3 else planes[0][..., None]
+    tag = image.series.keyframe.tags.get(ORIENTATION_TAG)
+    return array, int(tag.value) if tag is not None else 1
+
+
+def _tiff_file(path: Path) -> tifffile.TiffFile | None:
+    """The open file where tifffile should read it; None for colour models PIL reads as photos."""
+    try:
+        tif = tifffile.TiffFile(path)
+    except TIFF_ERRORS as err:
+        raise _tiff_error(path, err) from None
+    if tif.series and tif.series[0].keyframe.photometric in TIFFFILE_PHOTOMETRIC:
+        return tif
+    tif.close()
+    return None
+
+
+def read_stored(path: Path, reading: Reading, max_pixels: int) -> tuple[np.ndarray, int | None]:
+    """The file's (H, W, C) pixels as stored, and the orientation that shows them upright."""
+    tif = _tiff_file(path) if path.suffix.lower() in TIFF_EXTENSIONS else None
+    if tif is not None:
+        with tif:
+            try:
+                return _read_tiff(tif, path, reading, max_pixels)
+            except TIFF_ERRORS as err:
+                raise _tiff_error(path, err) from None
     image = _decode(path, max_pixels, "image")
     try:
-        upright = _UPRIGHT.get(image.getexif().get(0x0112, 1))
+        orientation = image.getexif().get(ORIENTATION_TAG, 1)
     except (OSError, SyntaxError, ValueError) as err:
         raise BadSampleError(f"{path}: unreadable image ({err})") from None
-    image = to_rgb(image)
-    return (image.transpose(upright) if upright is not None else image), upright
+    return pil_pixels(image), orientation
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Palette, grey, RGBA, CMYK and 16-bit (scaled to 8 bits) images as 8-bit RGB."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image)
-        scale = 1 / 256 if array.max() > 255 else 1
-        image = Image.fromarray((array * scale).clip(0, 255).astype(np.uint8))
-    elif image.mode in ("P", "LA", "PA") or "transparency" in image.info:
-        image = image.convert("RGBA")
-    return image.convert("RGB")
+def read_image(
+    path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, reading: Reading = RGB
+) -> tuple[np.ndarray, int | None]:
+    """(H, W, reading.channels) pixels, upright: uint8, or float32 (see pixel_values); and the orientation that
+    turned them (masks drawn on the stored pixels need the same)."""
+    stored, orientation = read_stored(path, reading, max_pixels)
+    array = fit_channels(pixel_values(upright(stored, orientation), path), reading, path)
+    return array, orientation if orientation in _UPRIGHT else None
 
 
-def rgb_array(image: str | Path | Image.Image | np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """A path (read as inference.py reads files), a PIL image or an (H, W[, 1|3|4]) uint8/uint16 array ->
-    (H, W, 3) uint8, for the Python API."""
+def probe_image(path: Path, page: int = 0) -> ImageInfo:
+    """Channels, stored type and size from the header alone."""
+    tif = _tiff_file(path) if path.suffix.lower() in TIFF_EXTENSIONS else None
+    if tif is not None:
+        with tif:
+            return locate_tiff_image(tif, page, path).info
+    try:
+        with Image.open(path) as image:
+            grey = image.mode in GREY_MODES
+            return ImageInfo(1 if grey else 3, PIL_DTYPES.get(image.mode, "uint8"), image.height, image.width)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise BadSampleError(f"{path}: unreadable image ({err})") from None
+
+
+def first_readable(paths: list[Path], page: int = 0) -> tuple[Path, ImageInfo] | None:
+    """The first image whose header can be read, and what it says; None if there is none."""
+    for path in paths:
+        try:
+            return path, probe_image(path, page)
+        except BadSampleError:
+            continue
+    return None
+
+
+def input_array(
+    image: str | Path | Image.Image | np.ndarray, reading: Reading = RGB, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """The Python API's images -> (H, W, channels) model pixels: a path (read as inference.py reads files), a PIL
+    image, or an (H, W[, C]) array of integers or reals (uint8 and uint16 as stored in files; (H, W, 4) uint8 is
+    RGBA for a 3-channel model)."""
     if isinstance(image, (str, Path)):
-        return np.array(read_image(Path(image), max_pixels)[0])
-    if isinstance(image, np.ndarray):
-        if image.dtype not in (np.uint8, np.uint16) or not (
-            image.ndim == 2 or image.ndim == 3 and image.shape[2] in (1, 3, 4)
-        ):
-            raise ValueError(f"a {image.dtype} array of shape {image.shape}; expected uint8 or uint16 (H, W[, 1|3|4])")
-        image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
-    if not isinstance(image, Image.Image):
+        return read_image(Path(image), max_pixels, reading)[0]
+    if isinstance(image, Image.Image):
+        pixels = pil_pixels(image)
+    elif isinstance(image, np.ndarray) and image.ndim in (2, 3) and image.dtype.kind in "buif":
+        pixels = image[..., None] if image.ndim == 2 else image
+        if pixels.shape[2] == 4 and pixels.dtype == np.uint8 and reading.channels == 3:
+            pixels = pixels[..., :3]  # RGBA, as a PIL image of it would be read
+    elif isinstance(image, np.ndarray):
+        raise ValueError(f"a {image.dtype} array of shape {image.shape}; expected (H, W) or (H, W, C) numbers")
+    else:
         raise TypeError(f"expected a path, a PIL image or a NumPy array, not {type(image).__name__}")
-    return np.array(to_rgb(image))  # a copy: writable, as torch.from_numpy wants
+    where = Path(f"<{type(image).__name__}>")
+    return np.array(fit_channels(pixel_values(pixels, where), reading, where))  # a copy: writable for torch
 
 
-def align_mask(mask: np.ndarray, image: Image.Image, upright: Image.Transpose | None, mask_path: Path) -> np.ndarray:
-    """Masks match the upright image; one drawn on the stored (pre-EXIF) pixels is turned the same way."""
-    width, height = image.size
+def align_mask(mask: np.ndarray, shape: tuple[int, int], orientation: int | None, mask_path: Path) -> np.ndarray:
+    """Masks match the upright image of shape (H, W); one drawn on the stored pixels is turned the same way."""
+    height, width = shape
     if mask.shape == (height, width):
         return mask
-    if upright is not None and mask.shape == (width, height):
-        return np.asarray(Image.fromarray(mask).transpose(upright))
+    if orientation is not None and mask.shape == (width, height):
+        return upright(mask, orientation)
     raise BadSampleError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {width}x{height}")

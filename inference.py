@@ -14,6 +14,7 @@ from pathlib import Path
 from checkpoints import default_checkpoint
 from cli import (
     ArgumentParser,
+    add_channel_flags,
     add_ema_flag,
     add_hardware_flags,
     float_in,
@@ -22,7 +23,7 @@ from cli import (
     positive_int,
     run_cli,
 )
-from image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, list_images
+from image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, conversion_for, first_readable, list_images
 from predictions import Outputs, segment_folder
 from predictor import MODES, Predictor
 from records import format_report, write_report
@@ -66,6 +67,7 @@ def get_args_parser() -> ArgumentParser:
     )
     p.add_argument("--tta", action="store_true", help="average the softmax of the image and its horizontal flip")
     add_ema_flag(p)
+    add_channel_flags(p)
     p.add_argument("--save-probs", action="store_true", help="also write per-class probabilities as float16 .npy")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist (default: skip them)")
     p.add_argument("--batch-size", type=positive_int, default=8)
@@ -110,8 +112,19 @@ def scale_text(sampling) -> str:
     return "images at native resolution" if sampling.scale == 1 else f"images rescaled by {sampling.scale:g}"
 
 
+def check_channels(inputs: list[Path], predictor: Predictor, display_channel: int | None) -> None:
+    """A folder the model cannot take (colour photos for a 1-channel model) is one line, not a warning per file."""
+    first = first_readable(inputs, predictor.reading.page)
+    if first is not None:
+        conversion_for(first[0], first[1].channels, predictor.reading)
+    if display_channel is not None and display_channel >= predictor.reading.channels:
+        raise UserError(
+            f"--display-channel {display_channel}: the model has channels 0..{predictor.reading.channels - 1}"
+        )
+
+
 def load_predictor(args: argparse.Namespace, model_file: Path) -> Predictor:
-    options = {"tta": args.tta, "batch_size": args.batch_size}
+    options = {"tta": args.tta, "batch_size": args.batch_size, "convert": args.convert_channels}
     sampling = {"mode": args.mode, "tile": args.tile, "overlap": args.overlap, "scale": args.scale}
     if args.onnx is None:
         runtime = Runtime.from_flags(args.device, args.precision, args.channels_last)
@@ -134,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         true_masks = {p.stem: p for p in list_images(require_folder(args.masks_dir, "--masks_dir"))}
     model_file = args.onnx or args.checkpoint or default_checkpoint()
     predictor = load_predictor(args, model_file)
+    check_channels(inputs, predictor, args.display_channel)
     outputs = Outputs(resolve_output_dir(args, model_file), save_probs=args.save_probs)
     keep_freed_cpu_memory(predictor.runtime.device)
     sampling = predictor.sampling
@@ -152,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
         max_pixels=args.max_pixels,
+        display_channel=args.display_channel,
     )
     print(
         f"{result.written} images segmented into {outputs.root}; {result.already_done} already done "

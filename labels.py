@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -14,9 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from image_io import DEFAULT_MAX_PIXELS, MAX_MASK_VALUE, BadSampleError, DataError, read_mask
-from utils import replace_atomically
-
-log = logging.getLogger(__name__)
+from utils import files_key, read_json_cache, write_json_cache
 
 IGNORE_INDEX = 255  # the ignore label, after mapping; also the default raw value that marks ignored pixels
 SCAN_CACHE_NAME = ".label_scan.json"
@@ -32,27 +28,6 @@ def _count_values(path: Path, max_pixels: int) -> dict[int, int] | str:
     return {int(v): int(counts[v]) for v in values}
 
 
-def _scan_key(mask_paths: list[Path], max_pixels: int) -> str:
-    digest = hashlib.sha256(f"max_pixels {max_pixels}\n".encode())
-    for path in mask_paths:
-        stat = path.stat()
-        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def _read_scan_cache(cache: Path, key: str) -> dict[str, dict[int, int] | str] | None:
-    try:
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            return {
-                name: c if isinstance(c, str) else {int(v): n for v, n in c.items()}
-                for name, c in cached["counts"].items()
-            }
-    except (OSError, ValueError, KeyError, AttributeError):
-        pass
-    return None
-
-
 def scan_masks(
     mask_paths: list[Path], workers: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> dict[str, dict[int, int] | str]:
@@ -62,10 +37,10 @@ def scan_masks(
     instead of every mask.
     """
     cache = mask_paths[0].parent / SCAN_CACHE_NAME
-    key = _scan_key(mask_paths, max_pixels)
-    cached = _read_scan_cache(cache, key)
-    if cached is not None:
-        return cached
+    key = files_key(mask_paths, "max_pixels", max_pixels)
+    cached = read_json_cache(cache, key)
+    if isinstance(cached, dict):
+        return {name: c if isinstance(c, str) else {int(v): n for v, n in c.items()} for name, c in cached.items()}
     with ThreadPoolExecutor(max(workers, 1)) as pool:
         results = list(
             tqdm(
@@ -77,11 +52,7 @@ def scan_masks(
             )
         )
     counts = {path.name: result for path, result in zip(mask_paths, results, strict=True)}
-    try:
-        with replace_atomically(cache) as tmp:
-            tmp.write_text(json.dumps({"key": key, "counts": counts}))
-    except OSError:
-        log.info("%s: cannot write the label-scan cache; the next run scans again", cache)
+    write_json_cache(cache, key, counts)
     return counts
 
 

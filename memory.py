@@ -120,10 +120,12 @@ def measure_training_step(model: torch.nn.Module, loss_fn: torch.nn.Module, runt
     """Real training steps on copies of the model and a fresh optimiser, so the run itself is untouched."""
     probe_model = copy.deepcopy(model).train()
     optimizer = build_optimizer(probe_model, 1e-4, runtime.device)
-    num_classes = probe_model.config["num_classes"]
+    num_classes, channels = probe_model.config["num_classes"], probe_model.config["in_channels"]
 
     def step(side: int) -> None:
-        images = torch.randn(2, 3, side, side, device=runtime.device).contiguous(memory_format=runtime.memory_format)
+        images = torch.randn(2, channels, side, side, device=runtime.device).contiguous(
+            memory_format=runtime.memory_format
+        )
         masks = torch.randint(0, num_classes, (2, side, side), device=runtime.device)
         parts = dict(loss_fn=loss_fn, optimizer=optimizer, scaler=runtime.grad_scaler(), runtime=runtime)
         train_step(probe_model, images, masks, **parts)

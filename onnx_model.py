@@ -11,12 +11,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from checkpoints import training_flags
-from dataset import MEAN, STD
+from checkpoints import DataRules, training_flags
+from image_io import Reading
+from intensity import Normalization
 from labels import LabelMapping
 from utils import UserError, first_line
 
 METADATA_KEYS = ("format_version", "mapping", "normalize", "training", "model_args")  # each under "segmentation."
+OPTIONAL_KEYS = ("input",)  # the reading rule; files exported before channels were a choice read RGB
 SAMPLING_FLAGS = ("image_size", "crop_size", "base_size")  # what Sampling.from_training_flags reads
 
 
@@ -26,11 +28,12 @@ class OnnxError(UserError):
 
 def export_metadata(state: dict) -> dict[str, str]:
     """What inference needs from a checkpoint, as the JSON strings ONNX metadata_props hold."""
-    flags = training_flags(state)
+    flags, rules = training_flags(state), DataRules.from_state(state).to_state()
     values = {
         "format_version": state.get("format_version", 1),
-        "mapping": state["mapping"],
-        "normalize": {"mean": list(MEAN), "std": list(STD)},
+        "mapping": rules["mapping"],
+        "normalize": rules["normalization"],
+        "input": rules["reading"],
         "training": {name: flags.get(name) for name in SAMPLING_FLAGS},
         "model_args": state["model_args"],
     }
@@ -63,7 +66,8 @@ class OnnxModel:
     path: Path
     session: ort.InferenceSession
     mapping: LabelMapping
-    normalize: dict  # mean and std per channel
+    normalize: Normalization
+    reading: Reading  # how files become the network's channels
     training: dict  # the training flags that choose how images are shown to the network
     model_args: dict
     format_version: int
@@ -81,8 +85,11 @@ class OnnxModel:
         if missing:
             raise OnnxError(f"{path}: not exported by export.py (no segmentation.{missing[0]} in its metadata)")
         try:
-            meta = {key: json.loads(props[f"segmentation.{key}"]) for key in METADATA_KEYS}
+            present = [key for key in (*METADATA_KEYS, *OPTIONAL_KEYS) if f"segmentation.{key}" in props]
+            meta = {key: json.loads(props[f"segmentation.{key}"]) for key in present}
             mapping = LabelMapping.from_dict(meta.pop("mapping"))
+            meta["normalize"] = Normalization.from_dict(meta["normalize"])
+            meta["reading"] = Reading.from_dict(meta.pop("input", None), channels=meta["model_args"]["in_channels"])
         except (ValueError, KeyError, TypeError) as err:
             raise OnnxError(f"{path}: unreadable segmentation metadata ({err!r})") from None
         inputs = session.get_inputs()

@@ -13,6 +13,7 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from intensity import display_rgb  # noqa: E402
 from utils import colours  # noqa: E402
 
 IGNORE_COLOUR = np.array([255, 255, 255], dtype=np.uint8)
@@ -31,15 +32,20 @@ def legend_handles(class_names: list[str]) -> list[Patch]:
 
 
 def sample_panel(
-    images: list[torch.Tensor], targets: list[torch.Tensor], preds: list[torch.Tensor], class_names: list[str]
+    images: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    preds: list[torch.Tensor],
+    class_names: list[str],
+    *,
+    display_channel: int | None = None,
 ) -> Figure:
-    """One row per sample (uint8 image, each at its own size): image | ground truth | prediction."""
+    """One row per sample (each at its own size): image (intensity.display_rgb) | ground truth | prediction."""
     rows, k = len(images), len(class_names)
     fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows + 0.6), squeeze=False)
     for row in range(rows):
         for col, (title, picture) in enumerate(
             (
-                ("image", images[row].permute(1, 2, 0).numpy()),
+                ("image", display_rgb(images[row], display_channel)),
                 ("ground truth", colourise(targets[row].cpu().numpy(), k)),
                 ("prediction", colourise(preds[row].cpu().numpy(), k)),
             )

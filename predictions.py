@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from image_io import DEFAULT_MAX_PIXELS, BadSampleError, read_image, read_mask
+from image_io import DEFAULT_MAX_PIXELS, BadSampleError, Reading, read_image, read_mask
+from intensity import display_rgb
 from labels import LabelMapping
 from metrics import ConfusionMatrix
 from predictor import Predictor
@@ -30,20 +30,21 @@ log = logging.getLogger("inference")
 
 
 class InputImages(Dataset):
-    """Decoded in DataLoader workers at their original size; an unreadable file becomes an error string."""
+    """Decoded in DataLoader workers at their original size, as (C, H, W) pixels read by the model's rule; an
+    unreadable file (or one whose channels the model cannot take) becomes an error string."""
 
-    def __init__(self, paths: list[Path], max_pixels: int = DEFAULT_MAX_PIXELS):
-        self.paths, self.max_pixels = paths, max_pixels
+    def __init__(self, paths: list[Path], reading: Reading, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.paths, self.reading, self.max_pixels = paths, reading, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
         try:
-            image, _ = read_image(self.paths[index], self.max_pixels)
+            image, _ = read_image(self.paths[index], self.max_pixels, self.reading)
         except BadSampleError as err:
             return index, None, str(err)
-        return index, TF.pil_to_tensor(image), ""
+        return index, torch.from_numpy(image).permute(2, 0, 1), ""
 
 
 def collate(items):
@@ -56,7 +57,7 @@ def collate(items):
 
 def overlay_with_legend(image: np.ndarray, labels: np.ndarray, class_names: list[str]) -> Image.Image:
     """Half-transparent class colours over the (H, W, 3) uint8 image (background left clear), legend on the
-    right; uint8 throughout, so a 24-megapixel image needs no float copy."""
+    right; uint8 throughout, so a 24-megapixel image needs no float copy beyond its display stretch."""
     palette = colours(len(class_names)).astype(np.uint8)
     tinted = Image.blend(Image.fromarray(image), Image.fromarray(palette[labels]), 0.5)
     height, width = labels.shape
@@ -92,10 +93,17 @@ class Outputs:
         return all(p.exists() for kind, p in self.paths(relative).items() if kind != "probs" or self.save_probs)
 
 
-def write_prediction(original: torch.Tensor, targets: dict[str, Path], labels: np.ndarray, mapping: LabelMapping):
-    """Mask of original values and overlay, each written to a temporary name and renamed."""
+def write_prediction(
+    original: torch.Tensor,
+    targets: dict[str, Path],
+    labels: np.ndarray,
+    mapping: LabelMapping,
+    display_channel: int | None = None,
+):
+    """Mask of original values and overlay (on intensity.display_rgb's picture of the image), each written to a
+    temporary name and renamed."""
     values = mapping.value_array()[labels]
-    image = original.permute(1, 2, 0).numpy()
+    image = display_rgb(original, display_channel)
     files = {"mask": Image.fromarray(values), "overlay": overlay_with_legend(image, labels, mapping.names)}
     # Overlays are for looking at: zlib level 1 writes them 4-5x faster than the default 6, 13% larger.
     compress_level = {"mask": 6, "overlay": 1}
@@ -175,9 +183,11 @@ def segment_folder(
     workers: int | None = None,
     overwrite: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    display_channel: int | None = None,
 ) -> FolderResult:
     """Every image in inputs (paths under input_root) -> files under outputs; existing ones are kept unless
-    overwrite. true_masks (by file stem): also score the predictions, which then run even where files exist."""
+    overwrite. true_masks (by file stem): also score the predictions, which then run even where files exist.
+    display_channel: overlays show that channel as grey (default: the first three as RGB)."""
     relative = [p.relative_to(input_root) for p in inputs]
     done = [outputs.done(r) for r in relative]
     todo = [i for i, d in enumerate(done) if overwrite or true_masks is not None or not d]
@@ -185,7 +195,7 @@ def segment_folder(
     result.already_done = len(inputs) - len(todo) + sum(1 for i in todo if done[i] and not overwrite)
     lut = predictor.mapping.lookup_table()
     loader = DataLoader(
-        InputImages([inputs[i] for i in todo], max_pixels),
+        InputImages([inputs[i] for i in todo], predictor.reading, max_pixels),
         batch_size,
         num_workers=decoding_workers(workers, predictor.runtime.device),
         collate_fn=collate,
@@ -214,8 +224,10 @@ def segment_folder(
                     )
                 if write:
                     targets = outputs.paths(relative[item])
-                    job = writer.submit(write_prediction, image, targets, image_labels, predictor.mapping)
-                    pending.append((job, image.numel() + image_labels.nbytes))
+                    job = writer.submit(
+                        write_prediction, image, targets, image_labels, predictor.mapping, display_channel
+                    )
+                    pending.append((job, image.numel() * image.element_size() + image_labels.nbytes))
                     result.written += 1
                 while sum(size for _, size in pending) > WRITE_QUEUE_BYTES:
                     pending.popleft()[0].result()

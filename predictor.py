@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint, training_flags
-from dataset import normalize_images
-from image_io import rgb_array
+from checkpoints import CheckpointError, DataRules, load_checkpoint, model_from_checkpoint, training_flags
+from image_io import RGB, Reading, input_array
+from intensity import IMAGENET, Normalization
 from labels import LabelMapping
 from onnx_model import OnnxError, OnnxModel
 from utils import PRECISION_DTYPES, Runtime
@@ -125,6 +124,14 @@ class RowResampler:
         return F.interpolate(rows[None], size=(stop - start, self.out_width), mode="bilinear", align_corners=False)[0]
 
 
+def stack_pixels(images: list[torch.Tensor]) -> torch.Tensor:
+    """One batch; 8-bit images beside others (8- and 16-bit files in one folder) as float 0..1, as image_io reads
+    16-bit ones."""
+    if len({image.dtype for image in images}) > 1:
+        images = [TF.to_dtype(image, torch.float32, scale=True) for image in images]
+    return torch.stack(images)
+
+
 def band_rows(num_classes: int, width: int) -> int:
     return max(1, BAND_BYTES // (4 * num_classes * width))
 
@@ -138,7 +145,8 @@ class Predictor:
     input_dtype: torch.dtype = torch.float32
     tta: bool = False  # also average the horizontal flip's probabilities
     batch_size: int = 8  # tiles per forward pass when sliding
-    normalize: v2.Compose = field(default_factory=normalize_images)  # on the device, a batch at a time
+    normalize: Normalization = IMAGENET  # on the device, a batch at a time
+    reading: Reading = RGB  # how files and arrays become the network's channels
 
     @classmethod
     def from_checkpoint(
@@ -149,52 +157,63 @@ class Predictor:
         tta: bool = False,
         batch_size: int = 8,
         ema: bool = True,
+        convert: bool = False,
         **sampling,
     ):
         """runtime: default the best device and precision at hand. ema: the moving-average weights where the run
-        kept them (--ema). sampling: Sampling fields to override (None keeps the checkpoint's choice)."""
+        kept them (--ema). convert: convert images whose channels differ from the model's (image_io.Reading), even
+        if training did not. sampling: Sampling fields to override (None keeps the checkpoint's choice)."""
         path, runtime = Path(path), runtime or Runtime.from_flags("auto", "auto", channels_last=True)
         state = load_checkpoint(path)
         model = model_from_checkpoint(state, path, ema=ema)
         try:
-            mapping = LabelMapping.from_dict(state["mapping"])
+            rules = DataRules.from_state(state)
             chosen = Sampling.for_model(training_flags(state), **sampling)
         except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: holds no usable label mapping and image size ({err!r})") from None
+            raise CheckpointError(f"{path}: no usable label mapping, image size or input rule ({err!r})") from None
         # Weights cast once to the inference dtype: autocast would cast every weight on every batch.
         dtype = PRECISION_DTYPES[runtime.precision]
         model.eval().fold_batchnorm().to(runtime.device, dtype, memory_format=runtime.memory_format)
-        return cls(model, mapping, chosen, runtime, input_dtype=dtype, tta=tta, batch_size=batch_size)
+        reading = replace(rules.reading, convert=rules.reading.convert or convert)
+        options = dict(input_dtype=dtype, tta=tta, batch_size=batch_size, normalize=rules.normalization)
+        return cls(model, rules.mapping, chosen, runtime, reading=reading, **options)
 
     @classmethod
-    def from_onnx(cls, path: Path, *, tta: bool = False, batch_size: int = 8, **sampling):
+    def from_onnx(cls, path: Path, *, tta: bool = False, batch_size: int = 8, convert: bool = False, **sampling):
         """An export.py file run by onnxruntime on the CPU; pre- and post-processing as from_checkpoint."""
         network = OnnxModel.open(Path(path))
         try:
             chosen = Sampling.for_model(network.training, **sampling)
-            normalize = normalize_images(network.normalize["mean"], network.normalize["std"])
         except (KeyError, TypeError, ValueError) as err:
-            raise OnnxError(f"{path}: unusable training or normalisation metadata ({err!r})") from None
-        runtime = Runtime(torch.device("cpu"))
-        return cls(network, network.mapping, chosen, runtime, tta=tta, batch_size=batch_size, normalize=normalize)
+            raise OnnxError(f"{path}: unusable training metadata ({err!r})") from None
+        reading = replace(network.reading, convert=network.reading.convert or convert)
+        options = dict(tta=tta, batch_size=batch_size, normalize=network.normalize, reading=reading)
+        return cls(network, network.mapping, chosen, Runtime(torch.device("cpu")), **options)
 
     @classmethod
-    def for_validation(cls, model: torch.nn.Module, mapping: LabelMapping, sampling: Sampling, runtime: Runtime):
+    def for_validation(
+        cls,
+        model: torch.nn.Module,
+        mapping: LabelMapping,
+        sampling: Sampling,
+        runtime: Runtime,
+        normalize: Normalization = IMAGENET,
+    ):
         """The model being trained (in eval mode), run under the training's autocast."""
 
         def network(images: torch.Tensor) -> torch.Tensor:
             with runtime.autocast():
                 return model(images)
 
-        return cls(network, mapping, sampling, runtime)
+        return cls(network, mapping, sampling, runtime, normalize=normalize)
 
     def predict(self, image) -> np.ndarray:
-        """A path, PIL image or (H, W[, C]) uint8 array -> (H, W) map of the original mask values."""
+        """A path, PIL image or (H, W[, C]) array -> (H, W) map of the original mask values."""
         labels = self.segment([self._as_tensor(image)])[0]
         return self.mapping.value_array()[labels.numpy()]
 
     def predict_proba(self, image) -> np.ndarray:
-        """A path, PIL image or (H, W[, C]) uint8 array -> (classes, H, W) float32 softmax, classes in the
+        """A path, PIL image or (H, W[, C]) array -> (classes, H, W) float32 softmax, classes in the
         order of self.mapping.values."""
         tensor = self._as_tensor(image)
         probs = np.empty((self.mapping.num_classes, *tensor.shape[-2:]), dtype=np.float32)
@@ -205,13 +224,12 @@ class Predictor:
         self.segment([tensor], on_band=keep)
         return probs
 
-    @staticmethod
-    def _as_tensor(image) -> torch.Tensor:
-        return torch.from_numpy(rgb_array(image)).permute(2, 0, 1)
+    def _as_tensor(self, image) -> torch.Tensor:
+        return torch.from_numpy(input_array(image, self.reading)).permute(2, 0, 1)
 
     @torch.inference_mode()
     def batch_probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, h, w) -> float32 softmax (B, C, h, w) on the device."""
+        """(B, channels, h, w) pixels (uint8 or float) -> float32 softmax (B, classes, h, w) on the device."""
         images = self.normalize(images.to(self.runtime.device, non_blocking=True))  # uint8: a quarter of float
         images = images.to(self.input_dtype, memory_format=self.runtime.memory_format)
         probs = self.network(images).float().softmax(1)
@@ -223,7 +241,8 @@ class Predictor:
     def segment(
         self, images: list[torch.Tensor], on_band: Callable[[int, int, torch.Tensor], None] | None = None
     ) -> list[torch.Tensor]:
-        """uint8 (3, H, W) images -> (H, W) label indices on the CPU, each at its image's size.
+        """(channels, H, W) images (uint8 or float pixels, image_io) -> (H, W) label indices on the CPU, each at its
+        image's size.
 
         on_band(image index, first row, probabilities (C, rows, W)) sees every band, for files or losses.
         """
@@ -252,7 +271,7 @@ class Predictor:
             for image, size in zip((im.to(self.runtime.device) for im in images), sizes, strict=True)
         ]
         if self.sampling.mode == "resize":
-            return [iter([probs]) for probs in self.batch_probabilities(torch.stack(scaled))]
+            return [iter([probs]) for probs in self.batch_probabilities(stack_pixels(scaled))]
         return [self._slide(image) for image in scaled]
 
     def _slide(self, image: torch.Tensor) -> Iterator[torch.Tensor]:

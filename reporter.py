@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from checkpoints import save_checkpoint
+from checkpoints import DataRules, save_checkpoint
 from config import get_args_parser
 from config_file import save_config
 from engine import GracefulStop
@@ -41,6 +41,13 @@ SCALARS = {
 }
 
 
+def input_text(rules: DataRules) -> str:
+    """The start-up line's words for the model's input: channels and normalisation."""
+    channels, normalization = rules.reading.channels, rules.normalization
+    clipped = ", clipped to the 0.5-99.5 percentiles" if normalization.low is not None else ""
+    return f"{channels} input channel{'s' * (channels != 1)}, {normalization.name} normalisation{clipped}"
+
+
 def skip_report(train_skipped: list[str], val_skipped: list[str]) -> str:
     parts = [
         f"{split} skipped {len(set(bad))} bad samples: {'; '.join(sorted(set(bad))[:5])}"
@@ -53,8 +60,19 @@ def skip_report(train_skipped: list[str], val_skipped: list[str]) -> str:
 class Reporter:
     """Every method does nothing on ranks other than 0, so the loop needs no rank checks."""
 
-    def __init__(self, run_dir: Path, *, active: bool, purge_step: int | None, class_names: list[str], epochs: int):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        active: bool,
+        purge_step: int | None,
+        class_names: list[str],
+        epochs: int,
+        display_channel: int | None = None,
+    ):
+        """display_channel: the sample panels show that channel as grey (default: the first three as RGB)."""
         self.run_dir, self.active, self.class_names, self.epochs = run_dir, active, class_names, epochs
+        self.display_channel = display_channel
         self.checkpoints = run_dir / "checkpoints"
         self.writer = SummaryWriter(str(run_dir), purge_step=purge_step) if active else None
 
@@ -99,7 +117,7 @@ class Reporter:
             return
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
         for tag, fig in (
-            ("samples", sample_panel(*first_batch, self.class_names)),
+            ("samples", sample_panel(*first_batch, self.class_names, display_channel=self.display_channel)),
             ("confusion_matrix", confusion_matrix_figure(matrix.matrix, self.class_names)),
         ):
             fig.savefig(self.run_dir / "samples" / f"{tag}_epoch_{epoch:03d}.png", dpi=100)

@@ -18,11 +18,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoints import CheckpointError, load_model_weights, training_state
+from checkpoints import CheckpointError, DataRules, load_model_weights, training_state
 from cli import run_cli
 from coco import cached_masks
 from config import parse_args
-from dataset import SegmentationFolder
+from dataset import SegmentationFolder, choose_reading
 from demo import DEMO_IMAGES, DEMO_ROOTS, make_demo_data
 from engine import (
     EarlyStopping,
@@ -36,14 +36,14 @@ from engine import (
     scheduled_lr,
     train_one_epoch,
 )
-from labels import LabelMapping
+from intensity import check_display_channel
 from loaders import build_loaders
 from losses import build_loss
 from memory import available_bytes, check_fits, measure_training_step
 from model import ResidualAttnUNet, count_parameters
 from predictor import Predictor, Sampling
 from records import epoch_record
-from reporter import Reporter, batch_text, skip_report
+from reporter import Reporter, batch_text, input_text, skip_report
 from utils import Runtime, UserError, keep_freed_cpu_memory, require_folder, seed_everything
 
 
@@ -75,19 +75,24 @@ def data_paths(args: argparse.Namespace) -> DataPaths:
     return DataPaths(**paths)
 
 
-def build_datasets(
-    args: argparse.Namespace, mapping: LabelMapping | None
-) -> tuple[SegmentationFolder, SegmentationFolder]:
-    """The training set finds the label mapping (unless resuming); validation reuses it."""
+def build_datasets(args: argparse.Namespace, rules: DataRules | None) -> tuple[SegmentationFolder, SegmentationFolder]:
+    """The training set finds the label mapping and normalisation (unless resuming); validation reuses them."""
     paths = data_paths(args)
-    labels = dict(ignore_value=args.ignore_value, binary=args.binary, max_pixels=args.max_pixels)
+    reading, args.normalize = choose_reading(
+        paths.train_images, args.in_channels, args.normalize, page=args.tiff_page, convert=args.convert_channels
+    )
+    args.in_channels = reading.channels
+    check_display_channel(args.display_channel, reading.channels)
+    labels = dict(ignore_value=args.ignore_value, binary=args.binary, max_pixels=args.max_pixels, reading=reading)
     crop = dict(crop_size=args.crop_size, scale_range=args.scale_range, base_size=args.base_size)
     train_set = SegmentationFolder(
         paths.train_images,
         paths.train_masks,
         args.image_size,
         crop=crop,
-        mapping=mapping,
+        mapping=rules.mapping if rules else None,
+        normalization=rules.normalization if rules else None,
+        normalize=args.normalize,
         augment=args.augment,
         limit=args.train_subset,
         **labels,
@@ -97,6 +102,7 @@ def build_datasets(
         paths.val_masks,
         None,  # validation sees each image at its own size, as inference does
         mapping=train_set.mapping,
+        normalization=train_set.normalization,
         unknown_labels="ignore" if args.ignore_unknown_labels else "error",
         **labels,
     )
@@ -105,7 +111,7 @@ def build_datasets(
 
 def prepare_data(args, checkpoint: dict | None, runtime: Runtime) -> tuple[SegmentationFolder, SegmentationFolder]:
     """Rank 0 builds the demo, renders COCO masks and scans labels first; the others then read its caches."""
-    mapping = LabelMapping.from_dict(checkpoint["mapping"]) if checkpoint else None
+    rules = DataRules.from_state(checkpoint) if checkpoint else None
     if args.demo and runtime.ddp.is_main:
         print(
             f"demo run: data {DEMO_ROOTS[args.demo_style]} ({DEMO_IMAGES['num_train']} train, "
@@ -116,7 +122,7 @@ def prepare_data(args, checkpoint: dict | None, runtime: Runtime) -> tuple[Segme
         if (turn == "main") == runtime.ddp.is_main:
             if args.demo:
                 make_demo_data(DEMO_ROOTS[args.demo_style], **DEMO_IMAGES, style=args.demo_style)
-            datasets = build_datasets(args, mapping)
+            datasets = build_datasets(args, rules)
         runtime.ddp.barrier()
     return datasets
 
@@ -134,7 +140,7 @@ class Training:
     compiled: bool = False  # the first step's time (compilation included) is worth printing
 
     def state(self, **progress) -> dict:
-        """progress: epoch, args, mapping, best_miou, best_confusion, history (see checkpoints.training_state)."""
+        """progress: epoch, args, rules, best_miou, best_confusion, history (see checkpoints.training_state)."""
         return training_state(
             model=self.model, optimizer=self.optimizer, scaler=self.scaler, ema=self.updates.ema, **progress
         )
@@ -160,12 +166,12 @@ class Training:
             report_data_wait=first,
         )
 
-    def validate(self, loader, *, mapping: LabelMapping, sampling: Sampling, runtime: Runtime, epoch: int):
+    def validate(self, loader, *, rules: DataRules, sampling: Sampling, runtime: Runtime, epoch: int):
         """The EMA's weights where there is one: what best.pt's users (inference, export) will run."""
         model = self.model if self.updates.ema is None else self.updates.ema.module
         model.eval()
-        predictor = Predictor.for_validation(model, mapping, sampling, runtime)
-        return evaluate(predictor, loader, num_classes=mapping.num_classes, runtime=runtime, epoch=epoch)
+        predictor = Predictor.for_validation(model, rules.mapping, sampling, runtime, rules.normalization)
+        return evaluate(predictor, loader, num_classes=rules.mapping.num_classes, runtime=runtime, epoch=epoch)
 
     def restore(self, checkpoint: dict) -> None:
         path, classes = checkpoint["path"], checkpoint["model_args"].get("num_classes")
@@ -190,7 +196,7 @@ class Training:
 
 def build_model(args: argparse.Namespace, num_classes: int, runtime: Runtime) -> tuple[nn.Module, nn.Module]:
     """The model to save (plain) and the one to step (compiled and/or DDP-wrapped)."""
-    model = ResidualAttnUNet(3, num_classes, args.widths, args.dropout)
+    model = ResidualAttnUNet(args.in_channels, num_classes, args.widths, args.dropout)
     model.grad_checkpoint = args.grad_checkpoint
     if args.sync_bn:
         if runtime.device.type != "cuda" or not runtime.ddp.enabled:
@@ -263,7 +269,7 @@ def fit(
     loaders: tuple,
     *,
     args: argparse.Namespace,
-    mapping: LabelMapping,
+    rules: DataRules,
     report: Reporter,
     history: list[dict],
     early: EarlyStopping,
@@ -291,7 +297,7 @@ def fit(
             if stop.requested:
                 return report.stopped(stop, report.during_epoch(epoch))
             val_loss, matrix, samples, val_skipped = training.validate(
-                val_loader, mapping=mapping, sampling=validation_sampling(args), runtime=runtime, epoch=epoch
+                val_loader, rules=rules, sampling=validation_sampling(args), runtime=runtime, epoch=epoch
             )
             metrics = matrix.compute()
             images = len(train_loader) * args.batch_size * runtime.ddp.world_size
@@ -305,7 +311,7 @@ def fit(
             improved = early.update(metrics["miou"])
             best_confusion = matrix.matrix.cpu().tolist() if improved else best_confusion
             numbered = epoch % args.save_every == 0 or epoch == args.epochs or early.should_stop
-            progress = dict(mapping=mapping, best_miou=early.best, best_confusion=best_confusion, history=history)
+            progress = dict(rules=rules, best_miou=early.best, best_confusion=best_confusion, history=history)
             report.save(training.state(epoch=epoch, args=args, **progress), improved=improved, numbered=numbered)
             if numbered:
                 report.figures(epoch, samples, matrix)
@@ -338,7 +344,8 @@ def train(args: argparse.Namespace, checkpoint: dict | None, runtime: Runtime) -
     keep_freed_cpu_memory(runtime.device)
     seed_everything(args.seed)
     train_set, val_set = prepare_data(args, checkpoint, runtime)
-    mapping = train_set.mapping
+    rules = DataRules(train_set.mapping, train_set.reading, train_set.normalization)
+    mapping = rules.mapping
     loaders = build_loaders(
         train_set,
         val_set,
@@ -362,12 +369,14 @@ def train(args: argparse.Namespace, checkpoint: dict | None, runtime: Runtime) -
         purge_step=start_epoch + 1 if checkpoint else None,
         class_names=mapping.names,
         epochs=args.epochs,
+        display_channel=args.display_channel,
     )
     if checkpoint:
         report.print(f"resumed from {checkpoint['path']} at epoch {start_epoch}")
     report.print(
         f"{len(train_set)} training and {len(val_set)} validation images, {mapping.num_classes} classes "
-        f"({', '.join(mapping.names)}); {count_parameters(training.model) / 1e6:.2f} M parameters; "
+        f"({', '.join(mapping.names)}); {input_text(rules)}; "
+        f"{count_parameters(training.model) / 1e6:.2f} M parameters; "
         f"{runtime.describe()}; {batch_text(args, runtime)}; {memory_note}"
     )
     report.config(args)
@@ -377,7 +386,7 @@ def train(args: argparse.Namespace, checkpoint: dict | None, runtime: Runtime) -
         training,
         loaders,
         args=args,
-        mapping=mapping,
+        rules=rules,
         report=report,
         history=history,
         early=early,

@@ -1,11 +1,14 @@
 """Helpers every script shares: device, precision and where tensors run (Runtime), seeding, the torchrun
-job, the CPU allocator setting, atomic writes, path checks, class colours."""
+job, the CPU allocator setting, atomic writes, JSON caches keyed on files, path checks, class colours."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import ctypes.util
+import hashlib
+import json
+import logging
 import os
 import random
 import signal
@@ -279,3 +282,31 @@ def replace_atomically(path: Path) -> Iterator[Path]:
         raise WriteError(f"{path}: cannot write ({err.strerror or err})") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def files_key(paths: list[Path], *settings) -> str:
+    """A digest of the files' names, sizes and modification times and of the settings a result depends on: a
+    cache key that changes when any of them does."""
+    digest = hashlib.sha256(repr(settings).encode())
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def read_json_cache(path: Path, key: str):
+    """The value cached under key in path; None if the file is missing, unreadable or holds another key."""
+    try:
+        cached = json.loads(path.read_text())
+        return cached["value"] if cached.get("key") == key else None
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+
+
+def write_json_cache(path: Path, key: str, value) -> None:
+    """A cache that cannot be written (a read-only data folder) only costs the next run the work again."""
+    try:
+        with replace_atomically(path) as tmp:
+            tmp.write_text(json.dumps({"key": key, "value": value}))
+    except WriteError:
+        logging.getLogger(__name__).info("%s: cannot write this cache; the next run computes it again", path)

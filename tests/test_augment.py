@@ -37,9 +37,9 @@ def agreement(image, mask):
 @pytest.mark.parametrize("augment", ["basic", "strong", "crop"])
 def test_augmented_image_and_mask_stay_aligned(augment):
     if augment == "crop":  # native-resolution crops, rescaled first, then today's basic augmentation
-        transform = build_transforms(48, "basic", normalize=False, crop_size=40, scale_range=(0.5, 2.0))
+        transform = build_transforms(48, "basic", normalization=None, crop_size=40, scale_range=(0.5, 2.0))
     else:
-        transform = build_transforms(48, augment, normalize=False)
+        transform = build_transforms(48, augment, normalization=None)
     torch.manual_seed(0)
     for _ in range(20):
         image, mask = transform(*red_blue_sample())
@@ -132,7 +132,7 @@ def test_crops_keep_the_aspect_ratio_and_pad_small_images_with_ignore():
         height, width = scaled.shape[-2:]
         assert abs(width - 2 * height) <= 1 and 20 <= height <= 80  # one factor for both sides
     assert RandomScale((1.0, 1.0), base_size=20)(image)[0].shape[-2:] == (20, 40)  # shorter side -> base
-    transform = build_transforms(64, "none", normalize=False, crop_size=16, scale_range=(1.0, 1.0))
+    transform = build_transforms(64, "none", normalization=None, crop_size=16, scale_range=(1.0, 1.0))
     small, small_mask = transform(
         tv_tensors.Image(torch.full((3, 10, 12), 7, dtype=torch.uint8)), tv_tensors.Mask(mask[:10, :12])
     )
@@ -148,7 +148,8 @@ def test_colour_on_float_is_the_same_augmentation_as_colour_on_uint8(augment):
     the rounding the reference adds after each jitter step."""
     from torchvision.transforms import v2
 
-    from dataset import MEAN, STD
+    from intensity import IMAGENET_MEAN as MEAN
+    from intensity import IMAGENET_STD as STD
 
     fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
     strong = augment == "strong"

@@ -15,6 +15,7 @@ from PIL import Image
 import inference
 import predictor as predictor_module
 from conftest import ROOT, run_in_process
+from image_io import BadSampleError
 from labels import LabelMapping
 from predictor import Predictor, RowResampler, Sampling, tile_starts
 from utils import Runtime
@@ -177,10 +178,18 @@ def test_predict_takes_a_path_pil_image_or_array_and_gives_what_inference_writes
     np.testing.assert_array_equal(predictor.predict(grey), predictor.predict(pixels.convert("L").convert("RGB")))
 
 
-@pytest.mark.parametrize("image", [np.zeros((4, 4), np.float32), np.zeros((4, 4, 2), np.uint8), [[0, 1]]])
-def test_predict_names_what_it_cannot_take(image):
+@pytest.mark.parametrize(
+    "image, error",
+    [
+        (np.zeros((4, 4, 2), np.uint8), "<ndarray>: 2 channels, the model takes 3$"),
+        (np.zeros((4, 4), np.complex64), "expected"),
+        (np.zeros((4, 4, 3, 1), np.uint8), "expected"),
+        ([[0, 1]], "expected"),
+    ],
+)
+def test_predict_names_what_it_cannot_take(image, error):
     predictor = Predictor(pointwise_model(), MAPPING, Sampling("resize", 8), CPU)
-    with pytest.raises((ValueError, TypeError), match="expected"):
+    with pytest.raises((ValueError, TypeError, BadSampleError), match=error):
         predictor.predict(image)
 
 

@@ -42,7 +42,8 @@ def test_the_logged_val_miou_equals_a_fresh_evaluation_of_the_checkpoint(trained
     import torch.nn.functional as F
     from torchvision.transforms.v2 import functional as TF
 
-    from dataset import SegmentationFolder, normalize_images
+    from dataset import SegmentationFolder
+    from intensity import IMAGENET as normalize
     from labels import LabelMapping
     from metrics import ConfusionMatrix
     from model import ResidualAttnUNet
@@ -59,7 +60,7 @@ def test_the_logged_val_miou_equals_a_fresh_evaluation_of_the_checkpoint(trained
         for i in range(len(val)):
             image, mask = val[i]
             assert image.shape[-2:] == mask.shape == (48, 48)  # the original size, not the training square
-            x = normalize_images()(TF.resize(image, size, antialias=True))[None]
+            x = normalize(TF.resize(image, size, antialias=True))[None]
             probs = model(x.contiguous(memory_format=torch.channels_last)).float().softmax(1)
             full = F.interpolate(probs, size=mask.shape, mode="bilinear", align_corners=False)
             matrix.update(full.argmax(1)[0], mask)
