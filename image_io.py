@@ -148,7 +148,7 @@ def pixel_values(array: np.ndarray, path: Path) -> np.ndarray:
     if kind not in "uif":
         raise BadSampleError(f"{path}: {array.dtype} pixels; images hold integers or real numbers")
     if kind == "u" and size == 2:
-        return array.astype(np.float32) * np.float32(1 / 65535)
+        return array.astype(np.float32) / np.float32(65535)
     values = array.astype(np.float32)
     if kind == "f" and not np.isfinite(values).all():
         np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
@@ -222,9 +222,22 @@ class TiffImage:
         return self.series.keyframe.axes == "SYX"  # one page, channel-first (planar configuration "separate")
 
 
+def page_channel_axis(series: tifffile.TiffPageSeries, lead_axes: str) -> int | None:
+    """Which of the axes across pages holds channels: C where the file names its axes (ImageJ, OME); in an array
+    tifffile wrote with its shape (axes Q), the last one, as in a (..., C, H, W) array; None where a page holds
+    its own channels (samples) or the pages are a plain sequence of images."""
+    if "S" in series.keyframe.axes:
+        return None
+    if "C" in lead_axes:
+        return lead_axes.index("C")
+    if series.kind == "shaped" and "Q" in lead_axes:
+        return lead_axes.rindex("Q")
+    return None
+
+
 def locate_tiff_image(tif: tifffile.TiffFile, number: int, path: Path) -> TiffImage:
-    """Image `number` of the file: channels are a page's samples, or the pages along a C axis (ImageJ, OME); every
-    other axis (z, time, pages) and every further series counts images."""
+    """Image `number` of the file: channels are a page's samples or lie across pages (page_channel_axis); every
+    other axis (z, time, a sequence of pages) and every further series counts images."""
     seen = 0
     for series in tif.series:
         key = series.keyframe
@@ -232,9 +245,8 @@ def locate_tiff_image(tif: tifffile.TiffFile, number: int, path: Path) -> TiffIm
         if key.axes not in ("YX", "YXS", "SYX") or not series.axes.endswith(key.axes):
             raise BadSampleError(f"{path}: unsupported TIFF layout (axes {series.axes})")
         lead_axes, lead_shape = series.axes[:lead], tuple(series.shape[:lead])
-        grid = np.arange(len(series.pages))
-        if "S" not in key.axes and "C" in lead_axes and grid.size == np.prod(lead_shape):
-            axis = lead_axes.index("C")
+        grid, axis = np.arange(len(series.pages)), page_channel_axis(series, lead_axes)
+        if axis is not None and grid.size == np.prod(lead_shape):
             per_image = np.moveaxis(grid.reshape(lead_shape), axis, -1).reshape(-1, lead_shape[axis])
         else:
             per_image = grid[:, None]

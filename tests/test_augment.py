@@ -48,6 +48,39 @@ def test_augmented_image_and_mask_stay_aligned(augment):
     assert misaligned < 0.8
 
 
+def four_channel_sample(size=64):
+    """A float 4-channel image whose last channel alone says the class: bright where the mask is 1."""
+    _, mask = red_blue_sample(size)
+    noise = torch.rand(4, size, size, generator=torch.Generator().manual_seed(0))
+    noise[3] = torch.where(mask.bool(), 0.8, 0.2) + 0.05 * noise[3]
+    return tv_tensors.Image(noise), mask
+
+
+def last_channel_agreement(image, mask):
+    """Share of labelled pixels whose last channel, split halfway between its means over the two classes, says
+    the mask (the split moves with the jitter; a misaligned mask brings the two means together)."""
+    labelled = mask != IGNORE_INDEX
+    values, labels = image[3][labelled], mask[labelled]
+    middle = (values[labels == 1].mean() + values[labels == 0].mean()) / 2
+    return ((values > middle).long() == labels).float().mean().item()
+
+
+@pytest.mark.parametrize("augment", ["basic", "strong"])
+def test_augmentation_of_n_channel_float_images_keeps_them_aligned_and_jitters_each_channel(augment):
+    transform = build_transforms(48, augment, normalization=None, photo=False)
+    torch.manual_seed(0)
+    source, _ = four_channel_sample()
+    ratios = []
+    for _ in range(20):
+        image, mask = transform(*four_channel_sample())
+        assert image.shape == (4, 48, 48) and image.dtype == torch.float32
+        assert last_channel_agreement(image, mask) > 0.9
+        ratios.append(image.flatten(1).std(1) / source.flatten(1).std(1))
+    assert last_channel_agreement(image, mask.flip(-1)) < 0.8  # the check can fail
+    spread = torch.stack(ratios)  # each channel's contrast is drawn on its own
+    assert (spread.std(0) > 0.05).all() and (spread[:, 0] - spread[:, 1]).abs().max() > 0.1
+
+
 def test_rotation_fills_new_mask_pixels_with_ignore():
     transform = build_transforms(32, "basic")
     image = tv_tensors.Image(torch.full((3, 32, 32), 128, dtype=torch.uint8))
