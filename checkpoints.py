@@ -166,3 +166,16 @@ def default_checkpoint(name: str = "best.pt", runs: Path = RUNS) -> Path:
     if path is None:
         raise CheckpointError(f"{runs}: no run with checkpoints/{name}; train first or pass --checkpoint")
     return path
+
+
+def find_resume_checkpoint(resume: str, run_dir: Path | None) -> Path | None:
+    """auto: last.pt of the run dir, else of the most recently written run under runs/."""
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: --resume names no checkpoint file")
+        return path
+    if run_dir is not None:
+        path = run_dir / "checkpoints" / "last.pt"
+        return path if path.is_file() else None
+    return newest_checkpoint("last.pt")

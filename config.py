@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from checkpoints import CheckpointError, DataRules, load_checkpoint, newest_checkpoint
+from checkpoints import CheckpointError, DataRules, find_resume_checkpoint, load_checkpoint
 from cli import (
     ArgumentParser,
     add_channel_flags,
@@ -311,19 +311,6 @@ def explicit_flags(parser: ArgumentParser, argv: list[str] | None) -> set[str]:
 
 def flag_text(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
-
-def find_resume_checkpoint(resume: str, run_dir: Path | None) -> Path | None:
-    """auto: last.pt of the run dir, else of the most recently written run under runs/."""
-    if resume != "auto":
-        path = Path(resume)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: --resume names no checkpoint file")
-        return path
-    if run_dir is not None:
-        path = run_dir / "checkpoints" / "last.pt"
-        return path if path.is_file() else None
-    return newest_checkpoint("last.pt")
 
 
 def apply_checkpoint_flags(args: argparse.Namespace, given: set[str], checkpoint: dict) -> None:

@@ -181,7 +181,7 @@ def stretch(channels: np.ndarray) -> np.ndarray:
     """(C, H, W) reals -> uint8, each channel's 0.5..99.5 percentiles (of up to a million pixels) to 0..255."""
     flat = channels.reshape(channels.shape[0], -1)
     step = max(1, flat.shape[1] // DISPLAY_SAMPLES)
-    low, high = np.percentile(flat[:, ::step], DISPLAY_PERCENTILES, axis=1)
-    scale = 255 / np.maximum(high - low, 1e-12)
-    stretched = (channels - low[:, None, None]) * scale[:, None, None]
-    return stretched.clip(0, 255).astype(np.uint8)
+    low, high = np.percentile(flat[:, ::step], DISPLAY_PERCENTILES, axis=1).astype(np.float32)
+    scale = np.float32(255) / np.maximum(high - low, np.float32(1e-12))
+    stretched = (channels - low[:, None, None]) * scale[:, None, None]  # float32: one copy of the image
+    return stretched.clip(0, 255, out=stretched).astype(np.uint8)

@@ -152,3 +152,30 @@ def check_fits(
         f"--batch-size {batch_size} at {side} px needs about {need / GIB:.1f} GiB per training step, "
         f"{available / GIB:.1f} GiB is available: use " + " or ".join(remedies)
     )
+
+
+def check_training_memory(
+    model: torch.nn.Module,
+    loss_fn: torch.nn.Module,
+    runtime: Runtime,
+    *,
+    batch_size: int,
+    side: int,
+    size_flag: str,
+    grad_checkpoint: bool,
+) -> str:
+    """Stop before the first epoch if a step of batch_size side x side inputs would not fit; else say what it needs."""
+    available = available_bytes(runtime.device)
+    measured = None if available is None else measure_training_step(model, loss_fn, runtime)
+    if measured is None:
+        return "memory not checked (no peak-memory counter here)"
+    if runtime.device.type == "cpu":
+        available //= runtime.ddp.world_size  # the ranks share the machine's memory
+    return check_fits(
+        measured,
+        batch_size=batch_size,
+        side=side,
+        available=available,
+        size_flag=size_flag,
+        grad_checkpoint=grad_checkpoint,
+    )

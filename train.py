@@ -39,7 +39,7 @@ from engine import (
 from intensity import check_display_channel
 from loaders import build_loaders
 from losses import build_loss
-from memory import available_bytes, check_fits, measure_training_step
+from memory import check_training_memory
 from model import ResidualAttnUNet, count_parameters
 from predictor import Predictor, Sampling
 from records import epoch_record
@@ -210,24 +210,6 @@ def build_model(args: argparse.Namespace, num_classes: int, runtime: Runtime) ->
     return model, step_model
 
 
-def check_memory(training: Training, args: argparse.Namespace, runtime: Runtime) -> str:
-    """Stop before the first epoch if a step at the chosen batch and size would not fit (see memory.py)."""
-    available = available_bytes(runtime.device)
-    measured = None if available is None else measure_training_step(training.model, training.loss_fn, runtime)
-    if measured is None:
-        return "memory not checked (no peak-memory counter here)"
-    if runtime.device.type == "cpu":
-        available //= runtime.ddp.world_size  # the ranks share the machine's memory
-    return check_fits(
-        measured,
-        batch_size=args.batch_size,
-        side=args.crop_size or args.image_size,
-        available=available,
-        size_flag="--crop-size" if args.crop_size else "--image-size",
-        grad_checkpoint=args.grad_checkpoint,
-    )
-
-
 def build_training(args: argparse.Namespace, train_set: SegmentationFolder, runtime: Runtime) -> Training:
     model, step_model = build_model(args, train_set.num_classes, runtime)
     optimizer = build_optimizer(model, args.lr, runtime.device, name=args.optimizer, weight_decay=args.weight_decay)
@@ -358,7 +340,15 @@ def train(args: argparse.Namespace, checkpoint: dict | None, runtime: Runtime) -
         min_epoch_samples=args.min_epoch_samples,
     )
     training = build_training(args, train_set, runtime)
-    memory_note = check_memory(training, args, runtime)
+    memory_note = check_training_memory(
+        training.model,
+        training.loss_fn,
+        runtime,
+        batch_size=args.batch_size,
+        side=args.crop_size or args.image_size,
+        size_flag="--crop-size" if args.crop_size else "--image-size",
+        grad_checkpoint=args.grad_checkpoint,
+    )
     if checkpoint:
         training.restore(checkpoint)
     history = checkpoint["history"] if checkpoint else []

@@ -58,9 +58,9 @@ def test_the_error_names_the_largest_batch_that_fits():
 SMALL_MACHINE = """
 import sys
 sys.path.insert(0, sys.argv[1])
-import train
+import memory, train
 from cli import run_cli
-train.available_bytes = lambda device: 2**20  # an artificially small machine: 1 MiB
+memory.available_bytes = lambda device: 2**20  # an artificially small machine: 1 MiB
 sys.exit(run_cli(lambda: train.main(sys.argv[2:])))
 """
 

@@ -126,6 +126,15 @@ def test_a_batch_of_images_of_different_sizes_gives_each_its_own_size():
         assert [tuple(x.shape) for x in labels] == [(20, 30), (64, 16), (33, 33)]
 
 
+def test_8_bit_and_16_bit_images_in_one_batch_see_the_same_values():
+    """A folder may mix 8-bit and 16-bit files: the batch holds both as 0..1, so equal pictures give equal labels."""
+    eight = random_image(16, 16)  # at the working size: no resize to round one of them
+    sixteen = eight.float() / 255  # what image_io makes of the same picture stored in 16 bits (x 257 / 65535)
+    predictor = Predictor(pointwise_model(), MAPPING, Sampling("resize", image_size=16), CPU)
+    labels = predictor.segment([eight, sixteen])
+    assert torch.equal(labels[0], labels[1])
+
+
 def test_slide_scale_and_base_size_set_the_working_resolution():
     assert Sampling("slide", scale=0.5).working_size(100, 60) == (50, 30)
     assert Sampling("slide", base_size=30).working_size(100, 60) == (50, 30)
