@@ -19,7 +19,7 @@ from cli import ArgumentParser, add_ema_flag, positive_int, run_cli
 from demo import DEMO_ROOTS
 from image_io import BadSampleError, Reading, list_images, read_image
 from onnx_model import OnnxError, OnnxModel, compare_networks, export_metadata, export_network
-from predictor import Sampling
+from predictor import Sampling, stack_pixels
 from utils import UserError, replace_atomically, require_folder
 
 MIN_LABEL_AGREEMENT = 0.999
@@ -74,7 +74,7 @@ def check_batches(images: list[torch.Tensor], side: int, normalize, *, channels:
     for size in ((side, side), (side * 3 // 4 + stride // 2 + 1, side * 5 // 4 + 3)):
         batches.append(torch.randn(2, channels, *size, generator=generator))
         if images:
-            batches.append(normalize(torch.stack([TF.resize(image, list(size), antialias=True) for image in images])))
+            batches.append(normalize(stack_pixels([TF.resize(image, list(size), antialias=True) for image in images])))
     return batches
 
 
