@@ -1,17 +1,14 @@
-"""Image + mask folders -> (image, mask) tensors: pairing by file name, the transforms, bad-sample handling."""
+"""Image + mask folders -> (image, mask) tensors: pairing by file name, reading, bad-sample handling."""
 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 from image_io import (
     DEFAULT_MAX_PIXELS,
@@ -26,8 +23,9 @@ from image_io import (
     read_image,
     read_mask,
 )
-from intensity import IMAGENET, Normalization, build_normalization, default_normalize
+from intensity import Normalization, build_normalization, default_normalize
 from labels import IGNORE_INDEX, LabelMapping, read_class_names, scan_masks
+from transforms import build_transforms
 from utils import require_folder
 
 log = logging.getLogger(__name__)
@@ -62,135 +60,6 @@ def choose_reading(
     if first:
         conversion_for(first[0], found, reading)
     return reading, default_normalize(reading.channels, dtype) if normalize == "auto" else normalize
-
-
-class RandomScale(v2.Transform):
-    """Image and mask rescaled by one random factor, aspect ratio kept: relative to the native size, or
-    relative to base_size for the shorter side (torchvision's segmentation reference)."""
-
-    def __init__(self, scale_range: tuple[float, float], base_size: int | None = None):
-        super().__init__()
-        self.scale_range, self.base_size = tuple(scale_range), base_size
-
-    def make_params(self, flat_inputs: list) -> dict:
-        height, width = v2.query_size(flat_inputs)
-        factor = float(torch.empty(()).uniform_(*self.scale_range))
-        if self.base_size:
-            factor *= self.base_size / min(height, width)
-        return {"size": [max(1, round(height * factor)), max(1, round(width * factor))]}
-
-    def transform(self, inpt, params: dict):
-        return self._call_kernel(TF.resize, inpt, params["size"], antialias=True)  # masks: nearest
-
-
-def rotation_sources(angle: float, height: int, width: int) -> torch.Tensor:
-    """For each pixel of an image rotated by angle degrees about its centre (counter-clockwise, as torchvision's
-    rotate turns it), the flat index of its nearest source pixel; height * width where that lies outside."""
-    theta = math.radians(angle)
-    ys = torch.arange(height, dtype=torch.float64) + 0.5 - height / 2
-    xs = torch.arange(width, dtype=torch.float64) + 0.5 - width / 2
-    cols = ((math.cos(theta) * xs + (width / 2 - 0.5))[None, :] - (math.sin(theta) * ys)[:, None]).round_()
-    rows = ((math.sin(theta) * xs)[None, :] + (math.cos(theta) * ys + (height / 2 - 0.5))[:, None]).round_()
-    outside = (rows < 0) | (rows > height - 1) | (cols < 0) | (cols > width - 1)
-    return rows.mul_(width).add_(cols).masked_fill_(outside, height * width).long().flatten()
-
-
-def gather_pixels(inpt: torch.Tensor, sources: torch.Tensor, fill) -> torch.Tensor:
-    """inpt (..., H, W) with each pixel taken from the flat source index (H * W: the fill value); contiguous, as
-    the colour transforms after it run several times slower on a channels-last layout."""
-    *channels, height, width = inpt.shape
-    pixels = inpt.movedim((-2, -1), (0, 1)).reshape(height * width, *channels)
-    filler = torch.as_tensor(0 if fill is None else fill, dtype=pixels.dtype).expand(1, *channels)
-    picked = torch.cat((pixels, filler)).index_select(0, sources)
-    return picked.view(height, width, *channels).movedim((0, 1), (-2, -1)).contiguous()
-
-
-class RandomRotation(v2.RandomRotation):
-    """torchvision's RandomRotation (nearest, the same angle draws, the same pixels), with one sampling grid for
-    the image and its mask: each output pixel's source is computed once and gathered from both as integers,
-    instead of a float grid_sample of each with an extra channel for the fill."""
-
-    def make_params(self, flat_inputs: list) -> dict:
-        params = super().make_params(flat_inputs)
-        params["sources"] = rotation_sources(params["angle"], *v2.query_size(flat_inputs))
-        return params
-
-    def transform(self, inpt, params: dict):
-        rotated = gather_pixels(inpt.as_subclass(torch.Tensor), params["sources"], self._fill[type(inpt)])
-        return tv_tensors.wrap(rotated, like=inpt)
-
-
-class ChannelJitter(v2.Transform):
-    """Brightness and contrast drawn for each channel on its own, x -> b * (m + c * (x - m)) with m the channel's
-    mean: the colour jitter of images whose channels are not an RGB photo's (hue and saturation mean nothing
-    there). uint8 images stay uint8 (rounded, clamped); masks pass untouched."""
-
-    def __init__(self, brightness: float = 0.3, contrast: float = 0.3):
-        super().__init__()
-        self.brightness, self.contrast = brightness, contrast
-
-    def make_params(self, flat_inputs: list) -> dict:
-        channels = v2.query_chw(flat_inputs)[0]
-        draw = [
-            torch.empty(channels, 1, 1).uniform_(1 - spread, 1 + spread) for spread in (self.brightness, self.contrast)
-        ]
-        return {"brightness": draw[0], "contrast": draw[1]}
-
-    def transform(self, inpt, params: dict):
-        if not isinstance(inpt, tv_tensors.Image):
-            return inpt
-        pixels = inpt.as_subclass(torch.Tensor)
-        values = pixels if pixels.is_floating_point() else pixels.float()
-        mean = values.mean((-2, -1), keepdim=True)
-        jittered = params["brightness"] * (mean + params["contrast"] * (values - mean))
-        if not pixels.is_floating_point():
-            jittered = jittered.round_().clamp_(0, 255).to(pixels.dtype)
-        return tv_tensors.wrap(jittered, like=inpt)
-
-
-def build_transforms(
-    image_size: int,
-    augment: str = "none",
-    normalization: Normalization | None = IMAGENET,
-    *,
-    crop_size: int | None = None,
-    scale_range: tuple[float, float] = (0.5, 2.0),
-    base_size: int | None = None,
-    photo: bool = True,
-) -> v2.Compose:
-    """Joint image/mask transforms; masks resize nearest, and pad and rotate in the ignore label.
-
-    crop_size: native-resolution training, a random rescale then a random crop_size square (padded where
-    the image is smaller), instead of the whole image squashed to image_size.
-    normalization None: no conversion to float and no normalisation (uint8 images stay uint8).
-    photo: 8-bit RGB, whose colours ColorJitter may shift; other images get brightness and contrast per channel.
-    """
-    if augment not in ("none", "basic", "strong"):
-        raise ValueError(f"unknown augmentation {augment!r}; choose none, basic or strong")
-    size, strong = (image_size, image_size), augment == "strong"
-    fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
-    if crop_size:
-        geometry = [RandomScale(scale_range, base_size), v2.RandomCrop(crop_size, pad_if_needed=True, fill=fill)]
-    elif augment == "none":
-        geometry = [v2.Resize(size, antialias=True)]
-    else:
-        geometry = [v2.RandomResizedCrop(size, scale=(0.25 if strong else 0.5, 1.0), antialias=True)]
-    colour = []
-    if augment != "none":
-        geometry += [
-            v2.RandomHorizontalFlip(),
-            *([v2.RandomVerticalFlip()] if strong else []),
-            RandomRotation(15, fill=fill),
-        ]
-        colour = [
-            v2.ColorJitter(0.3, 0.3, 0.3, 0.05 if strong else 0.0) if photo else ChannelJitter(0.3, 0.3),
-            *([v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.3)] if strong else []),
-        ]
-    if normalization is None:
-        return v2.Compose([*geometry, *colour])
-    # Colour on float: on uint8 every jitter op converts to float and back (four times the work).
-    to_float = v2.ToDtype(torch.float32, scale=True)  # uint8 to 0..1; float pixels are left as they are
-    return v2.Compose([*geometry, to_float, *colour, v2.Lambda(normalization, tv_tensors.Image)])
 
 
 class SegmentationFolder(Dataset):
@@ -317,11 +186,11 @@ class SegmentationFolder(Dataset):
         """The mask of a decoded (H, W, C) image, turned as the image was, its values mapped to class indices."""
         mask_path = self.pairs[index][1]
         mask = align_mask(read_mask(mask_path, self.max_pixels), image.shape[:2], orientation, mask_path)
-        return tv_tensors.Mask(torch.from_numpy(self.lut[mask]))
+        return tv_tensors.Mask(torch.from_numpy(self.lut.take(mask)))  # take: twice as fast as lut[mask]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.load(index) if self.transform is None else self.transform(*self.load(index))
-        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)  # uint8: widened on the device
 
 
 class SkipBadSamples(Dataset):
@@ -363,5 +232,5 @@ class SkipBadSamples(Dataset):
             size = self.dataset.image_size or 1
             dtype = torch.float32 if self.dataset.image_size else torch.uint8
             blank = torch.zeros(self.dataset.reading.channels, size, size, dtype=dtype)
-            return blank, torch.full((size, size), IGNORE_INDEX, dtype=torch.long), skipped[0]
+            return blank, torch.full((size, size), IGNORE_INDEX, dtype=torch.uint8), skipped[0]
         raise BadSampleError(f"{self.max_tries} bad samples in a row: " + "; ".join(skipped))

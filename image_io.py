@@ -114,7 +114,8 @@ def read_mask(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     array = np.asarray(mask)
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
         raise BadSampleError(f"{path}: unsupported mask mode {mask.mode}")
-    if array.size and (array.min() < 0 or array.max() > MAX_MASK_VALUE):  # 32-bit masks can hold anything
+    wide = array.dtype.kind == "i" or array.dtype.itemsize > 2  # 8- and 16-bit masks cannot be out of range
+    if wide and array.size and (array.min() < 0 or array.max() > MAX_MASK_VALUE):
         raise BadSampleError(f"{path}: mask values {array.min()}..{array.max()}; labels must be 0..{MAX_MASK_VALUE}")
     return array
 

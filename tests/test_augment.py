@@ -8,9 +8,10 @@ from torchvision import tv_tensors
 import train
 from checkpoints import load_checkpoint
 from conftest import TINY_TRAIN_FLAGS
-from dataset import SegmentationFolder, build_transforms
+from dataset import SegmentationFolder
 from engine import EarlyStopping
 from labels import IGNORE_INDEX
+from transforms import build_transforms
 
 
 def red_blue_sample(size=64):
@@ -98,7 +99,7 @@ def test_validation_data_is_not_augmented(tiny_demo):
     for index in range(3):
         expected_image, expected_mask = plain(*val.load(index))
         image, mask = val[index]
-        assert torch.equal(image, expected_image) and torch.equal(mask, expected_mask.long())
+        assert torch.equal(image, expected_image) and torch.equal(mask, expected_mask.as_subclass(torch.Tensor))
 
 
 def test_early_stopping_stops_after_n_epochs_without_a_better_miou():
@@ -155,7 +156,7 @@ def test_dropout_is_in_the_bottleneck_and_decoder_only():
 
 
 def test_crops_keep_the_aspect_ratio_and_pad_small_images_with_ignore():
-    from dataset import RandomScale
+    from transforms import RandomScale
 
     torch.manual_seed(0)
     image = tv_tensors.Image(torch.zeros(3, 40, 80, dtype=torch.uint8))
@@ -214,22 +215,43 @@ def test_colour_on_float_is_the_same_augmentation_as_colour_on_uint8(augment):
         assert levels.mean() <= (1e-3 if augment == "none" else 2)
 
 
-def test_the_rotation_picks_the_pixels_torchvision_rotate_picks():
-    """One integer gather per sample for image and mask, against torchvision's grid_sample rotation (nearest, with
-    fills): same random angle, the same pixels, rectangular images of every parity."""
+def test_the_mask_gather_reads_the_pixels_torchvision_nearest_resize_reads():
+    from torchvision.transforms.v2 import functional as TF
+
+    from transforms import nearest_sources
+
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(40):
+        height, width, out_height, out_width = (int(n) for n in torch.randint(5, 300, (4,), generator=generator))
+        mask = torch.randint(0, 250, (height, width), dtype=torch.uint8, generator=generator)
+        expected = TF.resize(tv_tensors.Mask(mask), [out_height, out_width])
+        gathered = mask[nearest_sources(out_height, height)][:, nearest_sources(out_width, width)]
+        assert torch.equal(gathered, expected.as_subclass(torch.Tensor))
+
+
+@pytest.mark.parametrize("augment", ["none", "basic", "strong"])
+def test_crop_geometry_is_torchvision_scale_crop_flips_and_rotation_pixel_for_pixel(augment):
+    """One resize and one gather against the steps written out with torchvision's classes (and RandomScale): the
+    same random draws, the same image and mask, with padding (images smaller than the crop), odd sizes and a base
+    size."""
     from torchvision.transforms import v2
 
-    from dataset import RandomRotation
+    from transforms import FILL, RandomScale
 
-    fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
-    generator = torch.Generator().manual_seed(3)
-    for seed in range(30):
-        height, width = (int(n) for n in torch.randint(15, 90, (2,), generator=generator))
+    generator = torch.Generator().manual_seed(5)
+    for seed in range(24):
+        height, width = (int(n) for n in torch.randint(20, 120, (2,), generator=generator))
+        crop, base = int(torch.randint(16, 64, (), generator=generator)), (None, 40)[seed % 2]
         image = tv_tensors.Image(torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator))
         mask = tv_tensors.Mask(torch.randint(0, 4, (height, width), dtype=torch.uint8, generator=generator))
+        steps = [RandomScale((0.5, 2.0), base), v2.RandomCrop(crop, pad_if_needed=True, fill=FILL)]
+        if augment != "none":
+            steps += [v2.RandomHorizontalFlip(), *([v2.RandomVerticalFlip()] if augment == "strong" else [])]
+            steps += [v2.RandomRotation(15, fill=FILL)]
         torch.manual_seed(seed)
-        expected = v2.RandomRotation(30, fill=fill)(image, mask)
+        expected = v2.Compose(steps)(image, mask)
+        ours = build_transforms(64, augment, normalization=None, crop_size=crop, base_size=base).transforms[0]
         torch.manual_seed(seed)
-        found = RandomRotation(30, fill=fill)(image, mask)
-        assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
+        found = ours(image, mask)
+        assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1]), (seed, height, width, crop)
         assert type(found[0]) is tv_tensors.Image and type(found[1]) is tv_tensors.Mask

@@ -47,6 +47,7 @@ def test_tiny_model_overfits_four_images(tiny_demo):
     torch.manual_seed(0)
     data = SegmentationFolder(tiny_demo / "images/train", tiny_demo / "masks/train", image_size=48)
     images, masks = map(torch.stack, zip(*(data[i] for i in range(4)), strict=True))
+    masks = masks.long()  # the dataset keeps masks uint8; the training loop widens them on the device
     model = ResidualAttnUNet(3, data.num_classes, (8, 16, 32, 64))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     untrained = score(model, images, masks, data.num_classes)

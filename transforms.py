@@ -1,0 +1,256 @@
+"""Joint image/mask transforms: where a training sample is cut from (a random rescale and crop, or a random resized
+crop), its flips and rotation, colour jitter and normalisation.
+
+The geometry draws its random numbers exactly as torchvision's classes do, in the same order, so it makes the same
+samples as RandomScale + RandomCrop (or RandomResizedCrop), RandomHorizontalFlip, RandomVerticalFlip and
+RandomRotation in a row; but it resizes the image once and gathers every output pixel once, instead of resizing,
+padding, cropping, flipping and rotating image and mask one step at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from intensity import IMAGENET, Normalization
+from labels import IGNORE_INDEX
+
+FILL = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}  # rotated-in and padded pixels: black, ignored
+
+
+class RandomScale(v2.Transform):
+    """Image and mask rescaled by one random factor, aspect ratio kept: relative to the native size, or
+    relative to base_size for the shorter side (torchvision's segmentation reference)."""
+
+    def __init__(self, scale_range: tuple[float, float], base_size: int | None = None):
+        super().__init__()
+        self.scale_range, self.base_size = tuple(scale_range), base_size
+
+    def make_params(self, flat_inputs: list) -> dict:
+        height, width = v2.query_size(flat_inputs)
+        factor = float(torch.empty(()).uniform_(*self.scale_range))
+        if self.base_size:
+            factor *= self.base_size / min(height, width)
+        return {"size": [max(1, round(height * factor)), max(1, round(width * factor))]}
+
+    def transform(self, inpt, params: dict):
+        return self._call_kernel(TF.resize, inpt, params["size"], antialias=True)  # masks: nearest
+
+
+def size_stand_in(height: int, width: int) -> list:
+    """What a torchvision transform's make_params reads an image's size from, without the image."""
+    return [tv_tensors.Mask(torch.empty((), dtype=torch.uint8).expand(height, width))]
+
+
+def nearest_sources(out_size: int, in_size: int) -> torch.Tensor:
+    """The input index torch's "nearest" resize (masks in TF.resize) reads for each output index, in its float32
+    arithmetic, so that a gather through it equals the resized mask exactly."""
+    if out_size == in_size:
+        return torch.arange(out_size)
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
+    return (torch.arange(out_size, dtype=torch.float32) * scale).floor_().long().clamp_max_(in_size - 1)
+
+
+def rotation_sources(angle: float, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each pixel of an image rotated by angle degrees about its centre (counter-clockwise, as torchvision's
+    rotate turns it), the (row, column) of its nearest source pixel, which may lie outside the image."""
+    theta = math.radians(angle)
+    ys = torch.arange(height, dtype=torch.float64) + 0.5 - height / 2
+    xs = torch.arange(width, dtype=torch.float64) + 0.5 - width / 2
+    cols = ((math.cos(theta) * xs + (width / 2 - 0.5))[None, :] - (math.sin(theta) * ys)[:, None]).round_()
+    rows = ((math.sin(theta) * xs)[None, :] + (math.cos(theta) * ys + (height / 2 - 0.5))[:, None]).round_()
+    return rows.int(), cols.int()
+
+
+def within(rows: torch.Tensor, cols: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    return (rows.clamp(0, height - 1) == rows) & (cols.clamp(0, width - 1) == cols)
+
+
+def lookup(table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """table[positions] for a small table (index_select: several times faster than advanced indexing)."""
+    return table.index_select(0, positions.flatten()).view(positions.shape)
+
+
+def gather(source: torch.Tensor, index: torch.Tensor, keep: torch.Tensor | None, fill: float) -> torch.Tensor:
+    """(..., H, W) -> (..., N): the pixels at flat positions row * W + col (int64), and fill where keep is False."""
+    flat = source.reshape(*source.shape[:-2], -1)
+    picked = torch.gather(flat, -1, index.expand(*flat.shape[:-1], -1))  # fast on channel-last pixels too
+    if keep is None:
+        return picked
+    return picked * keep + (~keep).to(picked.dtype) * fill  # multiplications: a third of torch.where's time
+
+
+class RandomGeometry(v2.Transform):
+    """Placement (a random rescale and crop, or a random resized crop), flips and rotation in one pass.
+
+    The image is resized once (the whole image to the random scale, or the random box to the output size: the same
+    call torchvision makes), then each output pixel is gathered once through one index map holding crop, padding,
+    flips and the nearest-neighbour rotation. The mask is gathered straight from the original through that map and
+    the resize's nearest-neighbour map, so it is never resized whole.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        crop: tuple[RandomScale, v2.RandomCrop] | None = None,
+        resized_crop: v2.RandomResizedCrop | None = None,
+        hflip: bool = False,
+        vflip: bool = False,
+        degrees: float = 0.0,
+    ):
+        """crop or resized_crop: the transforms whose random numbers place the sample (one of them)."""
+        super().__init__()
+        self.size, self.crop, self.resized_crop, self.hflip, self.vflip = size, crop, resized_crop, hflip, vflip
+        self.rotation = v2.RandomRotation(degrees) if degrees else None
+
+    def stepwise(self) -> list[v2.Transform]:
+        """torchvision's transforms that make the same samples one step at a time: what this class reproduces."""
+        steps = [*self.crop] if self.crop is not None else [self.resized_crop]
+        steps += [v2.RandomHorizontalFlip()] if self.hflip else []
+        steps += [v2.RandomVerticalFlip()] if self.vflip else []
+        return steps + ([v2.RandomRotation(self.rotation.degrees, fill=FILL)] if self.rotation is not None else [])
+
+    def _placement(self, flat_inputs: list) -> dict:
+        """What the image is resized to and from, and where the output window lies in the resized image."""
+        height, width = v2.query_size(flat_inputs)
+        if self.crop is not None:
+            scale, crop = self.crop
+            resized = scale.make_params(flat_inputs)["size"]
+            window = crop.make_params(size_stand_in(*resized))
+            pad_left, pad_top = window["padding"][:2]
+            offset = (window["top"] - pad_top, window["left"] - pad_left)
+            return dict(box=(0, 0, height, width), resized=resized, offset=offset)
+        box = self.resized_crop.make_params(flat_inputs)
+        return dict(box=(box["top"], box["left"], box["height"], box["width"]), resized=[self.size] * 2, offset=(0, 0))
+
+    def _window(self, flips: list[bool], angle: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each output pixel's (row, column) in the flipped, unrotated crop, and whether it lies inside it. Without
+        a rotation they are a column and a row vector, so every step after costs a vector, not an image."""
+        side = self.size
+        if angle is None:
+            rows, cols, inside = torch.arange(side)[:, None].int(), torch.arange(side)[None, :].int(), None
+        else:
+            rows, cols = rotation_sources(angle, side, side)
+            inside = within(rows, cols, side, side)  # rotated in from outside the crop: filled
+        return (side - 1 - rows if flips[1] else rows), (side - 1 - cols if flips[0] else cols), inside
+
+    def make_params(self, flat_inputs: list) -> dict:
+        params = self._placement(flat_inputs)
+        flips = [flip and bool(torch.rand(1) < 0.5) for flip in (self.hflip, self.vflip)]  # as RandomFlip draws
+        angle = None if self.rotation is None else self.rotation.make_params(flat_inputs)["angle"]
+        rows, cols, inside = self._window(flips, angle)
+        (resized_height, resized_width), (top_offset, left_offset) = params["resized"], params["offset"]
+        rows, cols = rows + top_offset, cols + left_offset
+        padded = min(top_offset, left_offset) < 0 or top_offset + self.size > resized_height
+        if padded or left_offset + self.size > resized_width:  # the crop's padding: filled
+            inside = within(rows, cols, resized_height, resized_width) & (True if inside is None else inside)
+        if inside is not None:  # filled pixels read any pixel, then are overwritten
+            rows, cols = rows.clamp(0, resized_height - 1), cols.clamp(0, resized_width - 1)
+        top, left, box_height, box_width = params["box"]
+        mask_rows = lookup(nearest_sources(resized_height, box_height).int(), rows) + top
+        mask_cols = lookup(nearest_sources(resized_width, box_width).int(), cols) + left
+        width = v2.query_size(flat_inputs)[1]
+        params.update(
+            keep=None if inside is None else inside.flatten(),
+            image_index=(rows * resized_width + cols).flatten().long(),
+            mask_index=(mask_rows * width + mask_cols).flatten().long(),
+        )
+        return params
+
+    def transform(self, inpt, params: dict):
+        if isinstance(inpt, tv_tensors.Mask):
+            source, index, fill = inpt.as_subclass(torch.Tensor), params["mask_index"], FILL[tv_tensors.Mask]
+        else:
+            top, left, height, width = params["box"]
+            pixels = inpt.as_subclass(torch.Tensor)[..., top : top + height, left : left + width]
+            source = TF.resize(pixels, params["resized"], antialias=True)
+            index, fill = params["image_index"], FILL[tv_tensors.Image]
+        picked = gather(source, index, params["keep"], fill)
+        return tv_tensors.wrap(picked.view(*source.shape[:-2], self.size, self.size), like=inpt)
+
+
+class ChannelJitter(v2.Transform):
+    """Brightness and contrast drawn for each channel on its own, x -> b * (m + c * (x - m)) with m the channel's
+    mean: the colour jitter of images whose channels are not an RGB photo's (hue and saturation mean nothing
+    there). uint8 images stay uint8 (rounded, clamped); masks pass untouched."""
+
+    def __init__(self, brightness: float = 0.3, contrast: float = 0.3):
+        super().__init__()
+        self.brightness, self.contrast = brightness, contrast
+
+    def make_params(self, flat_inputs: list) -> dict:
+        channels = v2.query_chw(flat_inputs)[0]
+        spreads = (self.brightness, self.contrast)
+        draw = [torch.empty(channels, 1, 1).uniform_(1 - spread, 1 + spread) for spread in spreads]
+        return {"brightness": draw[0], "contrast": draw[1]}
+
+    def transform(self, inpt, params: dict):
+        if not isinstance(inpt, tv_tensors.Image):
+            return inpt
+        pixels = inpt.as_subclass(torch.Tensor)
+        values = pixels if pixels.is_floating_point() else pixels.float()
+        mean = values.mean((-2, -1), keepdim=True)
+        jittered = params["brightness"] * (mean + params["contrast"] * (values - mean))
+        if not pixels.is_floating_point():
+            jittered = jittered.round_().clamp_(0, 255).to(pixels.dtype)
+        return tv_tensors.wrap(jittered, like=inpt)
+
+
+def build_geometry(
+    image_size: int,
+    augment: str,
+    *,
+    crop_size: int | None,
+    scale_range: tuple[float, float],
+    base_size: int | None,
+) -> v2.Transform:
+    """Native-resolution crops (a random rescale, then a crop padded where the image is smaller) or whole images
+    (squashed, or a random resized crop), then the augmentation's flips and rotation."""
+    strong = augment == "strong"
+    motion = dict(hflip=augment != "none", vflip=strong, degrees=15.0 if augment != "none" else 0.0)
+    if crop_size:
+        crop = (RandomScale(scale_range, base_size), v2.RandomCrop(crop_size, pad_if_needed=True, fill=FILL))
+        return RandomGeometry(crop_size, crop=crop, **motion)
+    if augment == "none":
+        return v2.Resize((image_size, image_size), antialias=True)
+    resized_crop = v2.RandomResizedCrop(image_size, scale=(0.25 if strong else 0.5, 1.0), antialias=True)
+    return RandomGeometry(image_size, resized_crop=resized_crop, **motion)
+
+
+def build_transforms(
+    image_size: int,
+    augment: str = "none",
+    normalization: Normalization | None = IMAGENET,
+    *,
+    crop_size: int | None = None,
+    scale_range: tuple[float, float] = (0.5, 2.0),
+    base_size: int | None = None,
+    photo: bool = True,
+) -> v2.Compose:
+    """Joint image/mask transforms; masks resize nearest, and pad and rotate in the ignore label.
+
+    crop_size: native-resolution training, a random rescale then a random crop_size square (padded where
+    the image is smaller), instead of the whole image squashed to image_size.
+    normalization None: no conversion to float and no normalisation (uint8 images stay uint8).
+    photo: 8-bit RGB, whose colours ColorJitter may shift; other images get brightness and contrast per channel.
+    """
+    if augment not in ("none", "basic", "strong"):
+        raise ValueError(f"unknown augmentation {augment!r}; choose none, basic or strong")
+    geometry = build_geometry(image_size, augment, crop_size=crop_size, scale_range=scale_range, base_size=base_size)
+    colour = []
+    if augment != "none":
+        strong = augment == "strong"
+        colour = [
+            v2.ColorJitter(0.3, 0.3, 0.3, 0.05 if strong else 0.0) if photo else ChannelJitter(0.3, 0.3),
+            *([v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.3)] if strong else []),
+        ]
+    if normalization is None:
+        return v2.Compose([geometry, *colour])
+    # Colour on float: on uint8 every jitter op converts to float and back (four times the work).
+    to_float = v2.ToDtype(torch.float32, scale=True)  # uint8 to 0..1; float pixels are left as they are
+    return v2.Compose([geometry, to_float, *colour, v2.Lambda(normalization, tv_tensors.Image)])
