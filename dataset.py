@@ -20,6 +20,7 @@ from image_io import (
     conversion_for,
     first_readable,
     list_images,
+    probe_image,
     read_image,
     read_mask,
 )
@@ -54,7 +55,10 @@ def choose_reading(
 ) -> tuple[Reading, str]:
     """--in-channels auto and --normalize auto resolved from the first image's header, which must fit the model:
     one line now rather than every sample skipped later. Returns the reading rule and the normalisation's name."""
-    first = first_readable(list_images(images_dir), page)  # None: the dataset will say what is wrong
+    images = list_images(images_dir)
+    first = first_readable(images, page)  # None for an empty folder: the dataset will say so
+    if first is None and images:
+        probe_image(images[0], page)  # nothing readable (say, a --tiff-page past every file's end): say why
     found, dtype = (first[1].channels, first[1].dtype) if first else (3, "uint8")
     reading = Reading(found if channels == "auto" else channels, page, convert)
     if first:

@@ -128,7 +128,7 @@ class RandomGeometry(v2.Transform):
         box = self.resized_crop.make_params(flat_inputs)
         return dict(box=(box["top"], box["left"], box["height"], box["width"]), resized=[self.size] * 2, offset=(0, 0))
 
-    def _window(self, flips: list[bool], angle: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _window(self, flips: list[bool], angle: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Each output pixel's (row, column) in the flipped, unrotated crop, and whether it lies inside it. Without
         a rotation they are a column and a row vector, so every step after costs a vector, not an image."""
         side = self.size
@@ -146,8 +146,8 @@ class RandomGeometry(v2.Transform):
         rows, cols, inside = self._window(flips, angle)
         (resized_height, resized_width), (top_offset, left_offset) = params["resized"], params["offset"]
         rows, cols = rows + top_offset, cols + left_offset
-        padded = min(top_offset, left_offset) < 0 or top_offset + self.size > resized_height
-        if padded or left_offset + self.size > resized_width:  # the crop's padding: filled
+        rows_fit = top_offset >= 0 and top_offset + self.size <= resized_height
+        if not (rows_fit and left_offset >= 0 and left_offset + self.size <= resized_width):  # padding: filled
             inside = within(rows, cols, resized_height, resized_width) & (True if inside is None else inside)
         if inside is not None:  # filled pixels read any pixel, then are overwritten
             rows, cols = rows.clamp(0, resized_height - 1), cols.clamp(0, resized_width - 1)

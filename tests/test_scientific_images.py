@@ -158,6 +158,13 @@ def test_training_a_model_whose_channels_the_images_do_not_have_is_one_line(tiny
     assert result.returncode == 2 and "--display-channel 3: the model's input has channels 0..2" in result.stderr
 
 
+def test_a_tiff_page_past_every_files_end_is_one_line(stacks, tmp_path):
+    flags = [*TINY_TRAIN_FLAGS, "--epochs", "1", "--run-dir", tmp_path / "run", "--in-channels", "4"]
+    result = run_in_process(train.main, "--data-root", stacks, "--tiff-page", "3", *flags)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "train_000.tif: holds 1 image; there is no image 3 (--tiff-page)" in result.stderr
+
+
 def test_imagenet_statistics_for_four_channels_are_one_line(stacks, tmp_path):
     flags = [*TINY_TRAIN_FLAGS, "--epochs", "1", "--run-dir", tmp_path / "run", "--in-channels", "4"]
     result = run_in_process(train.main, "--data-root", stacks, "--normalize", "imagenet", *flags)
