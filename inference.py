@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     model_file = args.onnx or args.checkpoint or default_checkpoint()
     predictor = load_predictor(args, model_file)
     check_channels(inputs, predictor, args.display_channel)
-    outputs = Outputs(resolve_output_dir(args, model_file), save_probs=args.save_probs)
+    output_dir = resolve_output_dir(args, model_file)
+    outputs = Outputs(output_dir, save_probs=args.save_probs, display_channel=args.display_channel)
     keep_freed_cpu_memory(predictor.runtime.device)
     sampling = predictor.sampling
     slide_only = [flag for flag in ("tile", "overlap", "scale") if getattr(args, flag) is not None]
@@ -166,7 +167,6 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
         max_pixels=args.max_pixels,
-        display_channel=args.display_channel,
     )
     print(
         f"{result.written} images segmented into {outputs.root}; {result.already_done} already done "

@@ -79,6 +79,7 @@ def overlay_with_legend(image: np.ndarray, labels: np.ndarray, class_names: list
 class Outputs:
     root: Path
     save_probs: bool = False
+    display_channel: int | None = None  # overlays show this channel as grey (default: the first three as RGB)
 
     def paths(self, relative: Path) -> dict[str, Path]:
         stem = relative.with_suffix("")
@@ -91,6 +92,10 @@ class Outputs:
     def done(self, relative: Path) -> bool:
         """Every file this run would write for the image exists already."""
         return all(p.exists() for kind, p in self.paths(relative).items() if kind != "probs" or self.save_probs)
+
+    def write(self, original: torch.Tensor, relative: Path, labels: np.ndarray, mapping: LabelMapping) -> None:
+        """The image's mask and overlay (write_prediction) under this folder."""
+        write_prediction(original, self.paths(relative), labels, mapping, self.display_channel)
 
 
 def write_prediction(
@@ -183,11 +188,9 @@ def segment_folder(
     workers: int | None = None,
     overwrite: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    display_channel: int | None = None,
 ) -> FolderResult:
     """Every image in inputs (paths under input_root) -> files under outputs; existing ones are kept unless
-    overwrite. true_masks (by file stem): also score the predictions, which then run even where files exist.
-    display_channel: overlays show that channel as grey (default: the first three as RGB)."""
+    overwrite. true_masks (by file stem): also score the predictions, which then run even where files exist."""
     relative = [p.relative_to(input_root) for p in inputs]
     done = [outputs.done(r) for r in relative]
     todo = [i for i, d in enumerate(done) if overwrite or true_masks is not None or not d]
@@ -223,10 +226,7 @@ def segment_folder(
                         true_mask, image_labels, lut, result.matrix, max_pixels=max_pixels
                     )
                 if write:
-                    targets = outputs.paths(relative[item])
-                    job = writer.submit(
-                        write_prediction, image, targets, image_labels, predictor.mapping, display_channel
-                    )
+                    job = writer.submit(outputs.write, image, relative[item], image_labels, predictor.mapping)
                     pending.append((job, image.numel() * image.element_size() + image_labels.nbytes))
                     result.written += 1
                 while sum(size for _, size in pending) > WRITE_QUEUE_BYTES:

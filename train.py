@@ -210,6 +210,19 @@ def build_model(args: argparse.Namespace, num_classes: int, runtime: Runtime) ->
     return model, step_model
 
 
+def check_memory(training: Training, args: argparse.Namespace, runtime: Runtime) -> str:
+    """memory.check_training_memory for a step at the chosen batch and size: a one-line error if it cannot fit."""
+    return check_training_memory(
+        training.model,
+        training.loss_fn,
+        runtime,
+        batch_size=args.batch_size,
+        side=args.crop_size or args.image_size,
+        size_flag="--crop-size" if args.crop_size else "--image-size",
+        grad_checkpoint=args.grad_checkpoint,
+    )
+
+
 def build_training(args: argparse.Namespace, train_set: SegmentationFolder, runtime: Runtime) -> Training:
     model, step_model = build_model(args, train_set.num_classes, runtime)
     optimizer = build_optimizer(model, args.lr, runtime.device, name=args.optimizer, weight_decay=args.weight_decay)
@@ -327,7 +340,6 @@ def train(args: argparse.Namespace, checkpoint: dict | None, runtime: Runtime) -
     seed_everything(args.seed)
     train_set, val_set = prepare_data(args, checkpoint, runtime)
     rules = DataRules(train_set.mapping, train_set.reading, train_set.normalization)
-    mapping = rules.mapping
     loaders = build_loaders(
         train_set,
         val_set,
@@ -340,32 +352,23 @@ def train(args: argparse.Namespace, checkpoint: dict | None, runtime: Runtime) -
         min_epoch_samples=args.min_epoch_samples,
     )
     training = build_training(args, train_set, runtime)
-    memory_note = check_training_memory(
-        training.model,
-        training.loss_fn,
-        runtime,
-        batch_size=args.batch_size,
-        side=args.crop_size or args.image_size,
-        size_flag="--crop-size" if args.crop_size else "--image-size",
-        grad_checkpoint=args.grad_checkpoint,
-    )
+    memory_note = check_memory(training, args, runtime)
     if checkpoint:
         training.restore(checkpoint)
-    history = checkpoint["history"] if checkpoint else []
-    start_epoch = checkpoint["epoch"] if checkpoint else 0
+    history, start_epoch = (checkpoint["history"], checkpoint["epoch"]) if checkpoint else ([], 0)
     report = Reporter(
         args.run_dir,
         active=runtime.ddp.is_main,
         purge_step=start_epoch + 1 if checkpoint else None,
-        class_names=mapping.names,
+        class_names=rules.mapping.names,
         epochs=args.epochs,
         display_channel=args.display_channel,
     )
     if checkpoint:
         report.print(f"resumed from {checkpoint['path']} at epoch {start_epoch}")
     report.print(
-        f"{len(train_set)} training and {len(val_set)} validation images, {mapping.num_classes} classes "
-        f"({', '.join(mapping.names)}); {input_text(rules)}; "
+        f"{len(train_set)} training and {len(val_set)} validation images, {rules.mapping.num_classes} classes "
+        f"({', '.join(rules.mapping.names)}); {input_text(rules)}; "
         f"{count_parameters(training.model) / 1e6:.2f} M parameters; "
         f"{runtime.describe()}; {batch_text(args, runtime)}; {memory_note}"
     )

@@ -116,7 +116,8 @@ class RandomGeometry(v2.Transform):
         return steps + ([v2.RandomRotation(self.rotation.degrees, fill=FILL)] if self.rotation is not None else [])
 
     def _placement(self, flat_inputs: list) -> dict:
-        """What the image is resized to and from, and where the output window lies in the resized image."""
+        """What the image is resized to and from, where the output window lies in the resized image, and the
+        original's width (the mask's row stride)."""
         height, width = v2.query_size(flat_inputs)
         if self.crop is not None:
             scale, crop = self.crop
@@ -124,9 +125,10 @@ class RandomGeometry(v2.Transform):
             window = crop.make_params(size_stand_in(*resized))
             pad_left, pad_top = window["padding"][:2]
             offset = (window["top"] - pad_top, window["left"] - pad_left)
-            return dict(box=(0, 0, height, width), resized=resized, offset=offset)
+            return dict(box=(0, 0, height, width), resized=resized, offset=offset, width=width)
         box = self.resized_crop.make_params(flat_inputs)
-        return dict(box=(box["top"], box["left"], box["height"], box["width"]), resized=[self.size] * 2, offset=(0, 0))
+        placed = (box["top"], box["left"], box["height"], box["width"])
+        return dict(box=placed, resized=[self.size] * 2, offset=(0, 0), width=width)
 
     def _window(self, flips: list[bool], angle: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Each output pixel's (row, column) in the flipped, unrotated crop, and whether it lies inside it. Without
@@ -154,11 +156,10 @@ class RandomGeometry(v2.Transform):
         top, left, box_height, box_width = params["box"]
         mask_rows = lookup(nearest_sources(resized_height, box_height).int(), rows) + top
         mask_cols = lookup(nearest_sources(resized_width, box_width).int(), cols) + left
-        width = v2.query_size(flat_inputs)[1]
         params.update(
             keep=None if inside is None else inside.flatten(),
             image_index=(rows * resized_width + cols).flatten().long(),
-            mask_index=(mask_rows * width + mask_cols).flatten().long(),
+            mask_index=(mask_rows * params["width"] + mask_cols).flatten().long(),
         )
         return params
 
