@@ -250,16 +250,18 @@ def bench_large_images(args, device: torch.device, root: Path) -> None:
         print(f"{label:<34} {seconds:>9.2f} {result['peak_mb']:>12.0f}  {result['mask_size']}")
 
 
-def bench_loader(args, root: Path) -> None:
+def bench_loader(args, device: torch.device, root: Path) -> None:
     images, masks = write_loader_data(root)
     width, height = LOADER_PHOTOS["size"]
     print(f"\ndata loader: {LOADER_PHOTOS['count']} JPEGs {width}x{height} -> {args.image_size} px, ms per image")
-    print(f"{'augment':<40}" + "".join(f"{stage:>19}" for stage in STAGES) + f"{'images/s':>19}")
+    columns = [*STAGES, "images/s", f"colour on {device.type}"]
+    print(f"{'augment':<40}" + "".join(f"{column:>19}" for column in columns))
     for augment in ("none", "basic", "strong"):
         for variant in LOADER_VARIANTS:
-            result = isolated(loader_stages, images, masks, args.image_size, augment, variant)
-            row = "".join(f"{result['ms'][stage]:>19.2f}" for stage in STAGES)
-            print(f"{augment + ', ' + variant:<40}{row}{result['images_per_s']:>19.1f}")
+            result = isolated(loader_stages, images, masks, args.image_size, augment, variant, str(device))
+            row = "".join(f"{result['ms'][stage]:>19.2f}" for stage in STAGES) + f"{result['images_per_s']:>19.1f}"
+            on_device = "" if result["device_ms"] is None else f"{result['device_ms']:>19.2f}"
+            print(f"{augment + ', ' + variant:<40}{row}{on_device}")
 
 
 def report_training(args, device: torch.device) -> None:
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         if "large" in parts:
             bench_large_images(args, device, root)
         if "loader" in parts:
-            bench_loader(args, root)
+            bench_loader(args, device, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

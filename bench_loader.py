@@ -7,36 +7,47 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from colour import BLUR, BatchColour
 from dataset import SegmentationFolder
 from image_io import read_image
 from intensity import IMAGENET_MEAN, IMAGENET_STD
-from transforms import RandomGeometry
+from transforms import Augmentation, RandomGeometry
 
 STAGES = ("decode", "mask + lookup", "geometry", "colour + normalise", "collate")
-NOT_GEOMETRY = (v2.ToDtype, v2.ColorJitter, v2.RandomApply, v2.Normalize)  # where the colour stage starts
 LOADER_VARIANTS = ("whole, before", "whole", "crop, before", "crop")
-
-
-def issue_time_pipeline(transform: v2.Compose) -> v2.Compose:
-    """The pipeline as the loader issue found it: torchvision's geometry classes one step at a time (every step
-    resizing, padding, cropping, flipping and rotating image and mask in turn, the rotation a float grid_sample),
-    colour jitter on uint8, then float and ImageNet's normalisation."""
-    geometry, *rest = transform.transforms
-    steps = geometry.stepwise() if isinstance(geometry, RandomGeometry) else [geometry]
-    colour = [step for step in rest if not isinstance(step, (v2.ToDtype, v2.Lambda))]
-    normalise = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return v2.Compose([*steps, *colour, *normalise])
-
-
 LOADER_PASSES = 3  # each figure is the best of this many passes: the least disturbed by the rest of the machine
+BATCH = 8
 
 
-def stage_seconds(dataset: SegmentationFolder, geometry: v2.Compose, colour: v2.Compose) -> dict:
-    """One pass over the dataset, each stage timed on its own; the same random draws in every pass and row."""
+def issue_time_pipeline(augmentation: Augmentation) -> tuple[v2.Compose, v2.Compose]:
+    """The pipeline as the loader issue found it, all of it in the loader worker: torchvision's geometry classes one
+    step at a time (every step resizing, padding, cropping, flipping and rotating image and mask in turn, the
+    rotation a float grid_sample), then colour jitter on uint8, float and ImageNet's normalisation."""
+    geometry, colour = augmentation.geometry, augmentation.colour
+    steps = geometry.stepwise() if isinstance(geometry, RandomGeometry) else [geometry]
+    jitter = [colour.jitter] if colour.jitter is not None else []
+    blur = [v2.RandomApply([colour.blur], p=BLUR["p"])] if colour.blur is not None else []
+    normalise = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return v2.Compose(steps), v2.Compose([*jitter, *blur, *normalise])
+
+
+def worker_stages(dataset: SegmentationFolder, before: bool) -> tuple:
+    """What a loader worker runs after decoding: the geometry, and the rest of the sample (before: colour and
+    normalisation, the whole sample; now: only the colour's random draws, the pixels stay uint8)."""
+    if before:
+        geometry, colour = issue_time_pipeline(dataset.transform)
+        return geometry, lambda image, mask: tuple(t.as_subclass(torch.Tensor) for t in colour(image, mask))
+    draw = dataset.transform.colour.draw
+    return dataset.transform.geometry, lambda image, mask: (image, mask, draw(image.shape[0]))
+
+
+def stage_seconds(dataset: SegmentationFolder, geometry, finish) -> tuple[dict, list]:
+    """One pass over the dataset, each stage timed on its own; the same random draws in every pass and row.
+    Returns the seconds per stage and the collated batches."""
     torch.manual_seed(0)
     seconds = dict.fromkeys(STAGES, 0.0)
     samples = []
@@ -49,40 +60,64 @@ def stage_seconds(dataset: SegmentationFolder, geometry: v2.Compose, colour: v2.
         loaded = time.perf_counter()
         image, mask = geometry(image, mask)
         moved = time.perf_counter()
-        image, mask = colour(image, mask)
-        samples.append((image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)))
+        samples.append(tuple(t.as_subclass(torch.Tensor) for t in finish(image, mask)))
         seconds["decode"] += decoded - started
         seconds["mask + lookup"] += loaded - decoded
         seconds["geometry"] += moved - loaded
         seconds["colour + normalise"] += time.perf_counter() - moved
     started = time.perf_counter()
-    for first in range(0, len(samples), 8):
-        default_collate(samples[first : first + 8])
+    batches = [default_collate(samples[first : first + BATCH]) for first in range(0, len(samples), BATCH)]
     seconds["collate"] = time.perf_counter() - started
-    return seconds
+    return seconds, batches
 
 
-def loader_stages(images: Path, masks: Path, image_size: int, augment: str, variant: str) -> dict:
+class WorkerItems(Dataset):
+    """What one loader worker computes for each sample, read, placed and finished by worker_stages."""
+
+    def __init__(self, dataset: SegmentationFolder, before: bool):
+        self.dataset, (self.geometry, self.finish) = dataset, worker_stages(dataset, before)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple:
+        return self.finish(*self.geometry(*self.dataset.load(index)))
+
+
+def device_colour_ms(colour: BatchColour, batches: list, device: torch.device) -> float:
+    """Milliseconds per image of the colour stage run per batch on the training device (best of the passes)."""
+    moved = [(pixels.to(device), draws) for pixels, _, draws in batches]
+    images = sum(len(pixels) for pixels, _ in moved)
+    best = float("inf")
+    for _ in range(LOADER_PASSES + 1):  # the first pass warms the device up
+        torch.manual_seed(0)
+        started = time.perf_counter()
+        for pixels, draws in moved:
+            colour(pixels, draws)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return 1000 * best / images
+
+
+def loader_stages(images: Path, masks: Path, image_size: int, augment: str, variant: str, device: str) -> dict:
     """Milliseconds per sample in each stage, on one thread as in a DataLoader worker, and the images/s of
-    one process running the whole pipeline through a DataLoader (what one worker delivers); each the best of
-    LOADER_PASSES passes.
+    one process running the worker's part through a DataLoader (what one worker delivers); each the best of
+    LOADER_PASSES passes. Rows after the issue also time their colour stage per batch on the device.
     variant: "whole" (--crop-size 0) or "crop" (the default --crop-size 256), each optionally followed by
     ", before" (issue_time_pipeline)."""
     torch.set_num_threads(1)
     crop = {"crop_size": image_size} if variant.startswith("crop") else None
     dataset = SegmentationFolder(images, masks, image_size, augment=augment, scan_workers=1, crop=crop)
-    if variant.endswith("before"):
-        dataset.transform = issue_time_pipeline(dataset.transform)
-    steps = dataset.transform.transforms
-    split = next((i for i, step in enumerate(steps) if isinstance(step, NOT_GEOMETRY)), len(steps))
-    geometry, colour = v2.Compose(steps[:split]), v2.Compose(steps[split:])
-    passes = [stage_seconds(dataset, geometry, colour) for _ in range(LOADER_PASSES)]
-    per_sample = {stage: 1000 * min(p[stage] for p in passes) / len(dataset) for stage in STAGES}
+    before = variant.endswith("before")
+    passes = [stage_seconds(dataset, *worker_stages(dataset, before)) for _ in range(LOADER_PASSES)]
+    per_sample = {stage: 1000 * min(p[stage] for p, _ in passes) / len(dataset) for stage in STAGES}
     rates = []
     for _ in range(LOADER_PASSES):
         torch.manual_seed(0)
-        loader = DataLoader(dataset, batch_size=8, shuffle=True)  # in this process: the rate of one worker
+        loader = DataLoader(WorkerItems(dataset, before), batch_size=BATCH, shuffle=True)  # one worker's rate
         started = time.perf_counter()
-        count = sum(len(batch) for batch, _ in loader)
+        count = sum(len(batch[0]) for batch in loader)
         rates.append(count / (time.perf_counter() - started))
-    return {"ms": per_sample, "images_per_s": max(rates)}
+    on_device = None if before else device_colour_ms(dataset.transform.colour, passes[0][1], torch.device(device))
+    return {"ms": per_sample, "images_per_s": max(rates), "device_ms": on_device}

@@ -192,9 +192,20 @@ class SegmentationFolder(Dataset):
         mask = align_mask(read_mask(mask_path, self.max_pixels), image.shape[:2], orientation, mask_path)
         return tv_tensors.Mask(torch.from_numpy(self.lut.take(mask)))  # take: twice as fast as lut[mask]
 
+    def draw(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A training sample before its colour stage: the placed pixels (as read: uint8 or float), the mask and the
+        colour's random numbers, for the training loop to finish per batch on the device (transforms.Augmentation)."""
+        image, mask = self.transform.geometry(*self.load(index))
+        draws = self.transform.colour.draw(image.shape[0])
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor), draws  # uint8: widened on the device
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = self.load(index) if self.transform is None else self.transform(*self.load(index))
-        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)  # uint8: widened on the device
+        """The finished sample (the image normalised float32), or, with image_size None, the image as read."""
+        if self.transform is None:
+            image, mask = self.load(index)
+            return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+        pixels, mask, draws = self.draw(index)
+        return self.transform.colour(pixels[None], draws[None])[0], mask
 
 
 class SkipBadSamples(Dataset):
@@ -207,13 +218,23 @@ class SkipBadSamples(Dataset):
     fixes the sample's augmentation (see EpochSampler).
     """
 
-    def __init__(self, dataset: SegmentationFolder, strict: bool = False, replace: bool = True, max_tries: int = 10):
+    def __init__(
+        self,
+        dataset: SegmentationFolder,
+        strict: bool = False,
+        replace: bool = True,
+        max_tries: int = 10,
+        *,
+        before_colour: bool = False,
+    ):
+        """before_colour: items are (pixels, mask, colour draws, skipped), see SegmentationFolder.draw."""
         self.dataset, self.strict, self.replace, self.max_tries = dataset, strict, replace, max_tries
+        self.fetch = dataset.draw if before_colour else dataset.__getitem__
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple:
         if not isinstance(key, tuple):
             return self._first_good(key)
         seed, index = key
@@ -222,12 +243,11 @@ class SkipBadSamples(Dataset):
             torch.manual_seed(seed)
             return self._first_good(index)
 
-    def _first_good(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def _first_good(self, index: int) -> tuple:
         skipped = []
         for attempt in range(self.max_tries if self.replace else 1):
             try:
-                image, mask = self.dataset[(index + attempt) % len(self.dataset)]
-                return image, mask, "\n".join(skipped)
+                return *self.fetch((index + attempt) % len(self.dataset)), "\n".join(skipped)
             except BadSampleError as err:
                 if self.strict:
                     raise

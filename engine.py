@@ -15,6 +15,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from colour import BatchColour
 from labels import IGNORE_INDEX
 from metrics import ConfusionMatrix
 from predictor import Predictor
@@ -225,6 +226,7 @@ def train_one_epoch(
     loss_fn: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
+    colour: BatchColour,
     runtime: Runtime,
     epoch: int,
     stop: GracefulStop,
@@ -234,6 +236,8 @@ def train_one_epoch(
 ) -> tuple[float, list[str]]:
     """One pass over the sampler; returns the mean loss and the bad samples that were skipped.
 
+    The loader gives pixels before their colour stage (see SkipBadSamples' before_colour); colour finishes them
+    here, a batch at a time on the device.
     time_first_step: say how long the first step took, which with --compile holds the compilation.
     report_data_wait: say how much of the epoch waited for the loader (see DataWait).
     """
@@ -244,10 +248,11 @@ def train_one_epoch(
     steps = 0
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True, disable=not runtime.ddp.is_main)
     data_wait = DataWait(runtime.device, sync=report_data_wait)
-    for steps, (images, masks, skipped_here) in enumerate(bar, 1):
+    for steps, (pixels, masks, draws, skipped_here) in enumerate(bar, 1):
         data_wait.batch_arrived()
         skipped.extend(line for s in skipped_here for line in s.splitlines())
-        images = images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
+        images = colour(pixels.to(runtime.device, non_blocking=True), draws)
+        images = images.contiguous(memory_format=runtime.memory_format)
         masks = masks.to(runtime.device, non_blocking=True).long()  # uint8 until here: an eighth to collate and copy
         step_started = time.perf_counter()
         update = steps % updates.accumulate == 0 or steps == len(loader)  # a short last group still steps

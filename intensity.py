@@ -60,7 +60,7 @@ class Normalization:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(..., C, H, W) uint8 or float pixels -> float32 model input, on their device."""
-        x = images.float() * (1 / 255) if images.dtype == torch.uint8 else images.float()
+        x = unit_range(images)
         options = dict(device=x.device, dtype=torch.float32)
         column = (-1, 1, 1)
         if self.low is not None:
@@ -80,6 +80,11 @@ class Normalization:
         return cls(
             str(data.get("name", "imagenet")), tuple(map(float, data["mean"])), tuple(map(float, data["std"])), *bounds
         )
+
+
+def unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels scaled to 0..1 in float32; others as float32 (16-bit images are read as 0..1 already)."""
+    return images.float() * (1 / 255) if images.dtype == torch.uint8 else images.float()
 
 
 IMAGENET = Normalization.imagenet()  # what models trained before normalisation was a choice used

@@ -139,7 +139,8 @@ def build_loaders(
     sampler = train_sampler(
         train_set, weighted=weighted, seed=seed, runtime=runtime, min_epoch_samples=min_epoch_samples
     )
-    train_loader = DataLoader(SkipBadSamples(train_set, strict), batch_size, sampler=sampler, drop_last=True, **options)
+    train_items = SkipBadSamples(train_set, strict, before_colour=True)  # colour runs per batch on the device
+    train_loader = DataLoader(train_items, batch_size, sampler=sampler, drop_last=True, **options)
     val_shard = range(runtime.ddp.rank, len(val_set), runtime.ddp.world_size)
     val_loader = DataLoader(
         SkipBadSamples(val_set, strict, replace=False), batch_size, sampler=val_shard, collate_fn=as_lists, **options

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from checkpoints import CheckpointError, DataRules, load_model_weights, training_state
 from cli import run_cli
 from coco import cached_masks
+from colour import BatchColour
 from config import parse_args
 from dataset import SegmentationFolder, choose_reading
 from demo import DEMO_IMAGES, DEMO_ROOTS, make_demo_data
@@ -137,6 +138,7 @@ class Training:
     scaler: torch.amp.GradScaler
     loss_fn: torch.nn.Module
     updates: Updates  # accumulation, clipping, the EMA
+    colour: BatchColour  # the training samples' colour stage, run per batch on the device
     compiled: bool = False  # the first step's time (compilation included) is worth printing
 
     def state(self, **progress) -> dict:
@@ -158,6 +160,7 @@ class Training:
             loss_fn=self.loss_fn,
             optimizer=self.optimizer,
             scaler=self.scaler,
+            colour=self.colour,
             runtime=runtime,
             epoch=epoch,
             stop=stop,
@@ -236,6 +239,7 @@ def build_training(args: argparse.Namespace, train_set: SegmentationFolder, runt
         scaler=runtime.grad_scaler(),
         loss_fn=loss_fn.to(runtime.device),
         updates=Updates(accumulate=args.accumulate, clip_grad=args.clip_grad, ema=ema),
+        colour=train_set.transform.colour,
         compiled=args.compile,
     )
 
@@ -282,9 +286,8 @@ def fit(
             training.set_lr(lr)
             train_loader.sampler.set_epoch(epoch)
             try:
-                first = epoch == start_epoch + 1
                 train_loss, skipped = training.train_epoch(
-                    train_loader, runtime=runtime, epoch=epoch, stop=stop, first=first
+                    train_loader, runtime=runtime, epoch=epoch, stop=stop, first=epoch == start_epoch + 1
                 )
             except NonFiniteLoss as err:
                 return report.non_finite(err)

@@ -1,5 +1,5 @@
 """Joint image/mask transforms: where a training sample is cut from (a random rescale and crop, or a random resized
-crop), its flips and rotation, colour jitter and normalisation.
+crop), its flips and rotation; and the colour stage that follows them (colour.py).
 
 The geometry draws its random numbers exactly as torchvision's classes do, in the same order, so it makes the same
 samples as RandomScale + RandomCrop (or RandomResizedCrop), RandomHorizontalFlip, RandomVerticalFlip and
@@ -10,12 +10,14 @@ padding, cropping, flipping and rotating image and mask one step at a time.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from colour import BatchColour
 from intensity import IMAGENET, Normalization
 from labels import IGNORE_INDEX
 
@@ -175,33 +177,6 @@ class RandomGeometry(v2.Transform):
         return tv_tensors.wrap(picked.view(*source.shape[:-2], self.size, self.size), like=inpt)
 
 
-class ChannelJitter(v2.Transform):
-    """Brightness and contrast drawn for each channel on its own, x -> b * (m + c * (x - m)) with m the channel's
-    mean: the colour jitter of images whose channels are not an RGB photo's (hue and saturation mean nothing
-    there). uint8 images stay uint8 (rounded, clamped); masks pass untouched."""
-
-    def __init__(self, brightness: float = 0.3, contrast: float = 0.3):
-        super().__init__()
-        self.brightness, self.contrast = brightness, contrast
-
-    def make_params(self, flat_inputs: list) -> dict:
-        channels = v2.query_chw(flat_inputs)[0]
-        spreads = (self.brightness, self.contrast)
-        draw = [torch.empty(channels, 1, 1).uniform_(1 - spread, 1 + spread) for spread in spreads]
-        return {"brightness": draw[0], "contrast": draw[1]}
-
-    def transform(self, inpt, params: dict):
-        if not isinstance(inpt, tv_tensors.Image):
-            return inpt
-        pixels = inpt.as_subclass(torch.Tensor)
-        values = pixels if pixels.is_floating_point() else pixels.float()
-        mean = values.mean((-2, -1), keepdim=True)
-        jittered = params["brightness"] * (mean + params["contrast"] * (values - mean))
-        if not pixels.is_floating_point():
-            jittered = jittered.round_().clamp_(0, 255).to(pixels.dtype)
-        return tv_tensors.wrap(jittered, like=inpt)
-
-
 def build_geometry(
     image_size: int,
     augment: str,
@@ -223,35 +198,36 @@ def build_geometry(
     return RandomGeometry(image_size, resized_crop=resized_crop, **motion)
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """A training sample's geometry, run per sample in the loader, and its colour stage, run per batch on the
+    device (colour.BatchColour); called on one sample, both in a row."""
+
+    geometry: v2.Transform
+    colour: BatchColour
+
+    def __call__(self, image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple[torch.Tensor, tv_tensors.Mask]:
+        image, mask = self.geometry(image, mask)
+        return self.colour(image[None], self.colour.draw(image.shape[0])[None])[0], mask
+
+
 def build_transforms(
     image_size: int,
     augment: str = "none",
-    normalization: Normalization | None = IMAGENET,
+    normalization: Normalization = IMAGENET,
     *,
     crop_size: int | None = None,
     scale_range: tuple[float, float] = (0.5, 2.0),
     base_size: int | None = None,
     photo: bool = True,
-) -> v2.Compose:
-    """Joint image/mask transforms; masks resize nearest, and pad and rotate in the ignore label.
+) -> Augmentation:
+    """Joint image/mask geometry (masks resize nearest, and pad and rotate in the ignore label), then colour.
 
     crop_size: native-resolution training, a random rescale then a random crop_size square (padded where
     the image is smaller), instead of the whole image squashed to image_size.
-    normalization None: no conversion to float and no normalisation (uint8 images stay uint8).
     photo: 8-bit RGB, whose colours ColorJitter may shift; other images get brightness and contrast per channel.
     """
     if augment not in ("none", "basic", "strong"):
         raise ValueError(f"unknown augmentation {augment!r}; choose none, basic or strong")
     geometry = build_geometry(image_size, augment, crop_size=crop_size, scale_range=scale_range, base_size=base_size)
-    colour = []
-    if augment != "none":
-        strong = augment == "strong"
-        colour = [
-            v2.ColorJitter(0.3, 0.3, 0.3, 0.05 if strong else 0.0) if photo else ChannelJitter(0.3, 0.3),
-            *([v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.3)] if strong else []),
-        ]
-    if normalization is None:
-        return v2.Compose([geometry, *colour])
-    # Colour on float: on uint8 every jitter op converts to float and back (four times the work).
-    to_float = v2.ToDtype(torch.float32, scale=True)  # uint8 to 0..1; float pixels are left as they are
-    return v2.Compose([geometry, to_float, *colour, v2.Lambda(normalization, tv_tensors.Image)])
+    return Augmentation(geometry, BatchColour(augment, normalization, photo=photo))

@@ -10,6 +10,7 @@ from checkpoints import load_checkpoint
 from conftest import TINY_TRAIN_FLAGS
 from dataset import SegmentationFolder
 from engine import EarlyStopping
+from intensity import Normalization
 from labels import IGNORE_INDEX
 from transforms import build_transforms
 
@@ -29,7 +30,7 @@ def red_blue_sample(size=64):
 
 def agreement(image, mask):
     """Share of labelled, clearly red-or-blue pixels whose colour says the same as the mask."""
-    rgb = image.permute(1, 2, 0).numpy().astype(np.float32) / 255
+    rgb = image.permute(1, 2, 0).numpy()  # 0..1, not normalised
     red_minus_blue = torch.from_numpy(rgb[..., 0] - rgb[..., 2])
     decided = (mask != IGNORE_INDEX) & (red_minus_blue.abs() > 0.3)
     return ((red_minus_blue > 0).long()[decided] == mask[decided]).float().mean().item()
@@ -38,9 +39,9 @@ def agreement(image, mask):
 @pytest.mark.parametrize("augment", ["basic", "strong", "crop"])
 def test_augmented_image_and_mask_stay_aligned(augment):
     if augment == "crop":  # native-resolution crops, rescaled first, then today's basic augmentation
-        transform = build_transforms(48, "basic", normalization=None, crop_size=40, scale_range=(0.5, 2.0))
+        transform = build_transforms(48, "basic", Normalization.none(3), crop_size=40, scale_range=(0.5, 2.0))
     else:
-        transform = build_transforms(48, augment, normalization=None)
+        transform = build_transforms(48, augment, Normalization.none(3))
     torch.manual_seed(0)
     for _ in range(20):
         image, mask = transform(*red_blue_sample())
@@ -68,7 +69,7 @@ def last_channel_agreement(image, mask):
 
 @pytest.mark.parametrize("augment", ["basic", "strong"])
 def test_augmentation_of_n_channel_float_images_keeps_them_aligned_and_jitters_each_channel(augment):
-    transform = build_transforms(48, augment, normalization=None, photo=False)
+    transform = build_transforms(48, augment, Normalization.none(4), photo=False)
     torch.manual_seed(0)
     source, _ = four_channel_sample()
     ratios = []
@@ -166,7 +167,7 @@ def test_crops_keep_the_aspect_ratio_and_pad_small_images_with_ignore():
         height, width = scaled.shape[-2:]
         assert abs(width - 2 * height) <= 1 and 20 <= height <= 80  # one factor for both sides
     assert RandomScale((1.0, 1.0), base_size=20)(image)[0].shape[-2:] == (20, 40)  # shorter side -> base
-    transform = build_transforms(64, "none", normalization=None, crop_size=16, scale_range=(1.0, 1.0))
+    transform = build_transforms(64, "none", crop_size=16, scale_range=(1.0, 1.0)).geometry
     small, small_mask = transform(
         tv_tensors.Image(torch.full((3, 10, 12), 7, dtype=torch.uint8)), tv_tensors.Mask(mask[:10, :12])
     )
@@ -250,7 +251,7 @@ def test_crop_geometry_is_torchvision_scale_crop_flips_and_rotation_pixel_for_pi
             steps += [v2.RandomRotation(15, fill=FILL)]
         torch.manual_seed(seed)
         expected = v2.Compose(steps)(image, mask)
-        ours = build_transforms(64, augment, normalization=None, crop_size=crop, base_size=base).transforms[0]
+        ours = build_transforms(64, augment, crop_size=crop, base_size=base).geometry
         torch.manual_seed(seed)
         found = ours(image, mask)
         assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1]), (seed, height, width, crop)
