@@ -254,12 +254,13 @@ def bench_loader(args, device: torch.device, root: Path) -> None:
     images, masks = write_loader_data(root)
     width, height = LOADER_PHOTOS["size"]
     print(f"\ndata loader: {LOADER_PHOTOS['count']} JPEGs {width}x{height} -> {args.image_size} px, ms per image")
-    columns = [*STAGES, "images/s", f"colour on {device.type}"]
+    columns = [*STAGES, "images/s", "1 worker", f"colour on {device.type}"]
     print(f"{'augment':<40}" + "".join(f"{column:>19}" for column in columns))
     for augment in ("none", "basic", "strong"):
         for variant in LOADER_VARIANTS:
             result = isolated(loader_stages, images, masks, args.image_size, augment, variant, str(device))
-            row = "".join(f"{result['ms'][stage]:>19.2f}" for stage in STAGES) + f"{result['images_per_s']:>19.1f}"
+            row = "".join(f"{result['ms'][stage]:>19.2f}" for stage in STAGES)
+            row += f"{result['images_per_s']:>19.1f}{result['worker_images_per_s']:>19.1f}"
             on_device = "" if result["device_ms"] is None else f"{result['device_ms']:>19.2f}"
             print(f"{augment + ', ' + variant:<40}{row}{on_device}")
 

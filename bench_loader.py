@@ -6,14 +6,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from colour import BLUR, BatchColour
 from dataset import SegmentationFolder
-from image_io import read_image
+from image_io import pil_pixels, read_image
 from intensity import IMAGENET_MEAN, IMAGENET_STD
 from transforms import Augmentation, RandomGeometry
 
@@ -45,18 +47,43 @@ def worker_stages(dataset: SegmentationFolder, before: bool) -> tuple:
     return dataset.transform.geometry, lambda image, mask: (image, mask, draw(image.shape[0]))
 
 
-def stage_seconds(dataset: SegmentationFolder, geometry, finish) -> tuple[dict, list]:
+def read_pixels(dataset: SegmentationFolder, index: int, before: bool) -> np.ndarray:
+    """The decoded (H, W, 3) image: by PIL, as the loader issue measured it (before), or as training reads it."""
+    if not before:
+        return read_image(dataset.pairs[index][0])[0]
+    with Image.open(dataset.pairs[index][0]) as image:
+        return pil_pixels(image)
+
+
+def read_mask_values(dataset: SegmentationFolder, index: int, pixels: np.ndarray, before: bool) -> tv_tensors.Mask:
+    """The mask: by PIL, its values mapped whole, as the loader issue measured it (before); or as training reads it,
+    raw, for the geometry to map after its gather (the bench's photos are upright: no orientation to follow)."""
+    if not before:
+        return dataset.load_mask(index, pixels, None, mapped=False)
+    with Image.open(dataset.pairs[index][1]) as mask:
+        return tv_tensors.Mask(torch.from_numpy(dataset.lut.take(np.asarray(mask))))
+
+
+def read_sample(dataset: SegmentationFolder, index: int, before: bool) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+    pixels = read_pixels(dataset, index, before)
+    image = tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1))
+    return image, read_mask_values(dataset, index, pixels, before)
+
+
+def stage_seconds(dataset: SegmentationFolder, before: bool) -> tuple[dict, list]:
     """One pass over the dataset, each stage timed on its own; the same random draws in every pass and row.
-    Returns the seconds per stage and the collated batches."""
+    Returns the seconds per stage and the collated batches. Masks are mapped to classes as they are read (before),
+    or by the geometry after its gather (now)."""
+    geometry, finish = worker_stages(dataset, before)
     torch.manual_seed(0)
     seconds = dict.fromkeys(STAGES, 0.0)
     samples = []
-    for index, (image_path, _) in enumerate(dataset.pairs):
+    for index in range(len(dataset)):
         started = time.perf_counter()
-        pixels, orientation = read_image(image_path)
+        pixels = read_pixels(dataset, index, before)
         image = tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1))
         decoded = time.perf_counter()
-        mask = dataset.load_mask(index, pixels, orientation)
+        mask = read_mask_values(dataset, index, pixels, before)
         loaded = time.perf_counter()
         image, mask = geometry(image, mask)
         moved = time.perf_counter()
@@ -75,13 +102,13 @@ class WorkerItems(Dataset):
     """What one loader worker computes for each sample, read, placed and finished by worker_stages."""
 
     def __init__(self, dataset: SegmentationFolder, before: bool):
-        self.dataset, (self.geometry, self.finish) = dataset, worker_stages(dataset, before)
+        self.dataset, self.before, (self.geometry, self.finish) = dataset, before, worker_stages(dataset, before)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple:
-        return self.finish(*self.geometry(*self.dataset.load(index)))
+        return self.finish(*self.geometry(*read_sample(self.dataset, index, self.before)))
 
 
 def device_colour_ms(colour: BatchColour, batches: list, device: torch.device) -> float:
@@ -110,14 +137,26 @@ def loader_stages(images: Path, masks: Path, image_size: int, augment: str, vari
     crop = {"crop_size": image_size} if variant.startswith("crop") else None
     dataset = SegmentationFolder(images, masks, image_size, augment=augment, scan_workers=1, crop=crop)
     before = variant.endswith("before")
-    passes = [stage_seconds(dataset, *worker_stages(dataset, before)) for _ in range(LOADER_PASSES)]
+    passes = [stage_seconds(dataset, before) for _ in range(LOADER_PASSES)]
     per_sample = {stage: 1000 * min(p[stage] for p, _ in passes) / len(dataset) for stage in STAGES}
-    rates = []
-    for _ in range(LOADER_PASSES):
-        torch.manual_seed(0)
-        loader = DataLoader(WorkerItems(dataset, before), batch_size=BATCH, shuffle=True)  # one worker's rate
-        started = time.perf_counter()
-        count = sum(len(batch[0]) for batch in loader)
-        rates.append(count / (time.perf_counter() - started))
+    items = WorkerItems(dataset, before)
+    in_process = DataLoader(items, batch_size=BATCH, shuffle=True)
+    worker = dict(num_workers=1, persistent_workers=True, multiprocessing_context="fork")  # as train.py's on Linux
+    one_worker = DataLoader(items, batch_size=BATCH, shuffle=True, **worker)
     on_device = None if before else device_colour_ms(dataset.transform.colour, passes[0][1], torch.device(device))
-    return {"ms": per_sample, "images_per_s": max(rates), "device_ms": on_device}
+    return {"ms": per_sample, **loader_rates(in_process, one_worker), "device_ms": on_device}
+
+
+def loader_rates(in_process: DataLoader, one_worker: DataLoader) -> dict:
+    """images/s through a DataLoader in this process (the work of one worker, nothing else), and with one worker
+    process (its batches crossing to this process through shared memory), each the best of LOADER_PASSES passes;
+    the worker is started by a pass not counted."""
+    rates = {"images_per_s": [], "worker_images_per_s": []}
+    next(iter(one_worker))
+    for _ in range(LOADER_PASSES):
+        for name, loader in zip(rates, (in_process, one_worker), strict=True):
+            torch.manual_seed(0)
+            started = time.perf_counter()
+            count = sum(len(batch[0]) for batch in loader)
+            rates[name].append(count / (time.perf_counter() - started))
+    return {name: max(values) for name, values in rates.items()}

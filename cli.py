@@ -129,6 +129,22 @@ def widths_type(text: str) -> tuple[int, ...]:
     return widths
 
 
+WORKERS_HELP = (
+    "DataLoader worker processes; auto: none on the CPU, whose cores the training step already fills; on a GPU the "
+    "cores this process may use, less one for the training loop, up to 8"
+)
+
+
+def workers_type(text: str) -> int | str:
+    """--workers: a process count, or auto (chosen for the device, see loaders.loader_workers)."""
+    if text == "auto":
+        return text
+    try:
+        return non_negative_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto or a whole number >= 0") from None
+
+
 def in_channels_type(text: str) -> int | str:
     """--in-channels: a channel count, or auto (from the first training image)."""
     if text == "auto":

@@ -21,30 +21,15 @@ BLUR = {"kernel_size": 5, "sigma": (0.1, 2.0), "p": 0.3}  # strong only
 
 def blend(images: torch.Tensor, other: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """torchvision's float blend, factor * image + (1 - factor) * other clipped to 0..1, with a factor per sample."""
-    return (images * factors).add_(other * (1 - factors)).clamp_(0, 1)
-
-
-def adjust_brightness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    return (images * factors).clamp_(0, 1)
-
-
-def adjust_contrast(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    grey_mean = TF.rgb_to_grayscale(images).mean((-3, -2, -1), keepdim=True)
-    return blend(images, grey_mean, factors)
-
-
-def adjust_saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    return blend(images, TF.rgb_to_grayscale(images), factors)
+    return torch.lerp(other, images, factors).clamp_(0, 1)
 
 
 def adjust_hue(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """One sample at a time: the hue turn goes through HSV, which torchvision has no batched form of."""
-    return torch.stack(
-        [TF.adjust_hue(image, float(factor)) for image, factor in zip(images, factors.flatten(), strict=True)]
-    )
+    return torch.stack([TF.adjust_hue(image, float(factor)) for image, factor in zip(images, factors, strict=True)])
 
 
-PHOTO_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # ColorJitter's fn_idx order
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter's fn_idx numbers
 
 
 class BatchColour:
@@ -84,9 +69,7 @@ class BatchColour:
     def __call__(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) pixels as the loader gives them (uint8, or float) and (B, K) draws -> the model's float32
         input, on the images' device."""
-        pixels, images = images, unit_range(images)
-        if images is pixels:
-            images = images.clone()  # float pixels: the adjustments below write in place
+        images = unit_range(images)  # float32 pixels come as they are: nothing below writes into them
         draws = draws.cpu()  # the schedule is read on the host; the factors travel once
         if self.jitter is not None:
             images = self._jitter_photos(images, draws)
@@ -97,14 +80,23 @@ class BatchColour:
         return self.normalization(images)
 
     def _jitter_photos(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-        """Round k applies to each sample the k-th adjustment of its order, to all samples that share it at once."""
-        order = draws[:, :4].long()
-        factors = draws[:, 4:8].to(images.device, torch.float32).view(-1, 4, 1, 1, 1)
-        for step in range(4):
-            for op in self.active_ops:
-                chosen = (order[:, step] == op).nonzero().flatten().to(images.device)
-                if len(chosen):
-                    images[chosen] = PHOTO_OPS[op](images[chosen], factors[chosen, op])
+        """Step k applies each sample's k-th adjustment. Brightness, contrast and saturation are each a blend with
+        another image (black, the grey mean, the grey image), so a step is one blend over the whole batch; a sample
+        whose step is the hue turn (strong only) blends with factor 1 (unchanged) and is turned on its own; without a
+        hue turn (basic) there are three steps."""
+        order, factors = draws[:, :4].long(), draws[:, 4:8].float()
+        order = order[torch.isin(order, torch.tensor(self.active_ops))].view(len(order), -1)  # hue 0: no step
+        device, column = images.device, (-1, 1, 1, 1)
+        for step in range(order.shape[1]):
+            op = order[:, step]
+            factor = factors.gather(1, op[:, None]).flatten().where(op != HUE, 1.0)
+            grey = TF.rgb_to_grayscale(images)
+            is_op = {name: (op == name).float().to(device).view(column) for name in (CONTRAST, SATURATION)}
+            other = grey * is_op[SATURATION] + grey.mean((-3, -2, -1), keepdim=True) * is_op[CONTRAST]
+            images = blend(images, other, factor.to(device).view(column))
+            turned = (op == HUE).nonzero().flatten()
+            if len(turned):
+                images[turned.to(device)] = adjust_hue(images[turned.to(device)], factors[turned, HUE])
         return images
 
     def _jitter_channels(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
@@ -115,7 +107,9 @@ class BatchColour:
         return brightness * (mean + contrast * (images - mean))
 
     def _blur(self, images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        for index in sigmas.nonzero().flatten().tolist():
+        blurred = sigmas.nonzero().flatten().tolist()
+        images = images.clone() if blurred else images
+        for index in blurred:
             sigma = float(sigmas[index])
             images[index] = TF.gaussian_blur(images[index], [BLUR["kernel_size"]] * 2, [sigma, sigma])
         return images

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from checkpoints import CheckpointError, DataRules, find_resume_checkpoint, load_checkpoint
 from cli import (
+    WORKERS_HELP,
     ArgumentParser,
     add_channel_flags,
     add_hardware_flags,
@@ -22,6 +23,7 @@ from cli import (
     positive_int,
     seed_type,
     widths_type,
+    workers_type,
 )
 from coco import MODES
 from config_file import config_file_argv
@@ -170,7 +172,7 @@ def add_input_flags(p: ArgumentParser) -> None:
         help="an epoch draws at least N images: smaller sets are drawn several times per epoch, so validation and "
         "checkpoints do not take most of a tiny set's time (0: one pass)",
     )
-    inputs.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
+    inputs.add_argument("--workers", type=workers_type, default="auto", metavar="N|auto", help=WORKERS_HELP)
 
 
 def add_model_flags(p: ArgumentParser) -> None:

@@ -115,7 +115,10 @@ class SegmentationFolder(Dataset):
         self.transform = None
         if image_size is not None:
             crop = crop or {}
-            self.transform = build_transforms(image_size, augment, self.normalization, photo=self.photo, **crop)
+            labels = torch.from_numpy(self.lut)  # looked up after the geometry's gather, on the output's pixels
+            self.transform = build_transforms(
+                image_size, augment, self.normalization, photo=self.photo, labels=labels, **crop
+            )
 
     def _readable_pairs(self, scan_workers: int) -> tuple[list[tuple[Path, Path]], list[dict[int, int]]]:
         """The pairs whose mask the label scan could read, and each one's raw value counts."""
@@ -181,21 +184,24 @@ class SegmentationFolder(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def load(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
-        """Decoded, mapped, full-size image (C, H, W) and mask, before any transform."""
+    def load(self, index: int, *, mapped: bool = True) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        """Decoded, full-size image (C, H, W) and mask (mapped: its values mapped to classes), before any transform."""
         image, orientation = read_image(self.pairs[index][0], self.max_pixels, self.reading)
-        return tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)), self.load_mask(index, image, orientation)
+        mask = self.load_mask(index, image, orientation, mapped=mapped)
+        return tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)), mask
 
-    def load_mask(self, index: int, image: np.ndarray, orientation: int | None) -> tv_tensors.Mask:
-        """The mask of a decoded (H, W, C) image, turned as the image was, its values mapped to class indices."""
+    def load_mask(self, index: int, image: np.ndarray, orientation: int | None, *, mapped: bool = True):
+        """The mask of a decoded (H, W, C) image, turned as the image was; mapped: its values mapped to classes
+        (else raw values, for the geometry to map after its gather)."""
         mask_path = self.pairs[index][1]
         mask = align_mask(read_mask(mask_path, self.max_pixels), image.shape[:2], orientation, mask_path)
-        return tv_tensors.Mask(torch.from_numpy(self.lut.take(mask)))  # take: twice as fast as lut[mask]
+        values = self.lut.take(mask) if mapped else np.require(mask, requirements="W")  # take: faster than lut[mask]
+        return tv_tensors.Mask(torch.from_numpy(values))
 
     def draw(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A training sample before its colour stage: the placed pixels (as read: uint8 or float), the mask and the
         colour's random numbers, for the training loop to finish per batch on the device (transforms.Augmentation)."""
-        image, mask = self.transform.geometry(*self.load(index))
+        image, mask = self.transform.geometry(*self.load(index, mapped=False))  # the geometry maps the labels
         draws = self.transform.colour.draw(image.shape[0])
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor), draws  # uint8: widened on the device
 

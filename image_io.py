@@ -10,6 +10,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from fast_decode import fast_pixels
 from utils import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -90,20 +91,25 @@ def check_pixels(path: Path, width: int, height: int, max_pixels: int, kind: str
         )
 
 
-def _decode(path: Path, max_pixels: int, kind: str) -> Image.Image:
-    """Opens the file, checks the size its header gives, and only then decodes the pixels."""
+def _decode(path: Path, max_pixels: int, kind: str) -> tuple[Image.Image, np.ndarray | None]:
+    """Opens the file, checks the size its header gives, and only then decodes the pixels: with TorchCodec where it
+    can (the pixels are returned beside the image's header), else into the PIL image (None beside it)."""
     try:
         with Image.open(path) as image:
             check_pixels(path, image.width, image.height, max_pixels, kind)
-            image.load()
+            pixels = fast_pixels(path, image, kind)
+            if pixels is None:
+                image.load()
     except (OSError, SyntaxError, ValueError) as err:
         raise BadSampleError(f"{path}: unreadable {kind} ({err})") from None
-    return image
+    return image, pixels
 
 
 def read_mask(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A 2-D integer array of label values; colour masks are refused, not guessed at."""
-    mask = _decode(path, max_pixels, "mask")
+    mask, pixels = _decode(path, max_pixels, "mask")
+    if pixels is not None:
+        return pixels[..., 0]
     if mask.mode in ("RGB", "RGBA", "LA"):
         array = np.asarray(mask)
         if mask.mode == "LA" or (array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all():
@@ -303,12 +309,12 @@ def read_stored(path: Path, reading: Reading, max_pixels: int) -> tuple[np.ndarr
                 return _read_tiff(tif, path, reading, max_pixels)
             except TIFF_ERRORS as err:
                 raise _tiff_error(path, err) from None
-    image = _decode(path, max_pixels, "image")
+    image, pixels = _decode(path, max_pixels, "image")
     try:
         orientation = image.getexif().get(ORIENTATION_TAG, 1)
     except (OSError, SyntaxError, ValueError) as err:
         raise BadSampleError(f"{path}: unreadable image ({err})") from None
-    return pil_pixels(image), orientation
+    return pil_pixels(image) if pixels is None else pixels, orientation
 
 
 def read_image(

@@ -7,6 +7,7 @@ another number of workers sees the same samples augmented the same way.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, WeightedRandomSampler
@@ -101,6 +102,21 @@ def train_sampler(
     return EpochSampler(sampler, seed, generator, ddp.rank, size=len(train_set))
 
 
+MAX_WORKERS_PER_GPU = 8
+
+
+def loader_workers(requested: int | str, runtime: Runtime) -> int:
+    """--workers auto. On the CPU none: the training step already fills every core, and a worker process only
+    takes cores from it (README: data loader). On a GPU one worker per core this process may use (the cores
+    torchrun's local processes share), less one for the training loop itself, up to MAX_WORKERS_PER_GPU."""
+    if requested != "auto":
+        return requested
+    if runtime.device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(MAX_WORKERS_PER_GPU, cores - 1))
+
+
 def as_lists(batch: list[tuple]) -> tuple[list, ...]:
     """Validation images keep their own sizes: a batch is lists, not stacked tensors."""
     return tuple(list(column) for column in zip(*batch, strict=True))
@@ -111,7 +127,7 @@ def build_loaders(
     val_set: SegmentationFolder,
     *,
     batch_size: int,
-    workers: int,
+    workers: int | str,
     weighted: bool,
     seed: int,
     strict: bool,
@@ -123,6 +139,7 @@ def build_loaders(
     Validation is split into disjoint shards (no padding), so the all-reduced confusion matrix
     counts every validation image exactly once; its images keep their own sizes (batches of lists).
     """
+    workers = loader_workers(workers, runtime)
     options = dict(
         num_workers=workers,
         pin_memory=runtime.device.type == "cuda",

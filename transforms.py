@@ -9,6 +9,7 @@ padding, cropping, flipping and rotating image and mask one step at a time.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -48,28 +49,43 @@ def size_stand_in(height: int, width: int) -> list:
     return [tv_tensors.Mask(torch.empty((), dtype=torch.uint8).expand(height, width))]
 
 
+@functools.lru_cache(maxsize=4096)
 def nearest_sources(out_size: int, in_size: int) -> torch.Tensor:
     """The input index torch's "nearest" resize (masks in TF.resize) reads for each output index, in its float32
-    arithmetic, so that a gather through it equals the resized mask exactly."""
+    arithmetic, so that a gather through it equals the resized mask exactly. Cached: a set's few image sizes and
+    the random scales' sizes come back every epoch (callers must not write into it)."""
     if out_size == in_size:
         return torch.arange(out_size)
     scale = torch.tensor(in_size, dtype=torch.float32) / out_size
     return (torch.arange(out_size, dtype=torch.float32) * scale).floor_().long().clamp_max_(in_size - 1)
 
 
-def rotation_sources(angle: float, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each pixel of an image rotated by angle degrees about its centre (counter-clockwise, as torchvision's
-    rotate turns it), the (row, column) of its nearest source pixel, which may lie outside the image."""
-    theta = math.radians(angle)
-    ys = torch.arange(height, dtype=torch.float64) + 0.5 - height / 2
-    xs = torch.arange(width, dtype=torch.float64) + 0.5 - width / 2
-    cols = ((math.cos(theta) * xs + (width / 2 - 0.5))[None, :] - (math.sin(theta) * ys)[:, None]).round_()
-    rows = ((math.sin(theta) * xs)[None, :] + (math.cos(theta) * ys + (height / 2 - 0.5))[:, None]).round_()
-    return rows.int(), cols.int()
+def rotation_sources(
+    angle: float, side: int, *, flips: tuple[bool, bool] = (False, False), offset: tuple[int, int] = (0, 0)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each pixel of a side x side crop rotated by angle degrees about its centre (counter-clockwise, as
+    torchvision's rotate turns it), the (row, column) of its nearest source pixel, which may lie outside the crop.
+    flips: the crop was flipped (horizontally, vertically) before the rotation; offset: the crop's top-left corner
+    in the image it is cut from, whose coordinates are returned. Each coordinate is a sum of a row and a column
+    term, so flips and offset change two vectors, not two images."""
+    theta, centre = math.radians(angle), side / 2 - 0.5
+    steps = torch.arange(side, dtype=torch.float64) - centre
+    cols_by_x, cols_by_y = math.cos(theta) * steps + centre, -math.sin(theta) * steps
+    rows_by_x, rows_by_y = math.sin(theta) * steps, math.cos(theta) * steps + centre
+    if flips[0]:
+        cols_by_x, cols_by_y = (side - 1) - cols_by_x, -cols_by_y
+    if flips[1]:
+        rows_by_x, rows_by_y = -rows_by_x, (side - 1) - rows_by_y
+    rows = (rows_by_y + offset[0])[:, None] + rows_by_x[None, :]
+    cols = (cols_by_x + offset[1])[None, :] + cols_by_y[:, None]
+    return rows.round_().int(), cols.round_().int()  # int32: the index arithmetic after runs faster
 
 
-def within(rows: torch.Tensor, cols: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    return (rows.clamp(0, height - 1) == rows) & (cols.clamp(0, width - 1) == cols)
+def clamp_within(rows: torch.Tensor, cols: torch.Tensor, row_range: tuple[int, int], col_range: tuple[int, int]):
+    """Each (row, column) clamped into [low, high) of its range, and whether it lay there already: a clamped pixel
+    reads a pixel of the image, which is then overwritten by the fill."""
+    clamped_rows, clamped_cols = rows.clamp(row_range[0], row_range[1] - 1), cols.clamp(col_range[0], col_range[1] - 1)
+    return clamped_rows, clamped_cols, (clamped_rows == rows) & (clamped_cols == cols)
 
 
 def lookup(table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -77,22 +93,21 @@ def lookup(table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, positions.flatten()).view(positions.shape)
 
 
-def gather(source: torch.Tensor, index: torch.Tensor, keep: torch.Tensor | None, fill: float) -> torch.Tensor:
-    """(..., H, W) -> (..., N): the pixels at flat positions row * W + col (int64), and fill where keep is False."""
+def gather(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) -> (..., N): the pixels at flat positions row * W + col (int64)."""
     flat = source.reshape(*source.shape[:-2], -1)
-    picked = torch.gather(flat, -1, index.expand(*flat.shape[:-1], -1))  # fast on channel-last pixels too
-    if keep is None:
-        return picked
-    return picked * keep + (~keep).to(picked.dtype) * fill  # multiplications: a third of torch.where's time
+    return torch.gather(flat, -1, index.expand(*flat.shape[:-1], -1))  # fast on channel-last pixels too
 
 
 class RandomGeometry(v2.Transform):
-    """Placement (a random rescale and crop, or a random resized crop), flips and rotation in one pass.
+    """Placement (a random rescale and crop, a random resized crop, or the whole image squashed), flips and rotation
+    in one pass.
 
     The image is resized once (the whole image to the random scale, or the random box to the output size: the same
     call torchvision makes), then each output pixel is gathered once through one index map holding crop, padding,
     flips and the nearest-neighbour rotation. The mask is gathered straight from the original through that map and
-    the resize's nearest-neighbour map, so it is never resized whole.
+    the resize's nearest-neighbour map, so it is never resized whole; with labels (a lookup table of raw mask value
+    -> class), its raw values are mapped after the gather, on the output's pixels rather than the whole mask's.
     """
 
     def __init__(
@@ -104,15 +119,19 @@ class RandomGeometry(v2.Transform):
         hflip: bool = False,
         vflip: bool = False,
         degrees: float = 0.0,
+        labels: torch.Tensor | None = None,
     ):
-        """crop or resized_crop: the transforms whose random numbers place the sample (one of them)."""
+        """crop or resized_crop: the transforms whose random numbers place the sample (neither: the whole image)."""
         super().__init__()
         self.size, self.crop, self.resized_crop, self.hflip, self.vflip = size, crop, resized_crop, hflip, vflip
         self.rotation = v2.RandomRotation(degrees) if degrees else None
+        self.labels = labels
 
     def stepwise(self) -> list[v2.Transform]:
         """torchvision's transforms that make the same samples one step at a time: what this class reproduces."""
         steps = [*self.crop] if self.crop is not None else [self.resized_crop]
+        if self.crop is None and self.resized_crop is None:
+            steps = [v2.Resize((self.size, self.size), antialias=True)]
         steps += [v2.RandomHorizontalFlip()] if self.hflip else []
         steps += [v2.RandomVerticalFlip()] if self.vflip else []
         return steps + ([v2.RandomRotation(self.rotation.degrees, fill=FILL)] if self.rotation is not None else [])
@@ -128,52 +147,61 @@ class RandomGeometry(v2.Transform):
             pad_left, pad_top = window["padding"][:2]
             offset = (window["top"] - pad_top, window["left"] - pad_left)
             return dict(box=(0, 0, height, width), resized=resized, offset=offset, width=width)
+        if self.resized_crop is None:
+            return dict(box=(0, 0, height, width), resized=[self.size] * 2, offset=(0, 0), width=width)
         box = self.resized_crop.make_params(flat_inputs)
         placed = (box["top"], box["left"], box["height"], box["width"])
         return dict(box=placed, resized=[self.size] * 2, offset=(0, 0), width=width)
 
-    def _window(self, flips: list[bool], angle: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Each output pixel's (row, column) in the flipped, unrotated crop, and whether it lies inside it. Without
-        a rotation they are a column and a row vector, so every step after costs a vector, not an image."""
-        side = self.size
+    def _window(self, flips: list[bool], angle: float | None, params: dict) -> tuple:
+        """Each output pixel's (row, column) in the resized image, clamped into it, and whether it is inside both the
+        crop (not rotated in) and the resized image (not padding). Without a rotation they are a column and a row
+        vector, so every step after costs a vector, not an image."""
+        side, (top, left), (height, width) = self.size, params["offset"], params["resized"]
+        rows_fit = top >= 0 and top + side <= height
+        fits = rows_fit and left >= 0 and left + side <= width
         if angle is None:
-            rows, cols, inside = torch.arange(side)[:, None].int(), torch.arange(side)[None, :].int(), None
-        else:
-            rows, cols = rotation_sources(angle, side, side)
-            inside = within(rows, cols, side, side)  # rotated in from outside the crop: filled
-        return (side - 1 - rows if flips[1] else rows), (side - 1 - cols if flips[0] else cols), inside
+            rows, cols = torch.arange(side, dtype=torch.int32), torch.arange(side, dtype=torch.int32)
+            rows, cols = (side - 1 - rows if flips[1] else rows) + top, (side - 1 - cols if flips[0] else cols) + left
+            rows, cols = rows[:, None], cols[None, :]
+            return (rows, cols, None) if fits else clamp_within(rows, cols, (0, height), (0, width))
+        rows, cols = rotation_sources(angle, side, flips=(flips[0], flips[1]), offset=(top, left))
+        row_range = (max(top, 0), min(top + side, height))  # rotated in from outside the crop, or padding: filled
+        col_range = (max(left, 0), min(left + side, width))
+        return clamp_within(rows, cols, row_range, col_range)
 
     def make_params(self, flat_inputs: list) -> dict:
         params = self._placement(flat_inputs)
         flips = [flip and bool(torch.rand(1) < 0.5) for flip in (self.hflip, self.vflip)]  # as RandomFlip draws
         angle = None if self.rotation is None else self.rotation.make_params(flat_inputs)["angle"]
-        rows, cols, inside = self._window(flips, angle)
-        (resized_height, resized_width), (top_offset, left_offset) = params["resized"], params["offset"]
-        rows, cols = rows + top_offset, cols + left_offset
-        rows_fit = top_offset >= 0 and top_offset + self.size <= resized_height
-        if not (rows_fit and left_offset >= 0 and left_offset + self.size <= resized_width):  # padding: filled
-            inside = within(rows, cols, resized_height, resized_width) & (True if inside is None else inside)
-        if inside is not None:  # filled pixels read any pixel, then are overwritten
-            rows, cols = rows.clamp(0, resized_height - 1), cols.clamp(0, resized_width - 1)
+        rows, cols, inside = self._window(flips, angle, params)
+        resized_height, resized_width = params["resized"]
         top, left, box_height, box_width = params["box"]
-        mask_rows = lookup(nearest_sources(resized_height, box_height).int(), rows) + top
-        mask_cols = lookup(nearest_sources(resized_width, box_width).int(), cols) + left
+        row_starts = ((nearest_sources(resized_height, box_height) + top) * params["width"]).int()
+        mask_cols = (nearest_sources(resized_width, box_width) + left).int()
+        moved = angle is not None or any(flips) or params["offset"] != (0, 0)
+        squash = not moved and params["resized"] == [self.size] * 2
         params.update(
             keep=None if inside is None else inside.flatten(),
-            image_index=(rows * resized_width + cols).flatten().long(),
-            mask_index=(mask_rows * params["width"] + mask_cols).flatten().long(),
+            image_index=None if squash else cols.add(rows, alpha=resized_width).flatten().long(),  # None: resize alone
+            mask_index=lookup(row_starts, rows).add(lookup(mask_cols, cols)).flatten().long(),
         )
         return params
 
     def transform(self, inpt, params: dict):
         if isinstance(inpt, tv_tensors.Mask):
             source, index, fill = inpt.as_subclass(torch.Tensor), params["mask_index"], FILL[tv_tensors.Mask]
+            picked = gather(source, index)
+            picked = picked if self.labels is None else self.labels.index_select(0, picked.int())
         else:
             top, left, height, width = params["box"]
             pixels = inpt.as_subclass(torch.Tensor)[..., top : top + height, left : left + width]
             source = TF.resize(pixels, params["resized"], antialias=True)
             index, fill = params["image_index"], FILL[tv_tensors.Image]
-        picked = gather(source, index, params["keep"], fill)
+            picked = source.flatten(-2) if index is None else gather(source, index)
+        keep = params["keep"]
+        if keep is not None:  # multiplications: a fraction of masked_fill_'s or torch.where's time
+            picked = picked * keep if fill == 0 else picked * keep + (~keep).to(picked.dtype) * fill
         return tv_tensors.wrap(picked.view(*source.shape[:-2], self.size, self.size), like=inpt)
 
 
@@ -184,18 +212,19 @@ def build_geometry(
     crop_size: int | None,
     scale_range: tuple[float, float],
     base_size: int | None,
-) -> v2.Transform:
+    labels: torch.Tensor | None = None,
+) -> RandomGeometry:
     """Native-resolution crops (a random rescale, then a crop padded where the image is smaller) or whole images
-    (squashed, or a random resized crop), then the augmentation's flips and rotation."""
+    (squashed, or a random resized crop), then the augmentation's flips and rotation. labels: see RandomGeometry."""
     strong = augment == "strong"
     motion = dict(hflip=augment != "none", vflip=strong, degrees=15.0 if augment != "none" else 0.0)
     if crop_size:
         crop = (RandomScale(scale_range, base_size), v2.RandomCrop(crop_size, pad_if_needed=True, fill=FILL))
-        return RandomGeometry(crop_size, crop=crop, **motion)
+        return RandomGeometry(crop_size, crop=crop, **motion, labels=labels)
     if augment == "none":
-        return v2.Resize((image_size, image_size), antialias=True)
+        return RandomGeometry(image_size, labels=labels)  # the whole image squashed, as v2.Resize
     resized_crop = v2.RandomResizedCrop(image_size, scale=(0.25 if strong else 0.5, 1.0), antialias=True)
-    return RandomGeometry(image_size, resized_crop=resized_crop, **motion)
+    return RandomGeometry(image_size, resized_crop=resized_crop, **motion, labels=labels)
 
 
 @dataclass(frozen=True)
@@ -220,14 +249,17 @@ def build_transforms(
     scale_range: tuple[float, float] = (0.5, 2.0),
     base_size: int | None = None,
     photo: bool = True,
+    labels: torch.Tensor | None = None,
 ) -> Augmentation:
     """Joint image/mask geometry (masks resize nearest, and pad and rotate in the ignore label), then colour.
 
     crop_size: native-resolution training, a random rescale then a random crop_size square (padded where
     the image is smaller), instead of the whole image squashed to image_size.
     photo: 8-bit RGB, whose colours ColorJitter may shift; other images get brightness and contrast per channel.
+    labels: raw mask value -> class, applied by the geometry after its gather (masks then come in raw).
     """
     if augment not in ("none", "basic", "strong"):
         raise ValueError(f"unknown augmentation {augment!r}; choose none, basic or strong")
-    geometry = build_geometry(image_size, augment, crop_size=crop_size, scale_range=scale_range, base_size=base_size)
+    placement = dict(crop_size=crop_size, scale_range=scale_range, base_size=base_size, labels=labels)
+    geometry = build_geometry(image_size, augment, **placement)
     return Augmentation(geometry, BatchColour(augment, normalization, photo=photo))

@@ -256,3 +256,35 @@ def test_crop_geometry_is_torchvision_scale_crop_flips_and_rotation_pixel_for_pi
         found = ours(image, mask)
         assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1]), (seed, height, width, crop)
         assert type(found[0]) is tv_tensors.Image and type(found[1]) is tv_tensors.Mask
+
+
+@pytest.mark.parametrize(
+    "augment, crop", [("none", None), ("strong", None), ("none", 32), ("basic", 32), ("strong", 32)]
+)
+def test_the_geometry_maps_raw_mask_values_after_its_gather_as_torchvision_maps_them_before(augment, crop, tmp_path):
+    """Raw values 0, 3 (--ignore-value) and 255 (a class here, not the fill): the dataset's one-pass geometry on raw
+    masks against torchvision's classes one step at a time on masks mapped first."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    rng = np.random.default_rng(2)
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(tmp_path / f"images/{k}.png")
+        Image.fromarray(rng.choice(np.array([0, 3, 255], np.uint8), (50, 70))).save(tmp_path / f"masks/{k}.png")
+    crop_flags = {"crop_size": crop, "scale_range": (0.5, 2.0)} if crop else None
+    data = SegmentationFolder(
+        tmp_path / "images", tmp_path / "masks", 40, crop=crop_flags, augment=augment, ignore_value=3, scan_workers=1
+    )
+    stepwise = v2.Compose(data.transform.geometry.stepwise())
+    seen = set()
+    for index in range(3):
+        for seed in range(6):
+            torch.manual_seed(seed)
+            expected_image, expected_mask = stepwise(*data.load(index))
+            torch.manual_seed(seed)
+            image, mask, _ = data.draw(index)
+            assert torch.equal(image, expected_image) and torch.equal(mask, expected_mask), (index, seed)
+            seen |= set(mask.unique().tolist())
+    assert {0, 1, IGNORE_INDEX} <= seen  # raw 255 became class 1; 3 and the filled pixels are ignored

@@ -48,8 +48,9 @@ def test_a_batch_is_coloured_as_torchvision_colours_each_sample(augment):
         assert len({tuple(d[:4].tolist()) for d in draws}) > 1
 
 
-def test_other_images_get_brightness_and_contrast_per_channel_and_keep_their_pixels():
-    colour = BatchColour("basic", Normalization.none(4), photo=False)
+@pytest.mark.parametrize("augment", ["basic", "strong"])
+def test_other_images_get_brightness_and_contrast_per_channel_and_keep_their_pixels(augment):
+    colour = BatchColour(augment, Normalization.none(4), photo=False)
     generator = torch.Generator().manual_seed(1)
     pixels = torch.rand(5, 4, 16, 16, generator=generator)  # float pixels, as 16-bit images are read
     before = pixels.clone()
@@ -58,8 +59,9 @@ def test_other_images_get_brightness_and_contrast_per_channel_and_keep_their_pix
     found = colour(pixels, draws)
     assert torch.equal(pixels, before)  # the loader's tensor is left as it was
     values = before.double().numpy()
-    for k in range(5):  # x -> b * (m + c * (x - m)), each channel its own b and c
-        brightness, contrast = draws[k, :4].numpy()[:, None, None], draws[k, 4:].numpy()[:, None, None]
+    sigmas = draws[:, -1] if augment == "strong" else torch.zeros(5)
+    for k in (k for k in range(5) if sigmas[k] == 0):  # x -> b * (m + c * (x - m)), each channel its own b and c
+        brightness, contrast = draws[k, :4].numpy()[:, None, None], draws[k, 4:8].numpy()[:, None, None]
         mean = values[k].mean(axis=(1, 2), keepdims=True)
         np.testing.assert_allclose(found[k].numpy(), brightness * (mean + contrast * (values[k] - mean)), atol=1e-5)
     assert draws[:, :4].std(1).min() > 0.01  # channels drawn apart

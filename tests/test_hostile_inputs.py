@@ -139,6 +139,7 @@ def test_a_file_name_that_is_not_utf8_is_shown_with_replacement_characters_and_s
         (train.main, ["--seed", "-1"], "--seed: '-1' is not an integer from 0"),
         (train.main, ["--dice-weight", "-2"], "--dice-weight: '-2' is not a number in [0, inf]"),
         (train.main, ["--max-pixels", "0"], "--max-pixels: '0' is not a positive integer"),
+        (train.main, ["--workers", "-1"], "--workers: '-1' is not auto or a whole number >= 0"),
         (inference.main, ["--input_dir", ".", "--batch-size", "0"], "--batch-size: '0' is not a positive integer"),
         (inference.main, ["--input_dir", ".", "--workers", "-1"], "--workers: '-1' is not a positive integer"),
         (

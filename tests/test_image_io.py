@@ -125,3 +125,28 @@ def test_a_tiff_claiming_a_huge_plane_is_refused_from_its_header(tmp_path):
     tifffile.imwrite(path, shape=(20000, 20000), dtype=np.uint8)  # a sparse file: a few kB on disk
     with pytest.raises(BadSampleError, match=r"huge\.tif: 20000x20000 image has 400,000,000 pixels, over the limit"):
         read_image(path, reading=Reading(1))
+
+
+def test_jpegs_and_grey_png_masks_decode_to_the_pixels_pil_decodes(tmp_path):
+    """The fast decoders (TorchCodec) against PIL's own decoding of the same files: photos (4:2:0 and 4:4:4,
+    progressive, grey) and grey masks; a palette mask keeps its indices (PIL reads it)."""
+    from bench_data import write_photo
+    from image_io import read_mask
+
+    write_photo(tmp_path / "photo.jpg", (97, 61), seed=3)
+    photo = Image.open(tmp_path / "photo.jpg")
+    photo.save(tmp_path / "full.jpg", quality=95, subsampling=0)
+    photo.save(tmp_path / "progressive.jpg", progressive=True)
+    photo.convert("L").save(tmp_path / "grey.jpg")
+    for name in ("photo", "full", "progressive", "grey"):
+        with Image.open(tmp_path / f"{name}.jpg") as image:
+            expected = np.array(image)
+        pixels, _ = read_image(tmp_path / f"{name}.jpg", reading=Reading(1 if name == "grey" else 3))
+        np.testing.assert_array_equal(pixels, expected.reshape(pixels.shape), err_msg=name)
+    labels = np.random.default_rng(1).integers(0, 7, (33, 45), dtype=np.uint8)
+    Image.fromarray(labels).save(tmp_path / "mask.png")
+    palette = Image.fromarray(labels).convert("P")
+    palette.putpalette([value for k in range(256) for value in (k * 30 % 256, k, 255 - k)])
+    palette.save(tmp_path / "palette.png")
+    for name in ("mask", "palette"):
+        np.testing.assert_array_equal(read_mask(tmp_path / f"{name}.png"), labels, err_msg=name)

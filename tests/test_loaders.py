@@ -6,7 +6,7 @@ from collections import Counter
 import torch
 from torch.utils.data import RandomSampler
 
-from loaders import epoch_seed, train_sampler
+from loaders import MAX_WORKERS_PER_GPU, epoch_seed, loader_workers, train_sampler
 from utils import Distributed, Runtime
 
 
@@ -59,3 +59,15 @@ def test_ranks_share_the_longer_epoch_between_them():
     assert Counter(shares[0] + shares[1]) == {i: 4 for i in range(10)}
     weighted = [draws(Images(10), weighted=True, min_epoch_samples=40, rank=r, world_size=2) for r in (0, 1)]
     assert len(weighted[0]) == len(weighted[1]) == 20
+
+
+def test_workers_auto_leaves_the_cpu_to_the_step_and_gives_each_gpu_its_share_of_cores(monkeypatch):
+    cpu, gpu = Runtime(torch.device("cpu")), Runtime(torch.device("cuda", 0))
+    assert loader_workers("auto", cpu) == 0 and loader_workers(3, cpu) == 3 and loader_workers(0, gpu) == 0
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(32)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # eight torchrun processes share 32 cores: 4 each, one the loop's
+    assert loader_workers("auto", gpu) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert loader_workers("auto", gpu) == MAX_WORKERS_PER_GPU
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert loader_workers("auto", gpu) == 1  # never none on a GPU: the loop would decode between steps
