@@ -261,28 +261,41 @@ def test_crop_geometry_is_torchvision_scale_crop_flips_and_rotation_pixel_for_pi
 @pytest.mark.parametrize(
     "augment, crop", [("none", None), ("strong", None), ("none", 32), ("basic", 32), ("strong", 32)]
 )
-def test_the_geometry_maps_raw_mask_values_after_its_gather_as_torchvision_maps_them_before(augment, crop, tmp_path):
-    """Raw values 0, 3 (--ignore-value) and 255 (a class here, not the fill): the dataset's one-pass geometry on raw
-    masks against torchvision's classes one step at a time on masks mapped first."""
+def test_training_samples_from_files_are_the_reference_pipelines_pixel_for_pixel(augment, crop, tmp_path):
+    """From the files to the placed sample: the dataset (TorchCodec decoding, one-pass geometry, raw mask values
+    mapped after the gather) against the reference written out here (PIL decoding, the mask mapped first,
+    torchvision's classes one step at a time). Raw values 0, 3 (--ignore-value) and 255 (a class here, not the
+    fill). The same seeds: the same image and mask."""
     from PIL import Image
     from torchvision.transforms import v2
+
+    from bench_data import write_photo
 
     rng = np.random.default_rng(2)
     for folder in ("images", "masks"):
         (tmp_path / folder).mkdir()
     for k in range(3):
-        Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(tmp_path / f"images/{k}.png")
+        write_photo(tmp_path / f"images/{k}.jpg", (70, 50), seed=k)
         Image.fromarray(rng.choice(np.array([0, 3, 255], np.uint8), (50, 70))).save(tmp_path / f"masks/{k}.png")
     crop_flags = {"crop_size": crop, "scale_range": (0.5, 2.0)} if crop else None
     data = SegmentationFolder(
         tmp_path / "images", tmp_path / "masks", 40, crop=crop_flags, augment=augment, ignore_value=3, scan_workers=1
     )
+    classes = np.full(256, IGNORE_INDEX, np.uint8)
+    classes[0], classes[255] = 0, 1
     stepwise = v2.Compose(data.transform.geometry.stepwise())
     seen = set()
     for index in range(3):
+        image_file, mask_file = (
+            tmp_path / folder / f"{index}.{ext}" for folder, ext in (("images", "jpg"), ("masks", "png"))
+        )
+        reference = (
+            tv_tensors.Image(torch.from_numpy(np.array(Image.open(image_file))).permute(2, 0, 1)),
+            tv_tensors.Mask(torch.from_numpy(classes[np.array(Image.open(mask_file))])),
+        )
         for seed in range(6):
             torch.manual_seed(seed)
-            expected_image, expected_mask = stepwise(*data.load(index))
+            expected_image, expected_mask = stepwise(*reference)
             torch.manual_seed(seed)
             image, mask, _ = data.draw(index)
             assert torch.equal(image, expected_image) and torch.equal(mask, expected_mask), (index, seed)
