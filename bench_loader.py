@@ -17,7 +17,7 @@ from colour import BLUR, BatchColour
 from dataset import SegmentationFolder
 from image_io import pil_pixels, read_image
 from intensity import IMAGENET_MEAN, IMAGENET_STD
-from transforms import Augmentation, RandomGeometry
+from transforms import Augmentation
 
 STAGES = ("decode", "mask + lookup", "geometry", "colour + normalise", "collate")
 LOADER_VARIANTS = ("whole, before", "whole", "crop, before", "crop")
@@ -30,7 +30,7 @@ def issue_time_pipeline(augmentation: Augmentation) -> tuple[v2.Compose, v2.Comp
     step at a time (every step resizing, padding, cropping, flipping and rotating image and mask in turn, the
     rotation a float grid_sample), then colour jitter on uint8, float and ImageNet's normalisation."""
     geometry, colour = augmentation.geometry, augmentation.colour
-    steps = geometry.stepwise() if isinstance(geometry, RandomGeometry) else [geometry]
+    steps = geometry.stepwise()
     jitter = [colour.jitter] if colour.jitter is not None else []
     blur = [v2.RandomApply([colour.blur], p=BLUR["p"])] if colour.blur is not None else []
     normalise = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]

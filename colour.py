@@ -41,7 +41,7 @@ class BatchColour:
     """
 
     def __init__(self, augment: str, normalization: Normalization, *, photo: bool = True):
-        self.normalization, self.photo = normalization, photo
+        self.normalization = normalization
         strong = augment == "strong"
         self.jitter, self.active_ops = None, []
         if augment != "none" and photo:
@@ -70,7 +70,7 @@ class BatchColour:
         """(B, C, H, W) pixels as the loader gives them (uint8, or float) and (B, K) draws -> the model's float32
         input, on the images' device."""
         images = unit_range(images)  # float32 pixels come as they are: nothing below writes into them
-        draws = draws.cpu()  # the schedule is read on the host; the factors travel once
+        draws = draws.cpu()  # the schedule is read on the host
         if self.jitter is not None:
             images = self._jitter_photos(images, draws)
         elif self.channel_jitter:
@@ -86,17 +86,17 @@ class BatchColour:
         hue turn (basic) there are three steps."""
         order, factors = draws[:, :4].long(), draws[:, 4:8].float()
         order = order[torch.isin(order, torch.tensor(self.active_ops))].view(len(order), -1)  # hue 0: no step
-        device, column = images.device, (-1, 1, 1, 1)
+        blend_factors = factors.gather(1, order).where(order != HUE, 1.0)
+        steps = torch.stack([blend_factors, (order == CONTRAST).float(), (order == SATURATION).float()])
+        steps = steps.to(images.device)  # (3, B, steps): the schedule crosses to the device in one copy
         for step in range(order.shape[1]):
-            op = order[:, step]
-            factor = factors.gather(1, op[:, None]).flatten().where(op != HUE, 1.0)
+            factor, contrast, saturation = (values[:, step].view(-1, 1, 1, 1) for values in steps)
             grey = TF.rgb_to_grayscale(images)
-            is_op = {name: (op == name).float().to(device).view(column) for name in (CONTRAST, SATURATION)}
-            other = grey * is_op[SATURATION] + grey.mean((-3, -2, -1), keepdim=True) * is_op[CONTRAST]
-            images = blend(images, other, factor.to(device).view(column))
-            turned = (op == HUE).nonzero().flatten()
+            images = blend(images, grey * saturation + grey.mean((-3, -2, -1), keepdim=True) * contrast, factor)
+            turned = (order[:, step] == HUE).nonzero().flatten()
             if len(turned):
-                images[turned.to(device)] = adjust_hue(images[turned.to(device)], factors[turned, HUE])
+                on_device = turned.to(images.device)
+                images[on_device] = adjust_hue(images[on_device], factors[turned, HUE])
         return images
 
     def _jitter_channels(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:

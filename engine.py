@@ -215,7 +215,10 @@ class DataWait:
 
     def describe(self, workers: int) -> str:
         share = self.waited / self.elapsed if self.elapsed else 0.0
-        advice = "the loader keeps up" if share < 0.1 else "the step waits for data: add --workers if cores are free"
+        advice = "the step waits for data: add --workers if cores are free"
+        if self.device.type == "cpu":  # the step fills the cores: a worker process would only take them from it
+            advice = "the step waits for data: more --workers help only where cores sit idle"
+        advice = "the loader keeps up" if share < 0.1 else advice
         return f"first epoch: {share:.0%} of the time waiting for data with --workers {workers}; {advice}"
 
 
