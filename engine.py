@@ -222,6 +222,17 @@ class DataWait:
         return f"first epoch: {share:.0%} of the time waiting for data with --workers {workers}; {advice}"
 
 
+def finish_batch(
+    pixels: torch.Tensor, masks: torch.Tensor, draws: torch.Tensor, *, colour: BatchColour, runtime: Runtime
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch as the loader gives it (pixels before their colour stage, see SkipBadSamples' before_colour;
+    uint8 masks) -> the model's input and int64 masks on the device: uint8 until here, a quarter and an eighth of
+    the bytes to collate and copy."""
+    images = colour(pixels.to(runtime.device, non_blocking=True), draws)
+    masks = masks.to(runtime.device, non_blocking=True).long()
+    return images.contiguous(memory_format=runtime.memory_format), masks
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     loader: DataLoader,
@@ -239,8 +250,6 @@ def train_one_epoch(
 ) -> tuple[float, list[str]]:
     """One pass over the sampler; returns the mean loss and the bad samples that were skipped.
 
-    The loader gives pixels before their colour stage (see SkipBadSamples' before_colour); colour finishes them
-    here, a batch at a time on the device.
     time_first_step: say how long the first step took, which with --compile holds the compilation.
     report_data_wait: say how much of the epoch waited for the loader (see DataWait).
     """
@@ -254,9 +263,7 @@ def train_one_epoch(
     for steps, (pixels, masks, draws, skipped_here) in enumerate(bar, 1):
         data_wait.batch_arrived()
         skipped.extend(line for s in skipped_here for line in s.splitlines())
-        images = colour(pixels.to(runtime.device, non_blocking=True), draws)
-        images = images.contiguous(memory_format=runtime.memory_format)
-        masks = masks.to(runtime.device, non_blocking=True).long()  # uint8 until here: an eighth to collate and copy
+        images, masks = finish_batch(pixels, masks, draws, colour=colour, runtime=runtime)
         step_started = time.perf_counter()
         update = steps % updates.accumulate == 0 or steps == len(loader)  # a short last group still steps
         loss = train_step(
