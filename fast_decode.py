@@ -8,13 +8,17 @@ from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image
-from torchcodec.decoders import decode_jpeg, decode_png
 
-FAST_DECODERS = {
-    ("image", "JPEG", "RGB"): (decode_jpeg, "RGB"),
-    ("image", "JPEG", "L"): (decode_jpeg, "GRAY"),
-    ("mask", "PNG", "L"): (decode_png, "GRAY"),
-}
+try:
+    from torchcodec.decoders import decode_jpeg, decode_png
+
+    FAST_DECODERS = {
+        ("image", "JPEG", "RGB"): (decode_jpeg, "RGB"),
+        ("image", "JPEG", "L"): (decode_jpeg, "GRAY"),
+        ("mask", "PNG", "L"): (decode_png, "GRAY"),
+    }
+except (ImportError, OSError, RuntimeError):  # no TorchCodec build for this platform or torch: PIL decodes all
+    FAST_DECODERS = {}
 
 
 def fast_pixels(path: Path, image: Image.Image, kind: str) -> np.ndarray | None:

@@ -127,11 +127,18 @@ def test_a_tiff_claiming_a_huge_plane_is_refused_from_its_header(tmp_path):
         read_image(path, reading=Reading(1))
 
 
-def test_jpegs_and_grey_png_masks_decode_to_the_pixels_pil_decodes(tmp_path):
+@pytest.mark.parametrize("fast", [True, False])
+def test_jpegs_and_grey_png_masks_decode_to_the_pixels_pil_decodes(tmp_path, monkeypatch, fast):
     """The fast decoders (TorchCodec) against PIL's own decoding of the same files: photos (4:2:0 and 4:4:4,
-    progressive, grey) and grey masks; a palette mask keeps its indices (PIL reads it)."""
+    progressive, grey) and grey masks; a palette mask keeps its indices (PIL reads it). Without TorchCodec (fast
+    False), PIL reads them all."""
+    import fast_decode
     from bench_data import write_photo
     from image_io import read_mask
+
+    assert fast_decode.FAST_DECODERS  # the check can fail: TorchCodec is installed and loads here
+    if not fast:
+        monkeypatch.setattr(fast_decode, "FAST_DECODERS", {})
 
     write_photo(tmp_path / "photo.jpg", (97, 61), seed=3)
     photo = Image.open(tmp_path / "photo.jpg")
