@@ -201,17 +201,14 @@ class SegmentationFolder(Dataset):
     def draw(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A training sample before its colour stage: the placed pixels (as read: uint8 or float), the mask and the
         colour's random numbers, for the training loop to finish per batch on the device (transforms.Augmentation)."""
-        image, mask = self.transform.geometry(*self.load(index, mapped=False))  # the geometry maps the labels
-        draws = self.transform.colour.draw(image.shape[0])
-        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor), draws  # uint8: widened on the device
+        return self.transform.draw(*self.load(index, mapped=False))  # the geometry maps the labels
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The finished sample (the image normalised float32), or, with image_size None, the image as read."""
         if self.transform is None:
             image, mask = self.load(index)
             return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
-        pixels, mask, draws = self.draw(index)
-        return self.transform.colour(pixels[None], draws[None])[0], mask
+        return self.transform(*self.load(index, mapped=False))
 
 
 class SkipBadSamples(Dataset):

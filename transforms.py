@@ -235,9 +235,15 @@ class Augmentation:
     geometry: v2.Transform
     colour: BatchColour
 
-    def __call__(self, image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple[torch.Tensor, tv_tensors.Mask]:
+    def draw(self, image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The placed pixels (as read: uint8 or float), the mask, and the colour stage's random numbers."""
         image, mask = self.geometry(image, mask)
-        return self.colour(image[None], self.colour.draw(image.shape[0])[None])[0], mask
+        draws = self.colour.draw(image.shape[0])
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor), draws  # uint8: widened on the device
+
+    def __call__(self, image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, mask, draws = self.draw(image, mask)
+        return self.colour(pixels[None], draws[None])[0], mask
 
 
 def build_transforms(
