@@ -93,6 +93,38 @@ def lookup(table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, positions.flatten()).view(positions.shape)
 
 
+def crop_window(offset: tuple[int, int], side: int, resized: list[int]) -> tuple[tuple[int, int], ...]:
+    """The rows and columns ([low, high) each) of the resized image that a side x side crop at offset covers."""
+    return tuple((max(start, 0), min(start + side, extent)) for start, extent in zip(offset, resized, strict=True))
+
+
+def resize_sources(outputs: tuple[int, int], in_size: int, out_size: int) -> tuple[int, int]:
+    """The inputs [low, high) that a bilinear resize from in_size to out_size reads for outputs [first, stop): the
+    filter's support, widened by the factor where antialiasing shrinks, and a pixel to spare each side."""
+    scale = in_size / out_size
+    support = max(scale, 1.0)
+    low = math.floor((outputs[0] + 0.5) * scale - support) - 1
+    return max(low, 0), min(math.ceil((outputs[1] - 0.5) * scale + support) + 1, in_size)
+
+
+def resize_window(pixels: torch.Tensor, size: list[int], rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+    """rows x cols of TF.resize(pixels, size, antialias=True), pixel for pixel, resizing only what they need where
+    that is less work. Torch resizes every row's width, then every column's height, each row and column on its own
+    (uint8 rounded in between, as two calls round): so the width is resized on the rows that the window's rows
+    read, the height on the window's columns, and the rows no window row reads are left zero."""
+    (height, width), (out_height, out_width) = pixels.shape[-2:], size
+    low, high = resize_sources(rows, height, out_height)
+    window_width = cols[1] - cols[0]
+    whole_work = 0 if (height, width) == tuple(size) else (height + out_height) * out_width
+    tiny = window_width < 2 or high - low < 2  # torch's float resize of a 1-pixel-wide image is wrong
+    if tiny or whole_work <= (high - low) * out_width + (height + out_height) * window_width:
+        return TF.resize(pixels, list(size), antialias=True)[..., rows[0] : rows[1], cols[0] : cols[1]]
+    across = TF.resize(pixels[..., low:high, :], [high - low, out_width], antialias=True)[..., cols[0] : cols[1]]
+    tall = across.new_zeros((*across.shape[:-3], height, window_width, across.shape[-3])).movedim(-1, -3)
+    tall[..., low:high, :] = across  # channels last, as decoded: torch's fast uint8 resize
+    return TF.resize(tall, [out_height, window_width], antialias=True)[..., rows[0] : rows[1], :]
+
+
 def gather(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(..., H, W) -> (..., N): the pixels at flat positions row * W + col (int64)."""
     flat = source.reshape(*source.shape[:-2], -1)
@@ -104,7 +136,8 @@ class RandomGeometry(v2.Transform):
     in one pass.
 
     The image is resized once (the whole image to the random scale, or the random box to the output size: the same
-    call torchvision makes), then each output pixel is gathered once through one index map holding crop, padding,
+    resize torchvision makes, of only the window the output covers: resize_window), then each output pixel is
+    gathered once through one index map holding crop, padding,
     flips and the nearest-neighbour rotation. The mask is gathered straight from the original through that map and
     the resize's nearest-neighbour map, so it is never resized whole; with labels (a lookup table of raw mask value
     -> class), its raw values are mapped after the gather, on the output's pixels rather than the whole mask's.
@@ -137,38 +170,36 @@ class RandomGeometry(v2.Transform):
         return steps + ([v2.RandomRotation(self.rotation.degrees, fill=FILL)] if self.rotation is not None else [])
 
     def _placement(self, flat_inputs: list) -> dict:
-        """What the image is resized to and from, where the output window lies in the resized image, and the
-        original's width (the mask's row stride)."""
+        """What the image is resized to and from, where the output lies in the resized image (offset: its top-left
+        corner, window: the rows and columns it covers), and the original's width (the mask's row stride)."""
         height, width = v2.query_size(flat_inputs)
         if self.crop is not None:
             scale, crop = self.crop
             resized = scale.make_params(flat_inputs)["size"]
-            window = crop.make_params(size_stand_in(*resized))
-            pad_left, pad_top = window["padding"][:2]
-            offset = (window["top"] - pad_top, window["left"] - pad_left)
-            return dict(box=(0, 0, height, width), resized=resized, offset=offset, width=width)
+            placed = crop.make_params(size_stand_in(*resized))
+            pad_left, pad_top = placed["padding"][:2]
+            offset = (placed["top"] - pad_top, placed["left"] - pad_left)
+            window = crop_window(offset, self.size, resized)
+            return dict(box=(0, 0, height, width), resized=resized, offset=offset, width=width, window=window)
+        whole = dict(resized=[self.size] * 2, offset=(0, 0), width=width, window=((0, self.size), (0, self.size)))
         if self.resized_crop is None:
-            return dict(box=(0, 0, height, width), resized=[self.size] * 2, offset=(0, 0), width=width)
+            return dict(box=(0, 0, height, width), **whole)
         box = self.resized_crop.make_params(flat_inputs)
-        placed = (box["top"], box["left"], box["height"], box["width"])
-        return dict(box=placed, resized=[self.size] * 2, offset=(0, 0), width=width)
+        return dict(box=(box["top"], box["left"], box["height"], box["width"]), **whole)
 
     def _window(self, flips: list[bool], angle: float | None, params: dict) -> tuple:
-        """Each output pixel's (row, column) in the resized image, clamped into it, and whether it is inside both the
-        crop (not rotated in) and the resized image (not padding). Without a rotation they are a column and a row
-        vector, so every step after costs a vector, not an image."""
-        side, (top, left), (height, width) = self.size, params["offset"], params["resized"]
-        rows_fit = top >= 0 and top + side <= height
-        fits = rows_fit and left >= 0 and left + side <= width
+        """Each output pixel's (row, column) in the resized image, clamped into the window, and whether it is inside
+        both the crop (not rotated in) and the resized image (not padding). Without a rotation they are a column and
+        a row vector, so every step after costs a vector, not an image."""
+        side, (top, left), window = self.size, params["offset"], params["window"]
+        fits = window == ((top, top + side), (left, left + side))
         if angle is None:
             rows, cols = torch.arange(side, dtype=torch.int32), torch.arange(side, dtype=torch.int32)
             rows, cols = (side - 1 - rows if flips[1] else rows) + top, (side - 1 - cols if flips[0] else cols) + left
             rows, cols = rows[:, None], cols[None, :]
-            return (rows, cols, None) if fits else clamp_within(rows, cols, (0, height), (0, width))
+            return (rows, cols, None) if fits else clamp_within(rows, cols, *window)
         rows, cols = rotation_sources(angle, side, flips=(flips[0], flips[1]), offset=(top, left))
-        row_range = (max(top, 0), min(top + side, height))  # rotated in from outside the crop, or padding: filled
-        col_range = (max(left, 0), min(left + side, width))
-        return clamp_within(rows, cols, row_range, col_range)
+        return clamp_within(rows, cols, *window)  # rotated in from outside the crop, or padding: filled
 
     def make_params(self, flat_inputs: list) -> dict:
         params = self._placement(flat_inputs)
@@ -177,13 +208,15 @@ class RandomGeometry(v2.Transform):
         rows, cols, inside = self._window(flips, angle, params)
         resized_height, resized_width = params["resized"]
         top, left, box_height, box_width = params["box"]
+        (row_low, _), (col_low, col_high) = params["window"]
+        corner, window_width = row_low * (col_high - col_low) + col_low, col_high - col_low
         row_starts = ((nearest_sources(resized_height, box_height) + top) * params["width"]).int()
         mask_cols = (nearest_sources(resized_width, box_width) + left).int()
         moved = angle is not None or any(flips) or params["offset"] != (0, 0)
         squash = not moved and params["resized"] == [self.size] * 2
         params.update(
             keep=None if inside is None else inside.flatten(),
-            image_index=None if squash else cols.add(rows, alpha=resized_width).flatten().long(),  # None: resize alone
+            image_index=None if squash else cols.add(rows, alpha=window_width).sub_(corner).flatten().long(),
             mask_index=lookup(row_starts, rows).add(lookup(mask_cols, cols)).flatten().long(),
         )
         return params
@@ -196,7 +229,7 @@ class RandomGeometry(v2.Transform):
         else:
             top, left, height, width = params["box"]
             pixels = inpt.as_subclass(torch.Tensor)[..., top : top + height, left : left + width]
-            source = TF.resize(pixels, params["resized"], antialias=True)
+            source = resize_window(pixels, params["resized"], *params["window"])
             index, fill = params["image_index"], FILL[tv_tensors.Image]
             picked = source.flatten(-2) if index is None else gather(source, index)
         keep = params["keep"]

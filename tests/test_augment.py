@@ -230,6 +230,35 @@ def test_the_mask_gather_reads_the_pixels_torchvision_nearest_resize_reads():
         assert torch.equal(gathered, expected.as_subclass(torch.Tensor))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_a_window_of_the_resize_is_torchvision_resize_pixel_for_pixel(dtype, monkeypatch):
+    """resize_window against the whole image resized by TF.resize and then cut: grey, RGB, RGBA and 5-channel
+    images, channels last (as decoded) and first, enlarged and shrunk, 1-pixel images and windows included."""
+    from torchvision.transforms.v2 import functional as TF
+
+    import transforms
+
+    resize, calls = TF.resize, []
+    monkeypatch.setattr(transforms.TF, "resize", lambda *args, **kwargs: calls.append(1) or resize(*args, **kwargs))
+    generator = torch.Generator().manual_seed(6)
+    windowed = 0
+    for case in range(120):
+        height, width, out_height, out_width = (int(n) for n in torch.randint(1, 160, (4,), generator=generator))
+        first_row, first_col = int(torch.randint(out_height, ())), int(torch.randint(out_width, ()))
+        rows = (first_row, int(torch.randint(first_row + 1, out_height + 1, ())))
+        cols = (first_col, int(torch.randint(first_col + 1, out_width + 1, ())))
+        channels = (1, 3, 4, 5)[case % 4]
+        pixels = torch.randint(0, 256, (height, width, channels), dtype=torch.uint8, generator=generator)
+        pixels = pixels.permute(2, 0, 1).to(dtype)
+        pixels = pixels.contiguous() if case % 3 == 0 else pixels
+        expected = resize(pixels, [out_height, out_width], antialias=True)[..., rows[0] : rows[1], cols[0] : cols[1]]
+        calls.clear()
+        found = transforms.resize_window(pixels, [out_height, out_width], rows, cols)
+        assert torch.equal(found, expected), (case, pixels.shape, out_height, out_width, rows, cols)
+        windowed += len(calls) == 2
+    assert windowed > 30  # the window's own two-pass resize ran, not only the whole image's
+
+
 @pytest.mark.parametrize("augment", ["none", "basic", "strong"])
 def test_crop_geometry_is_torchvision_scale_crop_flips_and_rotation_pixel_for_pixel(augment):
     """One resize and one gather against the steps written out with torchvision's classes (and RandomScale): the
