@@ -107,28 +107,36 @@ def resize_sources(outputs: tuple[int, int], in_size: int, out_size: int) -> tup
     return max(low, 0), min(math.ceil((outputs[1] - 0.5) * scale + support) + 1, in_size)
 
 
+def resized_part(in_size: tuple[int, int], out_size: list[int], window: tuple) -> tuple[tuple[int, int], ...]:
+    """What to resize (rows and columns of the resized image): the window, where resizing only it is less work
+    (resize_window), else all of it."""
+    (height, width), (out_height, out_width) = in_size, out_size
+    low, high = resize_sources(window[0], height, out_height)
+    whole_work = 0 if (height, width) == tuple(out_size) else (height + out_height) * out_width
+    window_work = (high - low) * out_width + (height + out_height) * (window[1][1] - window[1][0])
+    return window if window_work < whole_work else ((0, out_height), (0, out_width))
+
+
 def resize_window(pixels: torch.Tensor, size: list[int], rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
-    """rows x cols of TF.resize(pixels, size, antialias=True), pixel for pixel, resizing only what they need where
-    that is less work. Torch resizes every row's width, then every column's height, each row and column on its own
-    (uint8 rounded in between, as two calls round): so the width is resized on the rows that the window's rows
-    read, the height on the window's columns, and the rows no window row reads are left zero."""
-    (height, width), (out_height, out_width) = pixels.shape[-2:], size
+    """rows x cols of TF.resize(pixels, size, antialias=True), pixel for pixel, resizing only what they need. Torch
+    resizes every row's width, then every column's height, each row and column on its own (uint8 rounded in
+    between, as two calls round): so the width is resized on the rows that the window's rows read, the height on
+    the window's columns, and the rows no window row reads are left zero."""
+    height, (out_height, out_width) = pixels.shape[-2], size
     low, high = resize_sources(rows, height, out_height)
-    window_width = cols[1] - cols[0]
-    whole_work = 0 if (height, width) == tuple(size) else (height + out_height) * out_width
-    tiny = window_width < 2 or high - low < 2  # torch's float resize of a 1-pixel-wide image is wrong
-    if tiny or whole_work <= (high - low) * out_width + (height + out_height) * window_width:
+    whole = (rows, cols) == ((0, out_height), (0, out_width))
+    if whole or cols[1] - cols[0] < 2 or high - low < 2:  # torch's float resize of a 1-pixel-wide image is wrong
         return TF.resize(pixels, list(size), antialias=True)[..., rows[0] : rows[1], cols[0] : cols[1]]
     across = TF.resize(pixels[..., low:high, :], [high - low, out_width], antialias=True)[..., cols[0] : cols[1]]
-    tall = across.new_zeros((*across.shape[:-3], height, window_width, across.shape[-3])).movedim(-1, -3)
+    tall = across.new_zeros((*across.shape[:-3], height, cols[1] - cols[0], across.shape[-3])).movedim(-1, -3)
     tall[..., low:high, :] = across  # channels last, as decoded: torch's fast uint8 resize
-    return TF.resize(tall, [out_height, window_width], antialias=True)[..., rows[0] : rows[1], :]
+    return TF.resize(tall, [out_height, cols[1] - cols[0]], antialias=True)[..., rows[0] : rows[1], :]
 
 
 def gather(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """(..., H, W) -> (..., N): the pixels at flat positions row * W + col (int64)."""
-    flat = source.reshape(*source.shape[:-2], -1)
-    return torch.gather(flat, -1, index.expand(*flat.shape[:-1], -1))  # fast on channel-last pixels too
+    """(C, H, W) -> (C, N): the pixels at flat positions row * W + col, a channel at a time (index_select, on
+    channels-last pixels too: a fraction of one gather over all the channels)."""
+    return torch.stack([channel.index_select(0, index) for channel in source.reshape(source.shape[0], -1)])
 
 
 class RandomGeometry(v2.Transform):
@@ -208,30 +216,33 @@ class RandomGeometry(v2.Transform):
         rows, cols, inside = self._window(flips, angle, params)
         resized_height, resized_width = params["resized"]
         top, left, box_height, box_width = params["box"]
-        (row_low, _), (col_low, col_high) = params["window"]
-        corner, window_width = row_low * (col_high - col_low) + col_low, col_high - col_low
+        params["part"] = resized_part((box_height, box_width), params["resized"], params["window"])
+        (row_low, _), (col_low, col_high) = params["part"]
+        corner, part_width = row_low * (col_high - col_low) + col_low, col_high - col_low
         row_starts = ((nearest_sources(resized_height, box_height) + top) * params["width"]).int()
         mask_cols = (nearest_sources(resized_width, box_width) + left).int()
         moved = angle is not None or any(flips) or params["offset"] != (0, 0)
         squash = not moved and params["resized"] == [self.size] * 2
         params.update(
             keep=None if inside is None else inside.flatten(),
-            image_index=None if squash else cols.add(rows, alpha=window_width).sub_(corner).flatten().long(),
-            mask_index=lookup(row_starts, rows).add(lookup(mask_cols, cols)).flatten().long(),
+            image_index=None if squash else cols.add(rows, alpha=part_width).sub_(corner).flatten(),  # None: resized
+            mask_index=lookup(row_starts, rows).add(lookup(mask_cols, cols)).flatten(),
         )
         return params
 
     def transform(self, inpt, params: dict):
         if isinstance(inpt, tv_tensors.Mask):
             source, index, fill = inpt.as_subclass(torch.Tensor), params["mask_index"], FILL[tv_tensors.Mask]
-            picked = gather(source, index)
+            picked = source.reshape(-1).index_select(0, index)
             picked = picked if self.labels is None else self.labels.index_select(0, picked.int())
         else:
             top, left, height, width = params["box"]
             pixels = inpt.as_subclass(torch.Tensor)[..., top : top + height, left : left + width]
-            source = resize_window(pixels, params["resized"], *params["window"])
+            source = resize_window(pixels, params["resized"], *params["part"])
             index, fill = params["image_index"], FILL[tv_tensors.Image]
-            picked = source.flatten(-2) if index is None else gather(source, index)
+            if index is None:
+                return tv_tensors.wrap(source, like=inpt)
+            picked = gather(source, index)
         keep = params["keep"]
         if keep is not None:  # multiplications: a fraction of masked_fill_'s or torch.where's time
             picked = picked * keep if fill == 0 else picked * keep + (~keep).to(picked.dtype) * fill
