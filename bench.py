@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms.v2 import functional as TF
 
 from bench_data import LOADER_PHOTOS, write_checkpoint, write_loader_data, write_photo
-from bench_loader import LOADER_VARIANTS, STAGES, loader_stages
+from bench_loader import LOADER_PIPELINES, STAGES, loader_pair
 from checkpoints import load_checkpoint, model_from_checkpoint
 from cli import (
     ArgumentParser,
@@ -257,12 +257,16 @@ def bench_loader(args, device: torch.device, root: Path) -> None:
     columns = [*STAGES, "images/s", "1 worker", f"colour on {device.type}"]
     print(f"{'augment':<40}" + "".join(f"{column:>19}" for column in columns))
     for augment in ("none", "basic", "strong"):
-        for variant in LOADER_VARIANTS:
-            result = isolated(loader_stages, images, masks, args.image_size, augment, variant, str(device))
-            row = "".join(f"{result['ms'][stage]:>19.2f}" for stage in STAGES)
-            row += f"{result['images_per_s']:>19.1f}{result['worker_images_per_s']:>19.1f}"
-            on_device = "" if result["device_ms"] is None else f"{result['device_ms']:>19.2f}"
-            print(f"{augment + ', ' + variant:<40}{row}{on_device}")
+        for pipeline in LOADER_PIPELINES:
+            rows = isolated(loader_pair, images, masks, args.image_size, augment, pipeline, str(device))
+            for name, result in rows.items():
+                row = "".join(f"{result['ms'][stage]:>19.2f}" for stage in STAGES)
+                row += f"{result['images_per_s']:>19.1f}{result['worker_images_per_s']:>19.1f}"
+                on_device = f"{result['device_ms']:>19.2f}" if "device_ms" in result else ""
+                label = f"{augment}, {pipeline}" + (", before" if name == "before" else "")
+                print(f"{label:<40}{row}{on_device}")
+            speedups = [rows["now"][rate] / rows["before"][rate] for rate in ("images_per_s", "worker_images_per_s")]
+            print(f"{'':<40}speed-up: {speedups[0]:.2f}x in one process, {speedups[1]:.2f}x with one worker")
 
 
 def report_training(args, device: torch.device) -> None:

@@ -20,8 +20,8 @@ from intensity import IMAGENET_MEAN, IMAGENET_STD
 from transforms import Augmentation
 
 STAGES = ("decode", "mask + lookup", "geometry", "colour + normalise", "collate")
-LOADER_VARIANTS = ("whole, before", "whole", "crop, before", "crop")
-LOADER_PASSES = 3  # each figure is the best of this many passes: the least disturbed by the rest of the machine
+LOADER_PIPELINES = ("whole", "crop")
+LOADER_PASSES = 5  # each figure is the best of this many passes: the least disturbed by the rest of the machine
 BATCH = 8
 
 
@@ -127,36 +127,49 @@ def device_colour_ms(colour: BatchColour, batches: list, device: torch.device) -
     return 1000 * best / images
 
 
-def loader_stages(images: Path, masks: Path, image_size: int, augment: str, variant: str, device: str) -> dict:
-    """Milliseconds per sample in each stage, on one thread as in a DataLoader worker, and the images/s of
-    one process running the worker's part through a DataLoader (what one worker delivers); each the best of
-    LOADER_PASSES passes. Rows after the issue also time their colour stage per batch on the device.
-    variant: "whole" (--crop-size 0) or "crop" (the default --crop-size 256), each optionally followed by
-    ", before" (issue_time_pipeline)."""
+def loader_pair(images: Path, masks: Path, image_size: int, augment: str, pipeline: str, device: str) -> dict:
+    """The loader's rows, before (issue_time_pipeline) and now, measured in turns: each pass of one is followed by
+    the same pass of the other, so that a slow spell of the machine slows both and their ratio holds. A row:
+    milliseconds per sample in each stage, on one thread as in a DataLoader worker; the images/s of one process
+    running the worker's part through a DataLoader (what one worker delivers) and with one worker process; each
+    the best of LOADER_PASSES passes; and now's colour stage per batch on the device. pipeline: "whole"
+    (--crop-size 0) or "crop" (the default --crop-size 256)."""
     torch.set_num_threads(1)
-    crop = {"crop_size": image_size} if variant.startswith("crop") else None
+    crop = {"crop_size": image_size} if pipeline == "crop" else None
     dataset = SegmentationFolder(images, masks, image_size, augment=augment, scan_workers=1, crop=crop)
-    before = variant.endswith("before")
-    passes = [stage_seconds(dataset, before) for _ in range(LOADER_PASSES)]
-    per_sample = {stage: 1000 * min(p[stage] for p, _ in passes) / len(dataset) for stage in STAGES}
-    items = WorkerItems(dataset, before)
-    in_process = DataLoader(items, batch_size=BATCH, shuffle=True)
-    worker = dict(num_workers=1, persistent_workers=True, multiprocessing_context="fork")  # as train.py's on Linux
-    one_worker = DataLoader(items, batch_size=BATCH, shuffle=True, **worker)
-    on_device = None if before else device_colour_ms(dataset.transform.colour, passes[0][1], torch.device(device))
-    return {"ms": per_sample, **loader_rates(in_process, one_worker), "device_ms": on_device}
-
-
-def loader_rates(in_process: DataLoader, one_worker: DataLoader) -> dict:
-    """images/s through a DataLoader in this process (the work of one worker, nothing else), and with one worker
-    process (its batches crossing to this process through shared memory), each the best of LOADER_PASSES passes;
-    the worker is started by a pass not counted."""
-    rates = {"images_per_s": [], "worker_images_per_s": []}
-    next(iter(one_worker))
+    passes = {"before": [], "now": []}
     for _ in range(LOADER_PASSES):
-        for name, loader in zip(rates, (in_process, one_worker), strict=True):
-            torch.manual_seed(0)
-            started = time.perf_counter()
-            count = sum(len(batch[0]) for batch in loader)
-            rates[name].append(count / (time.perf_counter() - started))
-    return {name: max(values) for name, values in rates.items()}
+        for name, found in passes.items():
+            found.append(stage_seconds(dataset, before=name == "before"))
+    rates = loader_rates({name: WorkerItems(dataset, before=name == "before") for name in passes})
+    rows = {}
+    for name, found in passes.items():
+        per_sample = {stage: 1000 * min(p[stage] for p, _ in found) / len(dataset) for stage in STAGES}
+        rows[name] = {"ms": per_sample, **rates[name]}
+    rows["now"]["device_ms"] = device_colour_ms(dataset.transform.colour, passes["now"][0][1], torch.device(device))
+    return rows
+
+
+def loader_rates(items: dict[str, WorkerItems]) -> dict:
+    """For each pipeline, images/s through a DataLoader in this process (the work of one worker, nothing else) and
+    with one worker process (its batches crossing to this process through shared memory), each the best of
+    LOADER_PASSES passes taken in turns with the other pipeline's; the workers are started by a pass not counted."""
+    worker = dict(num_workers=1, persistent_workers=True, multiprocessing_context="fork")  # as train.py's on Linux
+    loaders = {
+        name: {
+            "images_per_s": DataLoader(dataset, batch_size=BATCH, shuffle=True),
+            "worker_images_per_s": DataLoader(dataset, batch_size=BATCH, shuffle=True, **worker),
+        }
+        for name, dataset in items.items()
+    }
+    rates = {name: {column: 0.0 for column in columns} for name, columns in loaders.items()}
+    for columns in loaders.values():
+        next(iter(columns["worker_images_per_s"]))
+    for _ in range(LOADER_PASSES):
+        for column in ("images_per_s", "worker_images_per_s"):
+            for name, columns in loaders.items():
+                torch.manual_seed(0)
+                started = time.perf_counter()
+                count = sum(len(batch[0]) for batch in columns[column])
+                rates[name][column] = max(rates[name][column], count / (time.perf_counter() - started))
+    return rates
