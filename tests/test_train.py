@@ -47,6 +47,7 @@ def test_the_logged_val_miou_equals_a_fresh_evaluation_of_the_checkpoint(trained
     from labels import LabelMapping
     from metrics import ConfusionMatrix
     from model import ResidualAttnUNet
+    from utils import autocast, resolve_precision
 
     state = load_checkpoint(trained_run / "checkpoints" / "last.pt")
     mapping = LabelMapping.from_dict(state["mapping"])
@@ -56,7 +57,8 @@ def test_the_logged_val_miou_equals_a_fresh_evaluation_of_the_checkpoint(trained
     model.eval()
     matrix = ConfusionMatrix(val.num_classes)
     size = [state["image_size"]] * 2
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=state["args"]["precision"] != "fp32"):
+    precision = resolve_precision(state["args"]["precision"], torch.device("cpu"))  # auto: bf16 only on bf16 CPUs
+    with torch.no_grad(), autocast(torch.device("cpu"), precision):
         for i in range(len(val)):
             image, mask = val[i]
             assert image.shape[-2:] == mask.shape == (48, 48)  # the original size, not the training square
