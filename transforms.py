@@ -93,6 +93,12 @@ def lookup(table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, positions.flatten()).view(positions.shape)
 
 
+def position_dtype(pixels: int) -> torch.dtype:
+    """int32 for flat positions in an image of this many pixels (the index arithmetic runs faster on it), int64
+    where int32 would overflow (--max-pixels raised past 2**31)."""
+    return torch.int32 if pixels <= torch.iinfo(torch.int32).max else torch.int64
+
+
 def crop_window(offset: tuple[int, int], side: int, resized: list[int]) -> tuple[tuple[int, int], ...]:
     """The rows and columns ([low, high) each) of the resized image that a side x side crop at offset covers."""
     return tuple((max(start, 0), min(start + side, extent)) for start, extent in zip(offset, resized, strict=True))
@@ -145,10 +151,10 @@ class RandomGeometry(v2.Transform):
 
     The image is resized once (the whole image to the random scale, or the random box to the output size: the same
     resize torchvision makes, of only the window the output covers: resize_window), then each output pixel is
-    gathered once through one index map holding crop, padding,
-    flips and the nearest-neighbour rotation. The mask is gathered straight from the original through that map and
-    the resize's nearest-neighbour map, so it is never resized whole; with labels (a lookup table of raw mask value
-    -> class), its raw values are mapped after the gather, on the output's pixels rather than the whole mask's.
+    gathered once through one index map holding crop, padding, flips and the nearest-neighbour rotation. The mask is
+    gathered straight from the original through that map and the resize's nearest-neighbour map, so it is never
+    resized whole; with labels (a lookup table of raw mask value -> class), its raw values are mapped after the
+    gather, on the output's pixels rather than the whole mask's.
     """
 
     def __init__(
@@ -219,8 +225,9 @@ class RandomGeometry(v2.Transform):
         params["part"] = resized_part((box_height, box_width), params["resized"], params["window"])
         (row_low, _), (col_low, col_high) = params["part"]
         corner, part_width = row_low * (col_high - col_low) + col_low, col_high - col_low
-        row_starts = ((nearest_sources(resized_height, box_height) + top) * params["width"]).int()
-        mask_cols = (nearest_sources(resized_width, box_width) + left).int()
+        mask_positions = position_dtype((top + box_height) * params["width"])
+        row_starts = ((nearest_sources(resized_height, box_height) + top) * params["width"]).to(mask_positions)
+        mask_cols = (nearest_sources(resized_width, box_width) + left).to(mask_positions)
         moved = angle is not None or any(flips) or params["offset"] != (0, 0)
         squash = not moved and params["resized"] == [self.size] * 2
         params.update(

@@ -230,6 +230,22 @@ def test_the_mask_gather_reads_the_pixels_torchvision_nearest_resize_reads():
         assert torch.equal(gathered, expected.as_subclass(torch.Tensor))
 
 
+def test_mask_positions_past_2_31_pixels_are_not_wrapped():
+    """A 50,000 x 50,000 mask (2.5e9 pixels, as --max-pixels allows when raised): the flat positions of crops that
+    reach past row 2**31 / 50,000 are the int64 row * width + column. Only the sizes are needed, not the pixels."""
+    from transforms import build_geometry, size_stand_in
+
+    side, crop = 50_000, 32
+    geometry = build_geometry(crop, "none", crop_size=crop, scale_range=(1.0, 1.0), base_size=None)
+    torch.manual_seed(0)
+    placed = [geometry.make_params(size_stand_in(side, side)) for _ in range(40)]
+    assert any((params["offset"][0] + crop) * side > 2**31 for params in placed)
+    for params in placed:
+        (top, left), steps = params["offset"], torch.arange(crop, dtype=torch.int64)
+        expected = ((top + steps)[:, None] * side + (left + steps)[None, :]).flatten()
+        assert torch.equal(params["mask_index"].long(), expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
 def test_a_window_of_the_resize_is_torchvision_resize_pixel_for_pixel(dtype, monkeypatch):
     """resize_window against the whole image resized by TF.resize and then cut: grey, RGB, RGBA and 5-channel
