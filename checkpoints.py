@@ -10,19 +10,16 @@ from pathlib import Path
 import torch
 from torch.optim.swa_utils import AveragedModel
 
+from errors import CheckpointError, MissingCheckpoint
 from image_io import Reading
 from intensity import Normalization
 from labels import LabelMapping
 from model import ResidualAttnUNet
-from utils import UserError, first_line, replace_atomically
+from utils import first_line, replace_atomically
 
 RUNS = Path("runs")
 # Raised when what a checkpoint holds changes meaning; checkpoints written before the field existed are 1.
 FORMAT_VERSION = 2
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +101,7 @@ def save_checkpoint(state: dict, path: Path) -> None:
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
     """weights_only=True: a checkpoint from elsewhere can hold tensors and plain data, never code."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise MissingCheckpoint(f"{path}: no such checkpoint file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for truncated, foreign or unsafe files
@@ -173,7 +170,7 @@ def find_resume_checkpoint(resume: str, run_dir: Path | None) -> Path | None:
     if resume != "auto":
         path = Path(resume)
         if not path.is_file():
-            raise CheckpointError(f"{path}: --resume names no checkpoint file")
+            raise MissingCheckpoint(f"{path}: --resume names no checkpoint file")
         return path
     if run_dir is not None:
         path = run_dir / "checkpoints" / "last.pt"

@@ -8,8 +8,8 @@ import math
 import sys
 from collections.abc import Callable
 
+from errors import UserError
 from image_io import MAX_MASK_VALUE
-from utils import UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):

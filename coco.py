@@ -21,16 +21,13 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from coco_groups import CATEGORY_GROUP, GROUP_MEMBERS, GROUP_PRIORITY
+from errors import CocoError
 from image_io import DEFAULT_MAX_PIXELS
 from labels import IGNORE_INDEX
-from utils import PALETTE, UserError, refuse_inside, replace_atomically, require_folder
+from utils import PALETTE, refuse_inside, replace_atomically, require_folder
 
 COCO_CACHE = Path("data/coco_masks")  # where train.py keeps the masks it renders from COCO files
 MODES = ("categories", "groups", "binary")
-
-
-class CocoError(UserError):
-    """An annotations file that is not COCO instances format; the message names it."""
 
 
 @dataclass

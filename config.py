@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from checkpoints import CheckpointError, DataRules, find_resume_checkpoint, load_checkpoint
+from checkpoints import DataRules, find_resume_checkpoint, load_checkpoint
 from cli import (
     WORKERS_HELP,
     ArgumentParser,
@@ -29,12 +29,13 @@ from coco import MODES
 from config_file import config_file_argv
 from demo import DEMO_ROOTS, DEMO_STYLES
 from engine import OPTIMIZERS, SCHEDULES
+from errors import CheckpointError, UserError
 from image_io import DEFAULT_MAX_PIXELS
 from intensity import NORMALIZE_CHOICES
 from labels import IGNORE_INDEX
 from losses import LOSSES
 from presets import DEMO_SETTINGS, PRESETS, apply_settings
-from utils import UserError
+from utils import printable
 
 DATA_FLAGS = ("data_root", "train_images", "train_masks", "val_images", "val_masks", "train_coco", "val_coco")
 RESUME_KEYS = ("args", "epoch", "history", "best_miou", "mapping", "optimizer", "scaler", "rng")
@@ -387,7 +388,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
     check_crop_flags(args, parser)
     if args.run_dir is None:
         name = DEMO_ROOTS[args.demo_style].name if args.demo else (args.data_root or args.train_images).resolve().name
-        args.run_dir = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        args.run_dir = Path("runs") / f"{printable(name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if printable(str(args.run_dir)) != str(args.run_dir):
+        raise UserError(f"--run-dir {args.run_dir}: not a UTF-8 name, which TensorBoard's event files need")
     if checkpoint is None and (args.run_dir / "checkpoints" / "last.pt").exists():
         raise UserError(
             f"{args.run_dir}: already holds a run; pass --resume auto to continue it or choose another --run-dir"

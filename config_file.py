@@ -9,7 +9,8 @@ from pathlib import Path
 import yaml
 
 from checkpoints import plain_args
-from utils import UserError, first_line, replace_atomically
+from errors import UserError
+from utils import first_line, replace_atomically
 
 NOT_REPLAYED = ("config", "resume", "run_dir")  # a replayed config starts a new run in a new folder
 

@@ -10,11 +10,10 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from errors import BadSampleError, DataError
 from image_io import (
     DEFAULT_MAX_PIXELS,
     RGB,
-    BadSampleError,
-    DataError,
     Reading,
     align_mask,
     conversion_for,

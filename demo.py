@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from coco import decode_segmentation, write_png_atomically
-from image_io import DataError
+from errors import DataError
 
 DEMO_ROOTS = {"colour": Path("data/demo"), "texture": Path("data/demo-texture")}
 DEMO_IMAGES = {"num_train": 600, "num_val": 150, "size": 96}  # what `python train.py` builds

@@ -17,10 +17,11 @@ from torchvision.transforms.v2 import functional as TF
 from checkpoints import DataRules, default_checkpoint, load_checkpoint, model_from_checkpoint, training_flags
 from cli import ArgumentParser, add_ema_flag, positive_int, run_cli
 from demo import DEMO_ROOTS
-from image_io import BadSampleError, Reading, list_images, read_image
-from onnx_model import OnnxError, OnnxModel, compare_networks, export_metadata, export_network
+from errors import BadSampleError, OnnxError, UserError
+from image_io import Reading, list_images, read_image
+from onnx_model import OnnxModel, compare_networks, export_metadata, export_network
 from predictor import Sampling, stack_pixels
-from utils import UserError, replace_atomically, require_folder
+from utils import replace_atomically, require_folder
 
 MIN_LABEL_AGREEMENT = 0.999
 

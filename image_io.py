@@ -10,8 +10,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from errors import BadSampleError, ChannelMismatch, MissingFile, UnreadableFile
 from fast_decode import fast_pixels
-from utils import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 TIFF_EXTENSIONS = {".tif", ".tiff"}
@@ -27,18 +27,6 @@ PIL_DTYPES = {"I": "int32", "F": "float32", "I;16": "uint16", "I;16B": "uint16",
 TIFFFILE_PHOTOMETRIC = {tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE, tifffile.PHOTOMETRIC.RGB}
 ORIENTATION_TAG = 274  # EXIF and TIFF: how the stored pixels are turned to be shown upright
 LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2, as PIL's convert("L")
-
-
-class DataError(UserError):
-    """Data that cannot be used as it is; the message names the file or folder."""
-
-
-class BadSampleError(DataError):
-    """One image or mask that cannot be used; the message names the file."""
-
-
-class ChannelMismatch(BadSampleError):
-    """An image whose channel count the model cannot take as it is."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +79,13 @@ def check_pixels(path: Path, width: int, height: int, max_pixels: int, kind: str
         )
 
 
+def unreadable(path: Path, kind: str, err: Exception) -> UnreadableFile:
+    """The one wording for a file that cannot be read; a path that does not exist is a MissingFile."""
+    if isinstance(err, FileNotFoundError):
+        return MissingFile(f"{path}: no such {kind} file")
+    return UnreadableFile(f"{path}: unreadable {kind} ({err})")
+
+
 def _decode(path: Path, max_pixels: int, kind: str) -> tuple[Image.Image, np.ndarray | None]:
     """Opens the file, checks the size its header gives, and only then decodes the pixels: with TorchCodec where it
     can (the pixels are returned beside the image's header), else into the PIL image (None beside it)."""
@@ -100,8 +95,10 @@ def _decode(path: Path, max_pixels: int, kind: str) -> tuple[Image.Image, np.nda
             pixels = fast_pixels(path, image, kind)
             if pixels is None:
                 image.load()
+    except BadSampleError:
+        raise
     except (OSError, SyntaxError, ValueError) as err:
-        raise BadSampleError(f"{path}: unreadable {kind} ({err})") from None
+        raise unreadable(path, kind, err) from None
     return image, pixels
 
 
@@ -146,8 +143,11 @@ def upright(array: np.ndarray, orientation: int | None) -> np.ndarray:
 
 def pixel_values(array: np.ndarray, path: Path) -> np.ndarray:
     """uint8 kept (the fast path for photos); uint16 scaled to 0..1 in float32 (torchvision's ToDtype rule); any
-    other type float32 as stored, with non-finite values (no-data) set to 0."""
+    other type float32 as stored, with non-finite values (no-data) set to 0. An image with no pixels, or none
+    that is a finite number, holds nothing to segment."""
     kind, size = array.dtype.kind, array.dtype.itemsize
+    if array.size == 0:
+        raise BadSampleError(f"{path}: an empty image ({'x'.join(map(str, array.shape))}); it holds no pixels")
     if kind == "b":
         return array.astype(np.uint8) * np.uint8(255)
     if kind == "u" and size == 1:
@@ -157,8 +157,12 @@ def pixel_values(array: np.ndarray, path: Path) -> np.ndarray:
     if kind == "u" and size == 2:
         return array.astype(np.float32) / np.float32(65535)
     values = array.astype(np.float32)
-    if kind == "f" and not np.isfinite(values).all():
-        np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    if kind == "f":
+        finite = np.isfinite(values)
+        if not finite.any():
+            raise BadSampleError(f"{path}: every pixel is NaN or infinite; the image holds no values")
+        if not finite.all():
+            np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     return values
 
 
@@ -266,8 +270,10 @@ def locate_tiff_image(tif: tifffile.TiffFile, number: int, path: Path) -> TiffIm
     raise BadSampleError(f"{path}: holds {seen} image{'s' * (seen != 1)}; there is no image {number} (--tiff-page)")
 
 
-def _tiff_error(path: Path, err: Exception) -> BadSampleError:
-    return BadSampleError(f"{path}: unreadable image ({type(err).__name__}: {err})")
+def _tiff_error(path: Path, err: Exception) -> UnreadableFile:
+    if isinstance(err, FileNotFoundError):
+        return unreadable(path, "image", err)
+    return UnreadableFile(f"{path}: unreadable image ({type(err).__name__}: {err})")
 
 
 TIFF_ERRORS = (OSError, ValueError, IndexError, KeyError, TypeError, tifffile.TiffFileError)
@@ -307,13 +313,15 @@ def read_stored(path: Path, reading: Reading, max_pixels: int) -> tuple[np.ndarr
         with tif:
             try:
                 return _read_tiff(tif, path, reading, max_pixels)
+            except BadSampleError:
+                raise
             except TIFF_ERRORS as err:
                 raise _tiff_error(path, err) from None
     image, pixels = _decode(path, max_pixels, "image")
     try:
         orientation = image.getexif().get(ORIENTATION_TAG, 1)
     except (OSError, SyntaxError, ValueError) as err:
-        raise BadSampleError(f"{path}: unreadable image ({err})") from None
+        raise unreadable(path, "image", err) from None
     return pil_pixels(image) if pixels is None else pixels, orientation
 
 
@@ -338,7 +346,7 @@ def probe_image(path: Path, page: int = 0) -> ImageInfo:
             grey = image.mode in GREY_MODES
             return ImageInfo(1 if grey else 3, PIL_DTYPES.get(image.mode, "uint8"), image.height, image.width)
     except (OSError, SyntaxError, ValueError) as err:
-        raise BadSampleError(f"{path}: unreadable image ({err})") from None
+        raise unreadable(path, "image", err) from None
 
 
 def first_readable(paths: list[Path], page: int = 0) -> tuple[Path, ImageInfo] | None:

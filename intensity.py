@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from image_io import DEFAULT_MAX_PIXELS, BadSampleError, DataError, Reading, read_image
+from errors import BadSampleError, DataError
+from image_io import DEFAULT_MAX_PIXELS, Reading, read_image
 from utils import files_key, read_json_cache, write_json_cache
 
 NORMALIZE_CHOICES = ("imagenet", "dataset", "none")

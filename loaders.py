@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, WeightedRandomSampler
 
 from dataset import SegmentationFolder, SkipBadSamples
-from utils import Runtime, UserError, init_worker
+from errors import UserError
+from utils import Runtime, init_worker
 
 
 def epoch_seed(*parts: int) -> int:

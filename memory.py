@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from engine import build_optimizer, train_step
-from utils import Runtime, UserError
+from errors import UserError
+from utils import Runtime
 
 HEADROOM = 0.85  # the share of the available memory a run may plan to use; the rest is for loaders and noise
 GIB = 2**30

@@ -12,18 +12,15 @@ import onnxruntime as ort
 import torch
 
 from checkpoints import DataRules, training_flags
+from errors import MissingOnnx, OnnxError
 from image_io import Reading
 from intensity import Normalization
 from labels import LabelMapping
-from utils import UserError, first_line
+from utils import first_line
 
 METADATA_KEYS = ("format_version", "mapping", "normalize", "training", "model_args")  # each under "segmentation."
 OPTIONAL_KEYS = ("input",)  # the reading rule; files exported before channels were a choice read RGB
 SAMPLING_FLAGS = ("image_size", "crop_size", "base_size")  # what Sampling.from_training_flags reads
-
-
-class OnnxError(UserError):
-    """An ONNX file that cannot be used; the message names the file."""
 
 
 def export_metadata(state: dict) -> dict[str, str]:
@@ -75,7 +72,7 @@ class OnnxModel:
     @classmethod
     def open(cls, path: Path, providers: list[str] | None = None) -> OnnxModel:
         if not path.is_file():
-            raise OnnxError(f"{path}: no such ONNX file")
+            raise MissingOnnx(f"{path}: no such ONNX file")
         try:
             session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own types for truncated, foreign and invalid files

@@ -19,7 +19,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from image_io import DEFAULT_MAX_PIXELS, BadSampleError, Reading, read_image, read_mask
+from errors import BadSampleError
+from image_io import DEFAULT_MAX_PIXELS, Reading, read_image, read_mask
 from intensity import display_rgb
 from labels import LabelMapping
 from metrics import ConfusionMatrix

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from checkpoints import CheckpointError, DataRules, load_checkpoint, model_from_checkpoint, training_flags
+from checkpoints import DataRules, load_checkpoint, model_from_checkpoint, training_flags
+from errors import CheckpointError, OnnxError
 from image_io import RGB, Reading, input_array
 from intensity import IMAGENET, Normalization
 from labels import LabelMapping
-from onnx_model import OnnxError, OnnxModel
+from onnx_model import OnnxModel
 from utils import PRECISION_DTYPES, Runtime
 
 MODES = ("resize", "slide")
@@ -208,13 +209,17 @@ class Predictor:
         return cls(network, mapping, sampling, runtime, normalize=normalize)
 
     def predict(self, image) -> np.ndarray:
-        """A path, PIL image or (H, W[, C]) array -> (H, W) map of the original mask values."""
+        """A path, PIL image or (H, W[, C]) array -> (H, W) map of the original mask values.
+
+        Raises FileNotFoundError for a path that does not exist, OSError for a file that cannot be decoded,
+        ValueError for pixels the model cannot take (empty, NaN only, a channel count it was not trained on, a
+        shape that is no image) and TypeError for an object that is no image; each with a one-line message."""
         labels = self.segment([self._as_tensor(image)])[0]
         return self.mapping.value_array()[labels.numpy()]
 
     def predict_proba(self, image) -> np.ndarray:
         """A path, PIL image or (H, W[, C]) array -> (classes, H, W) float32 softmax, classes in the
-        order of self.mapping.values."""
+        order of self.mapping.values. Raises as predict does."""
         tensor = self._as_tensor(image)
         probs = np.empty((self.mapping.num_classes, *tensor.shape[-2:]), dtype=np.float32)
 

@@ -17,7 +17,7 @@ from engine import GracefulStop
 from metrics import ConfusionMatrix
 from plots import confusion_matrix_figure, curves_figure, sample_panel, save_figure
 from records import confusion_from, format_report, write_report, write_results
-from utils import Runtime
+from utils import Runtime, printable
 
 
 def batch_text(args: argparse.Namespace, runtime: Runtime) -> str:
@@ -137,7 +137,8 @@ class Reporter:
         if history:
             save_figure(curves_figure(history), self.run_dir / "curves.png")
             hparams = {
-                k: str(v) if isinstance(v, (Path, tuple, list)) or v is None else v for k, v in vars(args).items()
+                k: printable(str(v)) if isinstance(v, (str, Path, tuple, list)) or v is None else v
+                for k, v in vars(args).items()
             }
             self.writer.add_hparams(hparams, {"hparam/best_miou": best_miou}, run_name="hparams")
         self.writer.close()

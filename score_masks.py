@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from cli import ArgumentParser, mask_value_type, run_cli
+from errors import UserError
 from image_io import list_images, read_mask
 from labels import IGNORE_INDEX
 from metrics import ConfusionMatrix
 from records import class_report, format_report
-from utils import UserError, require_folder
+from utils import require_folder
 
 
 def get_args_parser() -> ArgumentParser:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoints import CheckpointError, DataRules, load_model_weights, training_state
+from checkpoints import DataRules, load_model_weights, training_state
 from cli import run_cli
 from coco import cached_masks
 from colour import BatchColour
@@ -37,6 +37,7 @@ from engine import (
     scheduled_lr,
     train_one_epoch,
 )
+from errors import CheckpointError, UserError
 from intensity import check_display_channel
 from loaders import build_loaders
 from losses import build_loss
@@ -45,7 +46,7 @@ from model import ResidualAttnUNet, count_parameters
 from predictor import Predictor, Sampling
 from records import epoch_record
 from reporter import Reporter, batch_text, input_text, skip_report
-from utils import Runtime, UserError, keep_freed_cpu_memory, require_folder, seed_everything
+from utils import Runtime, keep_freed_cpu_memory, require_folder, seed_everything
 
 
 @dataclass

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from errors import UserError, WriteError
+
 # Fixed palette so a class keeps its colour across runs, panels and overlays.
 PALETTE = np.array(
     [
@@ -51,18 +53,16 @@ PALETTE = np.array(
 )
 
 
-class UserError(Exception):
-    """A mistake in flags, paths or files: reported as one line on stderr with exit status 2."""
-
-
-class WriteError(UserError):
-    """A file could not be written (disk full, read-only, no permission); the message names it and the cause."""
-
-
 def first_line(err: BaseException) -> str:
     """An exception's first line for a one-line error (libraries raise pages); its type where it has no text."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def printable(text: str) -> str:
+    """text with the bytes of a file name that is not valid UTF-8 (lone surrogates to Python) shown as U+FFFD, for
+    the writers that need real UTF-8 (TensorBoard, YAML, folder names made from a name)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def require_folder(path: Path, flag: str = "") -> Path:
@@ -286,11 +286,12 @@ def replace_atomically(path: Path) -> Iterator[Path]:
 
 def files_key(paths: list[Path], *settings) -> str:
     """A digest of the files' names, sizes and modification times and of the settings a result depends on: a
-    cache key that changes when any of them does."""
+    cache key that changes when any of them does. Names are hashed as the bytes on disk, so a name that is not
+    valid UTF-8 hashes too."""
     digest = hashlib.sha256(repr(settings).encode())
     for path in paths:
         stat = path.stat()
-        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(os.fsencode(path.name) + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())  # bytes-safe
     return digest.hexdigest()
 
 

@@ -10,8 +10,9 @@ from pycocotools import mask as mask_utils
 import coco
 import train
 from checkpoints import load_checkpoint
-from coco import CocoError, class_table, compressed_counts, prepare_masks, render_mask
+from coco import class_table, compressed_counts, prepare_masks, render_mask
 from conftest import ROOT, TINY_TRAIN_FLAGS
+from errors import CocoError
 
 CATEGORIES = [
     {"id": 1, "name": "person"},

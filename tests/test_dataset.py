@@ -10,7 +10,7 @@ import dataset
 import demo
 import labels
 from dataset import SegmentationFolder, SkipBadSamples
-from image_io import BadSampleError, DataError
+from errors import BadSampleError, DataError
 from labels import IGNORE_INDEX
 from loaders import make_weighted_sampler
 from transforms import build_transforms

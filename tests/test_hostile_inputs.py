@@ -242,7 +242,8 @@ def test_resuming_from_a_checkpoint_without_training_state_is_one_line(trained_r
 
 def test_an_image_claiming_huge_size_reads_nothing_past_its_header(tmp_path):
     """The limit is checked on the header, so a bomb costs no memory: PIL would allocate 400 MB to decode it."""
-    from image_io import BadSampleError, read_image
+    from errors import BadSampleError
+    from image_io import read_image
 
     path = tmp_path / "bomb.png"
     path.write_bytes(png_claiming(20000, 20000))
@@ -256,7 +257,8 @@ def test_an_image_claiming_huge_size_reads_nothing_past_its_header(tmp_path):
 
 @pytest.mark.parametrize("value", [2_000_000_000, -3])
 def test_a_32_bit_mask_with_values_no_label_can_have_is_a_bad_sample(value, tmp_path):
-    from image_io import BadSampleError, read_mask
+    from errors import BadSampleError
+    from image_io import read_mask
 
     mask = np.zeros((8, 8), np.int32)
     mask[0, 0] = value

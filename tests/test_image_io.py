@@ -5,7 +5,8 @@ import pytest
 import tifffile
 from PIL import Image, ImageOps
 
-from image_io import BadSampleError, ChannelMismatch, Reading, probe_image, read_image, upright
+from errors import BadSampleError, ChannelMismatch
+from image_io import Reading, probe_image, read_image, upright
 
 STACK = np.random.default_rng(0).integers(0, 65536, (4, 12, 20), dtype=np.uint16)  # channels, height, width
 

@@ -9,7 +9,8 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import intensity
-from image_io import DataError, Reading
+from errors import DataError
+from image_io import Reading
 from intensity import Normalization, build_normalization, display_rgb
 
 

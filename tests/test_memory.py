@@ -8,9 +8,9 @@ import torch
 
 import memory
 from conftest import ROOT, TINY_TRAIN_FLAGS
+from errors import UserError
 from memory import StepMemory, check_fits
 from model import ResidualAttnUNet
-from utils import UserError
 
 PROBE_A_KNOWN_STEP = """
 import sys

@@ -10,9 +10,10 @@ import torch
 import utils
 from conftest import ROOT
 from engine import train_step
+from errors import UserError
 from losses import build_loss
 from model import ResidualAttnUNet
-from utils import Runtime, UserError, autocast, resolve_precision
+from utils import Runtime, autocast, resolve_precision
 
 CPU = torch.device("cpu")
 

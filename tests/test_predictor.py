@@ -15,7 +15,7 @@ from PIL import Image
 import inference
 import predictor as predictor_module
 from conftest import ROOT, run_in_process
-from image_io import BadSampleError
+from errors import BadSampleError
 from labels import LabelMapping
 from predictor import Predictor, RowResampler, Sampling, tile_starts
 from utils import Runtime
