@@ -72,6 +72,7 @@ HOSTILE_MASKS = {
     "broken_under_latin1_name": (b"bro\xefken.png", b"not a png", "bad"),
     "empty_file": (b"zz_empty.png", b"", "bad"),
     "colour_mask": (b"zz_colour.png", png_bytes(PHOTO), "bad"),
+    "values_past_16_bits": (b"zz_wide.tif", tiff_bytes(np.full((48, 48), 2_000_000_000, np.int32)), "bad"),
     "decompression_bomb": (b"zz_bomb.png", png_claiming(20000, 20000), "bad"),
 }
 
@@ -296,3 +297,21 @@ def test_the_python_api_raises_file_not_found_for_missing_paths(predictor, train
     (tmp_path / "junk.onnx").write_bytes(b"junk")
     with pytest.raises(ValueError, match="junk.onnx: not a loadable ONNX model"):
         Predictor.from_onnx(tmp_path / "junk.onnx")
+
+
+def test_a_data_root_whose_name_is_not_utf8_trains_logs_and_replays(tiny_demo, tmp_path, monkeypatch):
+    """The folder name reaches the run folder's name, TensorBoard's hyperparameters and config.yaml."""
+    root = Path(os.fsdecode(os.fsencode(tmp_path) + b"/d\xe9mo"))
+    shutil.copytree(tiny_demo, root)
+    monkeypatch.chdir(tmp_path)
+    result = run_in_process(train.main, "--data-root", root, "--epochs", "1", *TINY_TRAIN_FLAGS)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("d\ufffdmo-")  # a UTF-8 name TensorBoard can write under
+    assert list(run_dir.glob("events.out.tfevents.*")) and (run_dir / "hparams").is_dir()
+    replay = run_in_process(train.main, "--config", run_dir / "config.yaml", "--run-dir", tmp_path / "replay")
+    assert replay.returncode == 0 and "24 training and 8 validation images" in replay.stdout
+    bad_run_dir = Path(os.fsdecode(os.fsencode(tmp_path) + b"/run\xff"))
+    refused = run_in_process(train.main, "--data-root", root, "--run-dir", bad_run_dir, *TINY_TRAIN_FLAGS)
+    assert refused.returncode == 2 and "not a UTF-8 name, which TensorBoard's event files need" in refused.stderr
+    assert not os.path.exists(bad_run_dir)
