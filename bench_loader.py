@@ -17,7 +17,7 @@ from colour import BLUR, BatchColour
 from dataset import SegmentationFolder
 from image_io import pil_pixels, read_image
 from intensity import IMAGENET_MEAN, IMAGENET_STD
-from transforms import Augmentation
+from transforms import Augmentation, Crop
 
 STAGES = ("decode", "mask + lookup", "geometry", "colour + normalise", "collate")
 LOADER_PIPELINES = ("whole", "crop")
@@ -135,7 +135,7 @@ def loader_pair(images: Path, masks: Path, image_size: int, augment: str, pipeli
     the best of LOADER_PASSES passes; and now's colour stage per batch on the device. pipeline: "whole"
     (--crop-size 0) or "crop" (the default --crop-size 256)."""
     torch.set_num_threads(1)
-    crop = {"crop_size": image_size} if pipeline == "crop" else None
+    crop = Crop(image_size) if pipeline == "crop" else None
     dataset = SegmentationFolder(images, masks, image_size, augment=augment, scan_workers=1, crop=crop)
     passes = {"before": [], "now": []}
     for _ in range(LOADER_PASSES):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,13 +48,6 @@ class DataRules:
         )
 
 
-def plain_args(args: argparse.Namespace) -> dict:
-    """Flags as strings, numbers and lists, so the checkpoint loads with weights_only=True."""
-    return {
-        k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-    }
-
-
 def training_state(
     *,
     model: torch.nn.Module,
@@ -63,14 +55,15 @@ def training_state(
     scaler: torch.amp.GradScaler,
     ema: AveragedModel | None,
     epoch: int,
-    args: argparse.Namespace,
+    flags: dict,
     rules: DataRules,
     best_miou: float,
     best_confusion: list[list[int]] | None,
     history: list[dict],
 ) -> dict:
-    """Plain tensors, numbers, strings, lists and dicts only, so it loads with weights_only=True. The learning
-    rate is a function of the epoch (engine.scheduled_lr), so no scheduler state is needed to resume."""
+    """Plain tensors, numbers, strings, lists and dicts only, so it loads with weights_only=True. flags: the run's
+    recorded flags (settings.recorded_flags), plain values. The learning rate is a function of the epoch
+    (engine.scheduled_lr), so no scheduler state is needed to resume."""
     extra = {} if ema is None else {"ema": ema.module.state_dict(), "ema_updates": int(ema.n_averaged)}
     return {
         "format_version": FORMAT_VERSION,
@@ -84,8 +77,8 @@ def training_state(
         "history": history,
         **rules.to_state(),
         "model_args": model.config,
-        "image_size": args.image_size,
-        "args": plain_args(args),
+        "image_size": flags["image_size"],
+        "args": flags,
         "rng": torch.get_rng_state(),  # dropout draws from it; sampling and augmentation are seeded per epoch
     }
 

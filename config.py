@@ -26,7 +26,7 @@ from cli import (
     workers_type,
 )
 from coco import MODES
-from config_file import config_file_argv
+from config_file import config_file_argv, replayable_flags
 from demo import DEMO_ROOTS, DEMO_STYLES
 from engine import OPTIMIZERS, SCHEDULES
 from errors import CheckpointError, UserError
@@ -34,7 +34,8 @@ from image_io import DEFAULT_MAX_PIXELS
 from intensity import NORMALIZE_CHOICES
 from labels import IGNORE_INDEX
 from losses import LOSSES
-from presets import DEMO_SETTINGS, PRESETS, apply_settings
+from presets import DEMO_SETTINGS, PRESETS
+from settings import TrainSettings
 from utils import printable
 
 DATA_FLAGS = ("data_root", "train_images", "train_masks", "val_images", "val_masks", "train_coco", "val_coco")
@@ -328,7 +329,6 @@ def apply_checkpoint_flags(args: argparse.Namespace, given: set[str], checkpoint
     for name, value in saved.items():
         if name not in given and name not in ("resume", "run_dir") and hasattr(args, name):
             setattr(args, name, Path(value) if name in DATA_FLAGS and value is not None else value)
-    args.widths = tuple(args.widths)
     if args.run_dir is None:
         args.run_dir = path.parent.parent
 
@@ -363,8 +363,25 @@ def check_crop_flags(args: argparse.Namespace, parser: ArgumentParser) -> None:
         raise UserError(f"--{needs_crop[0].replace('_', '-')} applies to --crop-size training only")
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict | None]:
-    """Flags: typed, then from --config, the demo settings or the checkpoint being resumed."""
+def apply_preset(args: argparse.Namespace, values: dict, given: set[str]) -> None:
+    """Each preset value not typed (or set by --config) replaces the parser's default."""
+    for name, value in values.items():
+        if name not in given:
+            setattr(args, name, value)
+
+
+def replay_values(flags: dict) -> dict:
+    """A run's recorded flags as config.yaml holds them: those --config can set, less the demo's style for a run on
+    other data, and less --epochs for a --time-budget run (the replay finds how many fit on its own machine)."""
+    left_out = {"demo_style"} if not flags["demo"] else set()
+    left_out |= {"epochs"} if flags["time_budget"] else set()
+    replayable = set(replayable_flags(get_args_parser())) - left_out
+    return {name: value for name, value in flags.items() if name in replayable}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainSettings, dict | None]:
+    """The settings: typed flags, then from --config, the checkpoint being resumed, a preset or the demo's, then
+    the parser's defaults; and the checkpoint being resumed (None for a new run)."""
     parser = get_args_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path = parser.parse_known_args(argv)[0].config
@@ -381,8 +398,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
     if "demo_style" in given and not args.demo:
         raise UserError("--demo-style chooses the built-in demo; it does not apply with data flags")
     if checkpoint is None:
-        apply_settings(args, DEMO_SETTINGS if args.demo else {}, given)
-        apply_settings(args, PRESETS.get(args.preset, {}), given)
+        apply_preset(args, DEMO_SETTINGS if args.demo else {}, given)
+        apply_preset(args, PRESETS.get(args.preset, {}), given)
     if {"epochs", "time_budget"} <= given:
         raise UserError("--epochs and --time-budget: give one (a time budget sets the epochs)")
     check_crop_flags(args, parser)
@@ -395,4 +412,5 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
         raise UserError(
             f"{args.run_dir}: already holds a run; pass --resume auto to continue it or choose another --run-dir"
         )
-    return args, checkpoint
+    args.widths, args.scale_range = tuple(args.widths), tuple(args.scale_range)
+    return TrainSettings.from_flags(vars(args)), checkpoint

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import yaml
 
-from checkpoints import plain_args
 from errors import UserError
 from utils import first_line, replace_atomically
 
@@ -29,8 +28,6 @@ def config_value_tokens(action: argparse.Action, value, where: str) -> list[str]
         if isinstance(action, argparse._StoreTrueAction):
             return [flag] if value else []
         return [flag if value else action.option_strings[1]]
-    if value is None and action.dest == "crop_size":  # written before crops were the default: whole images
-        return [flag, "0"]
     if value is None:
         return []
     if action.nargs is None and isinstance(value, list) and action.dest == "widths":
@@ -69,14 +66,7 @@ def config_file_argv(path: Path, parser: argparse.ArgumentParser) -> list[str]:
     return argv
 
 
-def save_config(args: argparse.Namespace, path: Path, parser: argparse.ArgumentParser) -> None:
-    """The resolved flags, written where --config reads them back to replay the run (in a new run folder).
-    A --time-budget run leaves out --epochs: the replay finds how many fit on its own machine."""
-    flags = set(replayable_flags(parser))
-    if not args.demo:
-        flags.discard("demo_style")
-    if args.time_budget:
-        flags.discard("epochs")
-    values = {name: value for name, value in plain_args(args).items() if name in flags}
+def write_config(values: dict, path: Path) -> None:
+    """A run's replayable flags (config.replay_values) as YAML, where --config reads them back."""
     with replace_atomically(path) as tmp:
         tmp.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")

@@ -25,7 +25,7 @@ from image_io import (
 )
 from intensity import Normalization, build_normalization, default_normalize
 from labels import IGNORE_INDEX, LabelMapping, read_class_names, scan_masks
-from transforms import build_transforms
+from transforms import Crop, build_transforms
 from utils import require_folder
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class SegmentationFolder(Dataset):
         masks_dir: str | Path,
         image_size: int | None = 256,
         *,
-        crop: dict | None = None,
+        crop: Crop | None = None,
         mapping: LabelMapping | None = None,
         ignore_value: int = IGNORE_INDEX,
         binary: bool = False,
@@ -88,7 +88,7 @@ class SegmentationFolder(Dataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         """image_size None: items are the image as read (uint8 or float) and the mask, for validation at full size.
-        crop: build_transforms' crop_size, scale_range and base_size, for native-resolution crops.
+        crop: native-resolution training crops (None: whole images squashed to image_size).
         mapping: the training set's (None: found here); limit keeps the first N pairs, after the mapping.
         reading: how image files become the model's channels; normalization: the training set's (None: chosen here
         by the rule normalize names, see intensity.build_normalization)."""
@@ -113,10 +113,9 @@ class SegmentationFolder(Dataset):
         self.image_size = image_size
         self.transform = None
         if image_size is not None:
-            crop = crop or {}
             labels = torch.from_numpy(self.lut)  # looked up after the geometry's gather, on the output's pixels
             self.transform = build_transforms(
-                image_size, augment, self.normalization, photo=self.photo, labels=labels, **crop
+                image_size, augment, self.normalization, crop=crop, photo=self.photo, labels=labels
             )
 
     def _readable_pairs(self, scan_workers: int) -> tuple[list[tuple[Path, Path]], list[dict[int, int]]]:

@@ -87,15 +87,12 @@ def ema_model(model: torch.nn.Module, decay: float) -> AveragedModel:
 
 
 @dataclass(frozen=True)
-class Updates:
+class UpdateRule:
     """How gradients become weight updates: accumulated over micro-batches, clipped, followed by an EMA."""
 
     accumulate: int = 1
     clip_grad: float | None = None
     ema: AveragedModel | None = None
-
-
-EVERY_STEP = Updates()  # the reference recipe: one update per batch, no clipping, no EMA
 
 
 class NonFiniteLoss(RuntimeError):
@@ -169,7 +166,7 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     runtime: Runtime,
-    updates: Updates = EVERY_STEP,
+    updates: UpdateRule = UpdateRule(),
     update: bool = True,
 ) -> torch.Tensor:
     """Forward in the chosen precision, loss in fp32, backward; with update, the optimiser step on the
@@ -244,7 +241,7 @@ def train_one_epoch(
     runtime: Runtime,
     epoch: int,
     stop: GracefulStop,
-    updates: Updates = EVERY_STEP,
+    updates: UpdateRule = UpdateRule(),
     time_first_step: bool = False,
     report_data_wait: bool = False,
 ) -> tuple[float, list[str]]:

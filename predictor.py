@@ -43,12 +43,16 @@ class Sampling:
     base_size: int | None = None  # ...or so that their shorter side is this (crop training's --base-size)
 
     @classmethod
-    def from_training_flags(cls, flags: dict) -> Sampling:
+    def for_training(cls, image_size: int, crop_size: int, base_size: int | None = None) -> Sampling:
         """Crop-trained models slide tiles of their crop size; square-resize models see the square."""
-        size = int(flags.get("image_size") or 256)
-        if flags.get("crop_size"):
-            return cls("slide", size, tile=int(flags["crop_size"]), base_size=flags.get("base_size"))
-        return cls("resize", size, tile=size)
+        if crop_size:
+            return cls("slide", image_size, tile=crop_size, base_size=base_size)
+        return cls("resize", image_size, tile=image_size)
+
+    @classmethod
+    def from_training_flags(cls, flags: dict) -> Sampling:
+        """for_training from the flags a checkpoint or ONNX file recorded."""
+        return cls.for_training(int(flags["image_size"]), int(flags.get("crop_size") or 0), flags.get("base_size"))
 
     @classmethod
     def for_model(cls, flags: dict, **typed) -> Sampling:

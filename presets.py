@@ -3,8 +3,6 @@ design's recipe that this repo's first defaults followed (one flag away: --prese
 
 from __future__ import annotations
 
-import argparse
-
 DEMO_SETTINGS = {"image_size": 96, "crop_size": 0, "widths": (16, 32, 64, 128), "epochs": 30, "batch_size": 16}
 
 PRESETS = {
@@ -25,10 +23,3 @@ PRESETS = {
         "schedule": "cosine",
     },
 }
-
-
-def apply_settings(args: argparse.Namespace, settings: dict, given: set[str]) -> None:
-    """Each setting not typed (or set by --config) replaces the parser's default."""
-    for name, value in settings.items():
-        if name not in given:
-            setattr(args, name, value)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 from pathlib import Path
@@ -11,24 +10,22 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from checkpoints import DataRules, save_checkpoint
-from config import get_args_parser
-from config_file import save_config
+from config_file import write_config
 from engine import GracefulStop
 from metrics import ConfusionMatrix
 from plots import confusion_matrix_figure, curves_figure, sample_panel, save_figure
 from records import confusion_from, format_report, write_report, write_results
-from utils import Runtime, printable
+from utils import printable
 
 
-def batch_text(args: argparse.Namespace, runtime: Runtime) -> str:
+def batch_text(batch_size: int, accumulate: int, world_size: int) -> str:
     """The batch per update, when accumulation or several processes make it more than --batch-size."""
-    world = runtime.ddp.world_size
-    if args.accumulate == 1 and world == 1:
-        return f"batch {args.batch_size}"
-    parts = [f"{args.batch_size} per step"]
-    parts += [f"x {args.accumulate} accumulated"] if args.accumulate > 1 else []
-    parts += [f"x {world} processes"] if world > 1 else []
-    return f"batch {' '.join(parts)} = {args.batch_size * args.accumulate * world} per update"
+    if accumulate == 1 and world_size == 1:
+        return f"batch {batch_size}"
+    parts = [f"{batch_size} per step"]
+    parts += [f"x {accumulate} accumulated"] if accumulate > 1 else []
+    parts += [f"x {world_size} processes"] if world_size > 1 else []
+    return f"batch {' '.join(parts)} = {batch_size * accumulate * world_size} per update"
 
 
 SCALARS = {
@@ -80,10 +77,10 @@ class Reporter:
         if self.active:
             print(*args, **kwargs)
 
-    def config(self, args: argparse.Namespace) -> None:
-        """config.yaml: the resolved flags; `train.py --config` replays the run."""
+    def config(self, values: dict) -> None:
+        """config.yaml: the resolved flags (config.replay_values); `train.py --config` replays the run."""
         if self.active:
-            save_config(args, self.run_dir / "config.yaml", get_args_parser())
+            write_config(values, self.run_dir / "config.yaml")
 
     def epoch(self, history: list[dict], per_class_iou: torch.Tensor, skipped: str) -> None:
         """The console line, TensorBoard scalars and results.csv of the epoch just finished (history[-1])."""
@@ -131,14 +128,15 @@ class Reporter:
         epoch = next((h["epoch"] for h in history if h["miou"] == best_miou), "?")
         print(f"\nbest epoch {epoch} (best.pt), per class on the validation set:\n{format_report(rows)}")
 
-    def finish(self, history: list[dict], args: argparse.Namespace, best_miou: float, val_images: Path) -> None:
+    def finish(self, history: list[dict], flags: dict, best_miou: float, val_images: Path) -> None:
+        """flags: the run's recorded flags, TensorBoard's hyperparameters beside the best mIoU."""
         if not self.active:
             return
         if history:
             save_figure(curves_figure(history), self.run_dir / "curves.png")
             hparams = {
                 k: printable(str(v)) if isinstance(v, (str, Path, tuple, list)) or v is None else v
-                for k, v in vars(args).items()
+                for k, v in flags.items()
             }
             self.writer.add_hparams(hparams, {"hparam/best_miou": best_miou}, run_name="hparams")
         self.writer.close()

@@ -256,22 +256,29 @@ class RandomGeometry(v2.Transform):
         return tv_tensors.wrap(picked.view(*source.shape[:-2], self.size, self.size), like=inpt)
 
 
+SCALE_RANGE = (0.5, 2.0)  # crops: random rescale factors, as torchvision's segmentation references draw them
+
+
+@dataclass(frozen=True)
+class Crop:
+    """Native-resolution training: each image rescaled by a random factor in scale_range (relative to a shorter
+    side of base_size px, or to its own size), then a random size x size crop, padded where the image is smaller."""
+
+    size: int
+    scale_range: tuple[float, float] = SCALE_RANGE
+    base_size: int | None = None
+
+
 def build_geometry(
-    image_size: int,
-    augment: str,
-    *,
-    crop_size: int | None,
-    scale_range: tuple[float, float],
-    base_size: int | None,
-    labels: torch.Tensor | None = None,
+    image_size: int, augment: str, crop: Crop | None, labels: torch.Tensor | None = None
 ) -> RandomGeometry:
-    """Native-resolution crops (a random rescale, then a crop padded where the image is smaller) or whole images
-    (squashed, or a random resized crop), then the augmentation's flips and rotation. labels: see RandomGeometry."""
+    """Native-resolution crops or whole images (squashed, or a random resized crop), then the augmentation's flips
+    and rotation. labels: see RandomGeometry."""
     strong = augment == "strong"
     motion = dict(hflip=augment != "none", vflip=strong, degrees=15.0 if augment != "none" else 0.0)
-    if crop_size:
-        crop = (RandomScale(scale_range, base_size), v2.RandomCrop(crop_size, pad_if_needed=True, fill=FILL))
-        return RandomGeometry(crop_size, crop=crop, **motion, labels=labels)
+    if crop is not None:
+        steps = (RandomScale(crop.scale_range, crop.base_size), v2.RandomCrop(crop.size, pad_if_needed=True, fill=FILL))
+        return RandomGeometry(crop.size, crop=steps, **motion, labels=labels)
     if augment == "none":
         return RandomGeometry(image_size, labels=labels)  # the whole image squashed, as v2.Resize
     resized_crop = v2.RandomResizedCrop(image_size, scale=(0.25 if strong else 0.5, 1.0), antialias=True)
@@ -302,21 +309,17 @@ def build_transforms(
     augment: str = "none",
     normalization: Normalization = IMAGENET,
     *,
-    crop_size: int | None = None,
-    scale_range: tuple[float, float] = (0.5, 2.0),
-    base_size: int | None = None,
+    crop: Crop | None = None,
     photo: bool = True,
     labels: torch.Tensor | None = None,
 ) -> Augmentation:
     """Joint image/mask geometry (masks resize nearest, and pad and rotate in the ignore label), then colour.
 
-    crop_size: native-resolution training, a random rescale then a random crop_size square (padded where
-    the image is smaller), instead of the whole image squashed to image_size.
+    crop: native-resolution training crops instead of the whole image squashed to image_size.
     photo: 8-bit RGB, whose colours ColorJitter may shift; other images get brightness and contrast per channel.
     labels: raw mask value -> class, applied by the geometry after its gather (masks then come in raw).
     """
     if augment not in ("none", "basic", "strong"):
         raise ValueError(f"unknown augmentation {augment!r}; choose none, basic or strong")
-    placement = dict(crop_size=crop_size, scale_range=scale_range, base_size=base_size, labels=labels)
-    geometry = build_geometry(image_size, augment, **placement)
+    geometry = build_geometry(image_size, augment, crop, labels)
     return Augmentation(geometry, BatchColour(augment, normalization, photo=photo))

@@ -12,7 +12,7 @@ from dataset import SegmentationFolder
 from engine import EarlyStopping
 from intensity import Normalization
 from labels import IGNORE_INDEX
-from transforms import build_transforms
+from transforms import Crop, build_transforms
 
 
 def red_blue_sample(size=64):
@@ -39,7 +39,7 @@ def agreement(image, mask):
 @pytest.mark.parametrize("augment", ["basic", "strong", "crop"])
 def test_augmented_image_and_mask_stay_aligned(augment):
     if augment == "crop":  # native-resolution crops, rescaled first, then today's basic augmentation
-        transform = build_transforms(48, "basic", Normalization.none(3), crop_size=40, scale_range=(0.5, 2.0))
+        transform = build_transforms(48, "basic", Normalization.none(3), crop=Crop(40, (0.5, 2.0)))
     else:
         transform = build_transforms(48, augment, Normalization.none(3))
     torch.manual_seed(0)
@@ -167,7 +167,7 @@ def test_crops_keep_the_aspect_ratio_and_pad_small_images_with_ignore():
         height, width = scaled.shape[-2:]
         assert abs(width - 2 * height) <= 1 and 20 <= height <= 80  # one factor for both sides
     assert RandomScale((1.0, 1.0), base_size=20)(image)[0].shape[-2:] == (20, 40)  # shorter side -> base
-    transform = build_transforms(64, "none", crop_size=16, scale_range=(1.0, 1.0)).geometry
+    transform = build_transforms(64, "none", crop=Crop(16, (1.0, 1.0))).geometry
     small, small_mask = transform(
         tv_tensors.Image(torch.full((3, 10, 12), 7, dtype=torch.uint8)), tv_tensors.Mask(mask[:10, :12])
     )
@@ -236,7 +236,7 @@ def test_mask_positions_past_2_31_pixels_are_not_wrapped():
     from transforms import build_geometry, size_stand_in
 
     side, crop = 50_000, 32
-    geometry = build_geometry(crop, "none", crop_size=crop, scale_range=(1.0, 1.0), base_size=None)
+    geometry = build_geometry(crop, "none", Crop(crop, (1.0, 1.0)))
     torch.manual_seed(0)
     placed = [geometry.make_params(size_stand_in(side, side)) for _ in range(40)]
     assert any((params["offset"][0] + crop) * side > 2**31 for params in placed)
@@ -296,7 +296,7 @@ def test_crop_geometry_is_torchvision_scale_crop_flips_and_rotation_pixel_for_pi
             steps += [v2.RandomRotation(15, fill=FILL)]
         torch.manual_seed(seed)
         expected = v2.Compose(steps)(image, mask)
-        ours = build_transforms(64, augment, crop_size=crop, base_size=base).geometry
+        ours = build_transforms(64, augment, crop=Crop(crop, base_size=base)).geometry
         torch.manual_seed(seed)
         found = ours(image, mask)
         assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1]), (seed, height, width, crop)
@@ -322,9 +322,9 @@ def test_training_samples_from_files_are_the_reference_pipelines_pixel_for_pixel
     for k in range(3):
         write_photo(tmp_path / f"images/{k}.jpg", (70, 50), seed=k)
         Image.fromarray(rng.choice(np.array([0, 3, 255], np.uint8), (50, 70))).save(tmp_path / f"masks/{k}.png")
-    crop_flags = {"crop_size": crop, "scale_range": (0.5, 2.0)} if crop else None
+    crop_rule = Crop(crop, (0.5, 2.0)) if crop else None
     data = SegmentationFolder(
-        tmp_path / "images", tmp_path / "masks", 40, crop=crop_flags, augment=augment, ignore_value=3, scan_workers=1
+        tmp_path / "images", tmp_path / "masks", 40, crop=crop_rule, augment=augment, ignore_value=3, scan_workers=1
     )
     classes = np.full(256, IGNORE_INDEX, np.uint8)
     classes[0], classes[255] = 0, 1

@@ -4,7 +4,7 @@ weight-decay groups, gradient accumulation, clipping, the EMA."""
 import pytest
 import torch
 
-from engine import Updates, build_optimizer, ema_model, scheduled_lr, train_step
+from engine import UpdateRule, build_optimizer, ema_model, scheduled_lr, train_step
 from model import ResidualAttnUNet
 from utils import Runtime
 
@@ -68,7 +68,7 @@ def test_two_accumulated_halves_update_as_the_whole_batch():
     images, masks = batch()
     whole, halves = conv_model(), conv_model()
     train_step(whole, images, masks, **step_parts(whole))
-    parts, updates = step_parts(halves), Updates(accumulate=2)
+    parts, updates = step_parts(halves), UpdateRule(accumulate=2)
     train_step(halves, images[:2], masks[:2], **parts, updates=updates, update=False)
     train_step(halves, images[2:], masks[2:], **parts, updates=updates, update=True)
     for a, b in zip(whole.parameters(), halves.parameters(), strict=True):
@@ -80,7 +80,7 @@ def test_clipping_bounds_the_step_of_plain_sgd():
     model = conv_model()
     before = torch.nn.utils.parameters_to_vector(model.parameters()).clone()
     parts = step_parts(model, torch.optim.SGD(model.parameters(), lr=1.0))
-    train_step(model, *batch(), **parts, updates=Updates(clip_grad=0.01))
+    train_step(model, *batch(), **parts, updates=UpdateRule(clip_grad=0.01))
     moved = torch.nn.utils.parameters_to_vector(model.parameters()) - before
     assert moved.norm().item() == pytest.approx(0.01, rel=1e-4)
 
@@ -91,7 +91,7 @@ def test_the_ema_follows_the_weights_with_a_warming_decay():
     parts = step_parts(model)
     expected = [p.detach().clone() for p in model.parameters()]
     for n in range(5):
-        train_step(model, *batch(seed=n), **parts, updates=Updates(ema=ema))
+        train_step(model, *batch(seed=n), **parts, updates=UpdateRule(ema=ema))
         decay = 0.0 if n == 0 else min(0.9, (1 + n) / (10 + n))  # the first update copies the weights
         expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, model.parameters(), strict=True)]
     for averaged, reference in zip(ema.module.parameters(), expected, strict=True):

@@ -265,12 +265,13 @@ def test_the_reference_preset_sets_the_reference_recipe_beneath_typed_flags(tiny
     from config import parse_args
     from presets import PRESETS
 
-    args, _ = parse_args(["--data-root", str(tiny_demo), "--preset", "reference", "--epochs", "2"])
-    assert args.crop_size == 0 and args.image_size == 256 and args.loss == "ce" and args.batch_size == 8
-    assert args.widths == (64, 128, 256, 512) and args.lr == 1e-4 and args.schedule == "cosine"
-    assert args.epochs == 2  # typed
+    settings, _ = parse_args(["--data-root", str(tiny_demo), "--preset", "reference", "--epochs", "2"])
+    samples, optim = settings.samples, settings.optim
+    assert samples.crop_size == 0 and samples.image_size == 256 and optim.loss == "ce" and samples.batch_size == 8
+    assert settings.model.widths == (64, 128, 256, 512) and optim.lr == 1e-4 and optim.schedule == "cosine"
+    assert optim.epochs == 2  # typed
     default, _ = parse_args(["--data-root", str(tiny_demo)])
-    differs = [name for name, value in PRESETS["reference"].items() if getattr(default, name) != value]
+    differs = [name for name, value in PRESETS["reference"].items() if default.flags()[name] != value]
     assert differs  # the preset is not today's defaults under another name
 
 
@@ -280,11 +281,8 @@ def test_crop_size_0_trains_on_whole_squashed_images_as_the_reference_design(tin
 
     default, _ = parse_args(["--data-root", str(tiny_demo)])
     whole, _ = parse_args(["--data-root", str(tiny_demo), "--crop-size", "0"])
-    assert Sampling.from_training_flags(vars(default)).mode == "slide"
-    assert Sampling.from_training_flags(vars(whole)).mode == "resize"
-    old_config = tmp_path / "config.yaml"  # of a run from before crops were the default
-    old_config.write_text("crop_size: null\n")
-    assert parse_args(["--data-root", str(tiny_demo), "--config", str(old_config)])[0].crop_size == 0
+    assert Sampling.from_training_flags(default.flags()).mode == "slide"
+    assert Sampling.from_training_flags(whole.flags()).mode == "resize"
     result = run_in_process(train.main, "--data-root", tiny_demo, "--scale-range", "1", "2", "--crop-size", "0")
     assert result.returncode == 2 and "--scale-range applies to --crop-size training only" in result.stderr
 
