@@ -47,12 +47,15 @@ from model import ResidualAttnUNet
 from onnx_model import export_metadata, export_network
 from predictions import Outputs, segment_folder
 from predictor import Predictor
+from presets import REFERENCE_WIDTHS
 from utils import Runtime, keep_freed_cpu_memory, resolve_device, resolve_precision
 
 
 def get_args_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--widths", type=widths_type, default=(64, 128, 256, 512))
+    p.add_argument(
+        "--widths", type=widths_type, default=REFERENCE_WIDTHS, help="encoder widths (default: the reference design's)"
+    )
     p.add_argument("--image-size", type=image_size_type, default=256)
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--classes", type=positive_int_upto(255), default=10)

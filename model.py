@@ -73,6 +73,9 @@ class Up(nn.Module):
         return self.block(torch.cat([self.up(x), skip], dim=1))
 
 
+DEFAULT_WIDTHS = (32, 64, 128, 256)  # channels per encoder level: the model's and train.py's default
+
+
 class ResidualAttnUNet(nn.Module):
     """Encoder of residual blocks, attention bottleneck, decoder with skip concatenation.
 
@@ -83,7 +86,7 @@ class ResidualAttnUNet(nn.Module):
         self,
         in_channels: int = 3,
         num_classes: int = 2,
-        widths: tuple[int, ...] = (64, 128, 256, 512),
+        widths: tuple[int, ...] = DEFAULT_WIDTHS,
         dropout: float = 0.0,
     ):
         super().__init__()

@@ -38,8 +38,16 @@ def test_output_has_the_input_size(size):
     assert out.shape == (2, 4, *size)
 
 
-def test_default_widths_are_the_reference_design():
-    assert count_parameters(ResidualAttnUNet(3, 10)) == 33_748_939  # the figure in the README
+def test_the_reference_widths_give_the_reference_design_size():
+    from presets import REFERENCE_WIDTHS
+
+    assert count_parameters(ResidualAttnUNet(3, 10, REFERENCE_WIDTHS)) == 33_748_939  # the reference design's count
+
+
+def test_one_widths_default_for_the_model_and_train_py():
+    from train_flags import get_args_parser
+
+    assert tuple(ResidualAttnUNet().config["widths"]) == get_args_parser().get_default("widths")
 
 
 @pytest.mark.slow
