@@ -28,7 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from bench_data import LOADER_PHOTOS, write_checkpoint, write_loader_data, write_photo
 from bench_loader import LOADER_PIPELINES, STAGES, loader_pair
-from checkpoints import load_checkpoint, model_from_checkpoint
+from checkpoints import inference_network, load_checkpoint
 from cli import (
     ArgumentParser,
     add_device_flag,
@@ -206,8 +206,9 @@ def bench_inference(args, device, root: Path, images: Path, runs: dict) -> dict:
     for path in files[: args.batch_size]:  # a full batch: oneDNN prepares its kernels per shape
         shutil.copy(path, folders["warm-up"])
     if onnx_inference in runs.values():
-        model = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint).eval().fold_batchnorm()
-        export_network(model, checkpoint.with_suffix(".onnx"), metadata=export_metadata(load_checkpoint(checkpoint)))
+        state = load_checkpoint(checkpoint)
+        model = inference_network(state, checkpoint)
+        export_network(model, checkpoint.with_suffix(".onnx"), metadata=export_metadata(state))
     return {
         label: len(files) / isolated(timed_inference, run, args, device, folders, checkpoint)
         for label, run in runs.items()

@@ -17,7 +17,7 @@ from model import ResidualAttnUNet
 from utils import first_line, replace_atomically
 
 RUNS = Path("runs")
-# Raised when what a checkpoint holds changes meaning; checkpoints written before the field existed are 1.
+# Raised when what a checkpoint holds changes meaning; a reader of version N reads N only (upgraded_state).
 FORMAT_VERSION = 2
 
 
@@ -39,12 +39,10 @@ class DataRules:
 
     @classmethod
     def from_state(cls, state: dict) -> DataRules:
-        """Checkpoints from before channels and normalisation were choices read RGB photos with ImageNet's."""
-        channels = state["model_args"].get("in_channels", 3)
         return cls(
             LabelMapping.from_dict(state["mapping"]),
-            Reading.from_dict(state.get("reading"), channels=channels),
-            Normalization.from_dict(state.get("normalization")),
+            Reading.from_dict(state["reading"]),
+            Normalization.from_dict(state["normalization"]),
         )
 
 
@@ -77,7 +75,6 @@ def training_state(
         "history": history,
         **rules.to_state(),
         "model_args": model.config,
-        "image_size": flags["image_size"],
         "args": flags,
         "rng": torch.get_rng_state(),  # dropout draws from it; sampling and augmentation are seeded per epoch
     }
@@ -101,12 +98,21 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line(err)})") from None
     if not isinstance(state, dict) or "model" not in state or "model_args" not in state:
         raise CheckpointError(f"{path}: not a checkpoint written by train.py")
+    return upgraded_state(state, path)
+
+
+def upgraded_state(state: dict, path: Path) -> dict:
+    """The one place where checkpoint formats are told apart: a state in today's format is returned as it is,
+    any other is refused in one line naming its version (no earlier format reached a user)."""
+    version = state.get("format_version", 1)
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version}; this version reads {FORMAT_VERSION}")
     return state
 
 
 def training_flags(state: dict) -> dict:
-    """The flags the run was trained with, image_size included (old checkpoints kept it outside args)."""
-    return {"image_size": state["image_size"], **state.get("args", {})}
+    """The flags the run was trained with (settings.recorded_flags)."""
+    return state["args"]
 
 
 def load_model_weights(
@@ -142,6 +148,22 @@ def model_from_checkpoint(state: dict, path: Path, *, ema: bool = True) -> Resid
         raise CheckpointError(f"{path}: model_args {state.get('model_args')} describe no model ({err})") from None
     load_model_weights(model, state, path, assign=True, key="ema" if ema and "ema" in state else "model")
     return model
+
+
+def inference_network(
+    state: dict,
+    path: Path,
+    *,
+    ema: bool = True,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> ResidualAttnUNet:
+    """A checkpoint as a ready inference network: its weights (the EMA's, see model_from_checkpoint) in eval mode,
+    BatchNorm folded into the convolutions, cast once to the device and dtype it will run in (autocast would cast
+    every weight on every batch)."""
+    model = model_from_checkpoint(state, path, ema=ema).eval().fold_batchnorm()
+    return model.to(device, dtype, memory_format=memory_format)
 
 
 def newest_checkpoint(name: str, runs: Path = RUNS) -> Path | None:

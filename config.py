@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from checkpoints import DataRules, find_resume_checkpoint, load_checkpoint
+from checkpoints import find_resume_checkpoint, load_checkpoint
 from cli import (
     ArgumentParser,
 )
@@ -49,9 +49,7 @@ def flag_text(value) -> str:
 
 def apply_checkpoint_flags(args: argparse.Namespace, given: set[str], checkpoint: dict) -> None:
     """Flags not typed again are taken from the checkpoint; typed ones that fix the model must agree with it."""
-    rules = DataRules.from_state(checkpoint)  # what the model saw, for checkpoints from before these flags
-    image_flags = {"in_channels": rules.reading.channels, "normalize": rules.normalization.name, "tiff_page": 0}
-    path, saved = checkpoint["path"], {**image_flags, **checkpoint["args"]}
+    path, saved = checkpoint["path"], checkpoint["args"]
     for name in MUST_MATCH_CHECKPOINT:
         ours, theirs = flag_text(getattr(args, name)), flag_text(saved.get(name))
         if name in given and ours != theirs:

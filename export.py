@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from checkpoints import DataRules, default_checkpoint, load_checkpoint, model_from_checkpoint, training_flags
+from checkpoints import DataRules, default_checkpoint, inference_network, load_checkpoint, training_flags
 from cli import ArgumentParser, add_ema_flag, positive_int, run_cli
 from demo import DEMO_ROOTS
 from errors import BadSampleError, OnnxError, UserError
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if output.exists() and not args.overwrite:
         raise UserError(f"{output}: already exists; pass --overwrite to replace it")
     state = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(state, checkpoint, ema=args.ema).eval().fold_batchnorm().float()
+    model = inference_network(state, checkpoint, ema=args.ema)
     flags, rules = training_flags(state), DataRules.from_state(state)
     sampling = Sampling.from_training_flags(flags)
     folder = require_folder(args.images, "--images") if args.images else validation_folder(flags)

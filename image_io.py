@@ -47,13 +47,11 @@ class Reading:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict | None, channels: int = 3) -> Reading:
-        """data None: a checkpoint from before channels were chosen, read as RGB photos."""
-        data = data or {"channels": channels}
-        return cls(int(data["channels"]), int(data.get("page", 0)), bool(data.get("convert", False)))
+    def from_dict(cls, data: dict) -> Reading:
+        return cls(int(data["channels"]), int(data["page"]), bool(data["convert"]))
 
 
-RGB = Reading()  # photos, as every model before channels were a choice read them
+RGB = Reading()  # photos
 
 
 @dataclass(frozen=True)

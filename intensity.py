@@ -72,15 +72,9 @@ class Normalization:
         return {"name": self.name, "mean": list(self.mean), "std": list(self.std), "low": self.low, "high": self.high}
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> Normalization:
-        """data None: a checkpoint from before normalisation was chosen (ImageNet's); ONNX files of that time
-        hold mean and std only."""
-        if data is None:
-            return cls.imagenet()
-        bounds = [None if data.get(key) is None else tuple(map(float, data[key])) for key in ("low", "high")]
-        return cls(
-            str(data.get("name", "imagenet")), tuple(map(float, data["mean"])), tuple(map(float, data["std"])), *bounds
-        )
+    def from_dict(cls, data: dict) -> Normalization:
+        bounds = [None if data[key] is None else tuple(map(float, data[key])) for key in ("low", "high")]
+        return cls(str(data["name"]), tuple(map(float, data["mean"])), tuple(map(float, data["std"])), *bounds)
 
 
 def unit_range(images: torch.Tensor) -> torch.Tensor:

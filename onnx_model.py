@@ -11,15 +11,15 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from checkpoints import DataRules, training_flags
+from checkpoints import FORMAT_VERSION, DataRules, training_flags
 from errors import MissingOnnx, OnnxError
 from image_io import Reading
 from intensity import Normalization
 from labels import LabelMapping
 from utils import first_line
 
-METADATA_KEYS = ("format_version", "mapping", "normalize", "training", "model_args")  # each under "segmentation."
-OPTIONAL_KEYS = ("input",)  # the reading rule; files exported before channels were a choice read RGB
+# each under "segmentation."; input: the reading rule (image_io.Reading)
+METADATA_KEYS = ("format_version", "mapping", "normalize", "input", "training", "model_args")
 SAMPLING_FLAGS = ("image_size", "crop_size", "base_size")  # what Sampling.from_training_flags reads
 
 
@@ -27,7 +27,7 @@ def export_metadata(state: dict) -> dict[str, str]:
     """What inference needs from a checkpoint, as the JSON strings ONNX metadata_props hold."""
     flags, rules = training_flags(state), DataRules.from_state(state).to_state()
     values = {
-        "format_version": state.get("format_version", 1),
+        "format_version": state["format_version"],
         "mapping": rules["mapping"],
         "normalize": rules["normalization"],
         "input": rules["reading"],
@@ -82,13 +82,17 @@ class OnnxModel:
         if missing:
             raise OnnxError(f"{path}: not exported by export.py (no segmentation.{missing[0]} in its metadata)")
         try:
-            present = [key for key in (*METADATA_KEYS, *OPTIONAL_KEYS) if f"segmentation.{key}" in props]
-            meta = {key: json.loads(props[f"segmentation.{key}"]) for key in present}
+            meta = {key: json.loads(props[f"segmentation.{key}"]) for key in METADATA_KEYS}
             mapping = LabelMapping.from_dict(meta.pop("mapping"))
             meta["normalize"] = Normalization.from_dict(meta["normalize"])
-            meta["reading"] = Reading.from_dict(meta.pop("input", None), channels=meta["model_args"]["in_channels"])
+            meta["reading"] = Reading.from_dict(meta.pop("input"))
         except (ValueError, KeyError, TypeError) as err:
             raise OnnxError(f"{path}: unreadable segmentation metadata ({err!r})") from None
+        if meta["format_version"] != FORMAT_VERSION:
+            version = meta["format_version"]
+            raise OnnxError(
+                f"{path}: exported from checkpoint format version {version}; this version reads {FORMAT_VERSION}"
+            )
         inputs = session.get_inputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise OnnxError(f"{path}: expected one (batch, channels, height, width) input")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from checkpoints import DataRules, load_checkpoint, model_from_checkpoint, training_flags
+from checkpoints import DataRules, inference_network, load_checkpoint, training_flags
 from errors import CheckpointError, OnnxError
 from image_io import RGB, Reading, input_array
 from intensity import IMAGENET, Normalization
@@ -170,15 +170,15 @@ class Predictor:
         if training did not. sampling: Sampling fields to override (None keeps the checkpoint's choice)."""
         path, runtime = Path(path), runtime or Runtime.from_flags("auto", "auto", channels_last=True)
         state = load_checkpoint(path)
-        model = model_from_checkpoint(state, path, ema=ema)
+        dtype = PRECISION_DTYPES[runtime.precision]
+        model = inference_network(
+            state, path, ema=ema, device=runtime.device, dtype=dtype, memory_format=runtime.memory_format
+        )
         try:
             rules = DataRules.from_state(state)
             chosen = Sampling.for_model(training_flags(state), **sampling)
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: no usable label mapping, image size or input rule ({err!r})") from None
-        # Weights cast once to the inference dtype: autocast would cast every weight on every batch.
-        dtype = PRECISION_DTYPES[runtime.precision]
-        model.eval().fold_batchnorm().to(runtime.device, dtype, memory_format=runtime.memory_format)
         reading = replace(rules.reading, convert=rules.reading.convert or convert)
         options = dict(input_dtype=dtype, tta=tta, batch_size=batch_size, normalize=rules.normalization)
         return cls(model, rules.mapping, chosen, runtime, reading=reading, **options)

@@ -17,12 +17,14 @@ import torch
 from PIL import Image
 
 import bench
+import export
 import inference
 import prepare_masks
 import train
 import utils
 from checkpoints import load_checkpoint
 from conftest import ROOT, TINY_TRAIN_FLAGS, run_in_process
+from predictor import Predictor
 from test_robustness import assert_user_error
 
 
@@ -281,3 +283,16 @@ def test_coco_entries_that_are_not_objects_are_counted_or_named(tiny_demo, tmp_p
     (tmp_path / "b.json").write_text(json.dumps(coco))
     result = run_in_process(prepare_masks.main, *flags, "--annotations_file", tmp_path / "b.json")
     assert_user_error(result, "b.json: category {'id': 'x'} needs an integer id and a name")
+
+
+@pytest.mark.parametrize("version", [1, 3, "x"])
+def test_a_checkpoint_of_another_format_version_is_one_line_everywhere(version, trained_run, tmp_path):
+    """Formats are told apart in one place (checkpoints.upgraded_state): inference, export and --resume all refuse."""
+    path = foreign_checkpoint(trained_run, tmp_path, lambda s: s.update(format_version=version))
+    fragment = f"foreign.pt: checkpoint format version {version}; this version reads 2"
+    folder = trained_run / "samples"
+    assert_user_error(run_in_process(inference.main, "--input_dir", folder, "--checkpoint", path), fragment)
+    assert_user_error(run_in_process(export.main, "--checkpoint", path, "--output", tmp_path / "m.onnx"), fragment)
+    assert_user_error(run_in_process(train.main, "--resume", path, "--run-dir", tmp_path / "r"), fragment)
+    with pytest.raises(ValueError, match=fragment):
+        Predictor.from_checkpoint(path)

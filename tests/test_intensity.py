@@ -75,12 +75,10 @@ def test_statistics_are_cached_until_an_image_changes(tmp_path, monkeypatch):
     assert build_normalization("dataset", paths, Reading(2), cache_folder=tmp_path) != first and calls == [1]
 
 
-def test_normalisation_round_trips_through_a_dict_and_reads_the_old_onnx_form():
+def test_normalisation_round_trips_through_a_dict():
     dataset = Normalization("dataset", (0.1, 0.2), (0.3, 0.4), (0.0, 0.01), (0.9, 0.99))
     assert Normalization.from_dict(dataset.to_dict()) == dataset
-    old = Normalization.from_dict({"mean": list(intensity.IMAGENET_MEAN), "std": list(intensity.IMAGENET_STD)})
-    assert old == Normalization.imagenet()
-    assert Normalization.from_dict(None) == Normalization.imagenet()  # a checkpoint from before the choice
+    assert Normalization.from_dict(Normalization.imagenet().to_dict()) == Normalization.imagenet()
 
 
 def test_display_shows_8_bit_photos_as_they_are_and_stretches_everything_else():

@@ -56,7 +56,7 @@ def test_the_logged_val_miou_equals_a_fresh_evaluation_of_the_checkpoint(trained
     model.load_state_dict(state["model"])
     model.eval()
     matrix = ConfusionMatrix(val.num_classes)
-    size = [state["image_size"]] * 2
+    size = [state["args"]["image_size"]] * 2
     precision = resolve_precision(state["args"]["precision"], torch.device("cpu"))  # auto: bf16 only on bf16 CPUs
     with torch.no_grad(), autocast(torch.device("cpu"), precision):
         for i in range(len(val)):
