@@ -39,12 +39,13 @@ from cli import (
     widths_type,
 )
 from demo import make_demo_data
-from engine import build_optimizer, train_step
+from engine import train_step
 from image_io import list_images
 from intensity import IMAGENET_MEAN, IMAGENET_STD
 from losses import build_loss
 from model import ResidualAttnUNet
 from onnx_model import export_metadata, export_network
+from optimizer import build_optimizer
 from predictions import Outputs, segment_folder
 from predictor import Predictor
 from presets import REFERENCE_WIDTHS
@@ -267,10 +268,11 @@ def bench_loader(args, device: torch.device, root: Path) -> None:
                 row = "".join(f"{result['ms'][stage]:>19.2f}" for stage in STAGES)
                 row += f"{result['images_per_s']:>19.1f}{result['worker_images_per_s']:>19.1f}"
                 on_device = f"{result['device_ms']:>19.2f}" if "device_ms" in result else ""
-                label = f"{augment}, {pipeline}" + (", before" if name == "before" else "")
+                label = f"{augment}, {pipeline}" + (", torchvision" if name == "torchvision" else "")
                 print(f"{label:<40}{row}{on_device}")
-            speedups = [rows["now"][rate] / rows["before"][rate] for rate in ("images_per_s", "worker_images_per_s")]
-            print(f"{'':<40}speed-up: {speedups[0]:.2f}x in one process, {speedups[1]:.2f}x with one worker")
+            rates = ("images_per_s", "worker_images_per_s")
+            speedups = [rows["ours"][rate] / rows["torchvision"][rate] for rate in rates]
+            print(f"{'':<40}ours vs torchvision: {speedups[0]:.2f}x in one process, {speedups[1]:.2f}x with one worker")
 
 
 def report_training(args, device: torch.device) -> None:

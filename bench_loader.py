@@ -1,5 +1,6 @@
 """bench.py's data loader rows: milliseconds per sample in each stage of the training pipeline and the images/s
-of one loader process, for the pipeline as it is and as the loader issue found it (issue_time_pipeline)."""
+of one loader process, for ours and for torchvision's v2 classes run as its segmentation references run them
+(torchvision_reference): a fixed external reference drawing the same random numbers."""
 
 from __future__ import annotations
 
@@ -25,65 +26,64 @@ LOADER_PASSES = 5  # each figure is the best of this many passes: the least dist
 BATCH = 8
 
 
-def issue_time_pipeline(augmentation: Augmentation) -> tuple[v2.Compose, v2.Compose]:
-    """The pipeline as the loader issue found it, all of it in the loader worker: torchvision's geometry classes one
-    step at a time (every step resizing, padding, cropping, flipping and rotating image and mask in turn, the
-    rotation a float grid_sample), then colour jitter on uint8, float and ImageNet's normalisation."""
+def torchvision_reference(augmentation: Augmentation) -> tuple[v2.Compose, v2.Compose]:
+    """torchvision's v2 classes making the same samples as ours, all of it in the loader worker, as torchvision's
+    segmentation references run them: the geometry one step at a time (each step resizing, padding, cropping,
+    flipping and rotating image and mask in turn), then colour jitter on uint8, float and normalisation."""
     geometry, colour = augmentation.geometry, augmentation.colour
-    steps = geometry.stepwise()
     jitter = [colour.jitter] if colour.jitter is not None else []
     blur = [v2.RandomApply([colour.blur], p=BLUR["p"])] if colour.blur is not None else []
     normalise = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return v2.Compose(steps), v2.Compose([*jitter, *blur, *normalise])
+    return v2.Compose(geometry.stepwise()), v2.Compose([*jitter, *blur, *normalise])
 
 
-def worker_stages(dataset: SegmentationFolder, before: bool) -> tuple:
-    """What a loader worker runs after decoding: the geometry, and the rest of the sample (before: colour and
-    normalisation, the whole sample; now: only the colour's random draws, the pixels stay uint8)."""
-    if before:
-        geometry, colour = issue_time_pipeline(dataset.transform)
+def worker_stages(dataset: SegmentationFolder, reference: bool) -> tuple:
+    """What a loader worker runs after decoding: the geometry, and the rest of the sample (the reference: colour and
+    normalisation, the whole sample; ours: only the colour's random draws, the pixels stay uint8)."""
+    if reference:
+        geometry, colour = torchvision_reference(dataset.transform)
         return geometry, lambda image, mask: tuple(t.as_subclass(torch.Tensor) for t in colour(image, mask))
     draw = dataset.transform.colour.draw
     return dataset.transform.geometry, lambda image, mask: (image, mask, draw(image.shape[0]))
 
 
-def read_pixels(dataset: SegmentationFolder, index: int, before: bool) -> np.ndarray:
-    """The decoded (H, W, 3) image: by PIL, as the loader issue measured it (before), or as training reads it."""
-    if not before:
+def read_pixels(dataset: SegmentationFolder, index: int, reference: bool) -> np.ndarray:
+    """The decoded (H, W, 3) image: by PIL, as torchvision's references read it, or as training reads it."""
+    if not reference:
         return read_image(dataset.pairs[index][0])[0]
     with Image.open(dataset.pairs[index][0]) as image:
         return pil_pixels(image)
 
 
-def read_mask_values(dataset: SegmentationFolder, index: int, pixels: np.ndarray, before: bool) -> tv_tensors.Mask:
-    """The mask: by PIL, its values mapped whole, as the loader issue measured it (before); or as training reads it,
-    raw, for the geometry to map after its gather (the bench's photos are upright: no orientation to follow)."""
-    if not before:
+def read_mask_values(dataset: SegmentationFolder, index: int, pixels: np.ndarray, reference: bool) -> tv_tensors.Mask:
+    """The mask: by PIL, its values mapped whole (the reference); or as training reads it, raw, for the geometry to
+    map after its gather (the bench's photos are upright: no orientation to follow)."""
+    if not reference:
         return dataset.load_mask(index, pixels, None, mapped=False)
     with Image.open(dataset.pairs[index][1]) as mask:
         return tv_tensors.Mask(torch.from_numpy(dataset.lut.take(np.asarray(mask))))
 
 
-def read_sample(dataset: SegmentationFolder, index: int, before: bool) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
-    pixels = read_pixels(dataset, index, before)
+def read_sample(dataset: SegmentationFolder, index: int, reference: bool) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+    pixels = read_pixels(dataset, index, reference)
     image = tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1))
-    return image, read_mask_values(dataset, index, pixels, before)
+    return image, read_mask_values(dataset, index, pixels, reference)
 
 
-def stage_seconds(dataset: SegmentationFolder, before: bool) -> tuple[dict, list]:
+def stage_seconds(dataset: SegmentationFolder, reference: bool) -> tuple[dict, list]:
     """One pass over the dataset, each stage timed on its own; the same random draws in every pass and row.
-    Returns the seconds per stage and the collated batches. Masks are mapped to classes as they are read (before),
-    or by the geometry after its gather (now)."""
-    geometry, finish = worker_stages(dataset, before)
+    Returns the seconds per stage and the collated batches. Masks are mapped to classes as they are read (the
+    reference), or by the geometry after its gather (ours)."""
+    geometry, finish = worker_stages(dataset, reference)
     torch.manual_seed(0)
     seconds = dict.fromkeys(STAGES, 0.0)
     samples = []
     for index in range(len(dataset)):
         started = time.perf_counter()
-        pixels = read_pixels(dataset, index, before)
+        pixels = read_pixels(dataset, index, reference)
         image = tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1))
         decoded = time.perf_counter()
-        mask = read_mask_values(dataset, index, pixels, before)
+        mask = read_mask_values(dataset, index, pixels, reference)
         loaded = time.perf_counter()
         image, mask = geometry(image, mask)
         moved = time.perf_counter()
@@ -101,14 +101,18 @@ def stage_seconds(dataset: SegmentationFolder, before: bool) -> tuple[dict, list
 class WorkerItems(Dataset):
     """What one loader worker computes for each sample, read, placed and finished by worker_stages."""
 
-    def __init__(self, dataset: SegmentationFolder, before: bool):
-        self.dataset, self.before, (self.geometry, self.finish) = dataset, before, worker_stages(dataset, before)
+    def __init__(self, dataset: SegmentationFolder, reference: bool):
+        self.dataset, self.reference, (self.geometry, self.finish) = (
+            dataset,
+            reference,
+            worker_stages(dataset, reference),
+        )
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple:
-        return self.finish(*self.geometry(*read_sample(self.dataset, index, self.before)))
+        return self.finish(*self.geometry(*read_sample(self.dataset, index, self.reference)))
 
 
 def device_colour_ms(colour: BatchColour, batches: list, device: torch.device) -> float:
@@ -128,25 +132,25 @@ def device_colour_ms(colour: BatchColour, batches: list, device: torch.device) -
 
 
 def loader_pair(images: Path, masks: Path, image_size: int, augment: str, pipeline: str, device: str) -> dict:
-    """The loader's rows, before (issue_time_pipeline) and now, measured in turns: each pass of one is followed by
-    the same pass of the other, so that a slow spell of the machine slows both and their ratio holds. A row:
+    """The loader's rows, torchvision's reference and ours, measured in turns: each pass of one is followed by the
+    same pass of the other, so that a slow spell of the machine slows both and their ratio holds. A row:
     milliseconds per sample in each stage, on one thread as in a DataLoader worker; the images/s of one process
     running the worker's part through a DataLoader (what one worker delivers) and with one worker process; each
-    the best of LOADER_PASSES passes; and now's colour stage per batch on the device. pipeline: "whole"
+    the best of LOADER_PASSES passes; and our colour stage per batch on the device. pipeline: "whole"
     (--crop-size 0) or "crop" (the default --crop-size 256)."""
     torch.set_num_threads(1)
     crop = Crop(image_size) if pipeline == "crop" else None
     dataset = SegmentationFolder(images, masks, image_size, augment=augment, scan_workers=1, crop=crop)
-    passes = {"before": [], "now": []}
+    passes = {"torchvision": [], "ours": []}
     for _ in range(LOADER_PASSES):
         for name, found in passes.items():
-            found.append(stage_seconds(dataset, before=name == "before"))
-    rates = loader_rates({name: WorkerItems(dataset, before=name == "before") for name in passes})
+            found.append(stage_seconds(dataset, reference=name == "torchvision"))
+    rates = loader_rates({name: WorkerItems(dataset, reference=name == "torchvision") for name in passes})
     rows = {}
     for name, found in passes.items():
         per_sample = {stage: 1000 * min(p[stage] for p, _ in found) / len(dataset) for stage in STAGES}
         rows[name] = {"ms": per_sample, **rates[name]}
-    rows["now"]["device_ms"] = device_colour_ms(dataset.transform.colour, passes["now"][0][1], torch.device(device))
+    rows["ours"]["device_ms"] = device_colour_ms(dataset.transform.colour, passes["ours"][0][1], torch.device(device))
     return rows
 
 

@@ -10,11 +10,12 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from errors import CheckpointError, MissingCheckpoint
+from files import replace_atomically
 from image_io import Reading
 from intensity import Normalization
 from labels import LabelMapping
 from model import ResidualAttnUNet
-from utils import first_line, replace_atomically
+from utils import first_line
 
 RUNS = Path("runs")
 # Raised when what a checkpoint holds changes meaning; a reader of version N reads N only (upgraded_state).

@@ -22,9 +22,10 @@ from tqdm import tqdm
 
 from coco_groups import CATEGORY_GROUP, GROUP_MEMBERS, GROUP_PRIORITY
 from errors import CocoError
+from files import refuse_inside, replace_atomically, require_folder
 from image_io import DEFAULT_MAX_PIXELS
 from labels import IGNORE_INDEX
-from utils import PALETTE, refuse_inside, replace_atomically, require_folder
+from utils import PALETTE
 
 COCO_CACHE = Path("data/coco_masks")  # where train.py keeps the masks it renders from COCO files
 MODES = ("categories", "groups", "binary")

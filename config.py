@@ -16,10 +16,10 @@ from cli import (
 from config_file import config_file_argv, replayable_flags
 from demo import DEMO_ROOTS
 from errors import CheckpointError, UserError
+from files import printable
 from presets import DEMO_SETTINGS, PRESETS
 from settings import TrainSettings
 from train_flags import get_args_parser
-from utils import printable
 
 DATA_FLAGS = ("data_root", "train_images", "train_masks", "val_images", "val_masks", "train_coco", "val_coco")
 RESUME_KEYS = ("args", "epoch", "history", "best_miou", "mapping", "optimizer", "scaler", "rng")

@@ -9,7 +9,8 @@ from pathlib import Path
 import yaml
 
 from errors import UserError
-from utils import first_line, replace_atomically
+from files import replace_atomically
+from utils import first_line
 
 NOT_REPLAYED = ("config", "resume", "run_dir")  # a replayed config starts a new run in a new folder
 

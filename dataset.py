@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from errors import BadSampleError, DataError
+from files import require_folder
 from image_io import (
     DEFAULT_MAX_PIXELS,
     RGB,
@@ -26,7 +27,6 @@ from image_io import (
 from intensity import Normalization, build_normalization, default_normalize
 from labels import IGNORE_INDEX, LabelMapping, read_class_names, scan_masks
 from transforms import Crop, build_transforms
-from utils import require_folder
 
 log = logging.getLogger(__name__)
 

@@ -1,160 +1,24 @@
-"""What the training loop does: one optimiser step, one pass over the training data, one validation pass;
-when it stops (signals, early stopping, a non-finite loss)."""
+"""What the training loop does: one optimiser step, one pass over the training data, one validation pass."""
 
 from __future__ import annotations
 
 import contextlib
-import math
-import signal
 import time
-from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from colour import BatchColour
 from labels import IGNORE_INDEX
 from metrics import ConfusionMatrix
+from optimizer import ONE_UPDATE_PER_BATCH, UpdateRule
 from predictor import Predictor
+from stopping import GracefulStop, NonFiniteLoss
 from utils import Runtime
 
 PANEL_SAMPLES = 4  # validation images kept for the sample panel
-
-
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-SCHEDULES = ("cosine", "poly")
-POLY_POWER = 0.9  # MMSegmentation's and DeepLab's
-
-
-def build_optimizer(
-    model: torch.nn.Module, lr: float, device: torch.device, *, name: str = "adam", weight_decay: float = 0.0
-) -> torch.optim.Optimizer:
-    """The reference design's Adam by default; the fused kernel where PyTorch has one. Weight decay (L2 for
-    adam, decoupled for adamw) applies to convolution weights only, never to biases, norms or the attention
-    gate, as in timm and MMSegmentation."""
-    params = list(model.parameters())
-    groups = [{"params": params, "weight_decay": 0.0}]  # one group, as checkpoints of the reference recipe hold
-    if weight_decay > 0:
-        groups = [
-            {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-        ]
-    return OPTIMIZERS[name](groups, lr=lr, fused=device.type in ("cuda", "cpu"))
-
-
-def scheduled_lr(epoch: int, *, base: float, epochs: int, warmup: int = 0, schedule: str = "cosine") -> float:
-    """The learning rate of a (1-based) epoch, a function of the epoch alone so a resumed run needs nothing
-    else: linear warmup to base over the warmup epochs, then cosine (to 0 after the last epoch, as
-    CosineAnnealingLR) or poly decay over the rest."""
-    if epoch <= warmup:
-        return base * epoch / (warmup + 1)
-    progress = (epoch - 1 - warmup) / max(epochs - warmup, 1)
-    if schedule == "poly":
-        return base * (1 - progress) ** POLY_POWER
-    return base * (1 + math.cos(math.pi * progress)) / 2
-
-
-@dataclass(frozen=True)
-class TimeBudget:
-    """--time-budget: the epochs that fit in a wall-clock budget. They are estimated once, at the end of the first
-    epoch (validation included), and then fixed as --epochs, so the schedule spans the whole budget and a resumed
-    run keeps the same schedule."""
-
-    seconds: float
-    started: float  # time.monotonic() when the run started: data scans and model building count too
-
-    def epochs_that_fit(self, first_epoch_seconds: float) -> int:
-        left = self.seconds - (time.monotonic() - self.started)
-        return 1 + max(0, int(left // max(first_epoch_seconds, 1e-3)))
-
-
-def ema_model(model: torch.nn.Module, decay: float) -> AveragedModel:
-    """An exponential moving average of the weights and BatchNorm statistics. The decay warms up as in timm
-    (min(decay, (1 + n) / (10 + n)) after n updates) so short runs are not averaged into their initial weights."""
-
-    def average(ema: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
-        n = float(updates)
-        weight = 1 - min(decay, (1 + n) / (10 + n))
-        if torch.is_floating_point(ema[0]):
-            torch._foreach_lerp_(ema, current, weight)
-        else:  # BatchNorm's batch counters
-            torch._foreach_copy_(ema, current)
-
-    return AveragedModel(model, multi_avg_fn=average, use_buffers=True)
-
-
-@dataclass(frozen=True)
-class UpdateRule:
-    """How gradients become weight updates: accumulated over micro-batches, clipped, followed by an EMA."""
-
-    accumulate: int = 1
-    clip_grad: float | None = None
-    ema: AveragedModel | None = None
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class GracefulStop:
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-
-    def __enter__(self) -> GracefulStop:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._request)
-        return self
-
-    def _request(self, signum, frame) -> None:
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def agreed(self, runtime: Runtime) -> bool:
-        """Under DDP every rank stops after the same step, or one would wait for the others for ever."""
-        if not runtime.ddp.enabled:
-            return self.requested
-        flag = torch.tensor(float(self.requested), device=runtime.device)
-        runtime.ddp.all_reduce_sum(flag)
-        if flag.item() and self.signum is None:
-            self.signum = signal.SIGTERM
-        return bool(flag.item())
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + int(self.signum)
-
-
-class EarlyStopping:
-    """Counts epochs without a better validation mIoU; patience 0 never stops."""
-
-    def __init__(self, patience: int, best: float = -1.0):
-        self.patience, self.best, self.epochs_without_gain = patience, best, 0
-
-    def update(self, miou: float) -> bool:
-        """Records an epoch's mIoU; True if it is the best so far."""
-        improved = miou > self.best
-        self.best = max(self.best, miou)
-        self.epochs_without_gain = 0 if improved else self.epochs_without_gain + 1
-        return improved
-
-    @property
-    def should_stop(self) -> bool:
-        return bool(self.patience) and self.epochs_without_gain >= self.patience
 
 
 def train_step(
@@ -166,7 +30,7 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     runtime: Runtime,
-    updates: UpdateRule = UpdateRule(),
+    updates: UpdateRule = ONE_UPDATE_PER_BATCH,
     update: bool = True,
 ) -> torch.Tensor:
     """Forward in the chosen precision, loss in fp32, backward; with update, the optimiser step on the
@@ -241,7 +105,7 @@ def train_one_epoch(
     runtime: Runtime,
     epoch: int,
     stop: GracefulStop,
-    updates: UpdateRule = UpdateRule(),
+    updates: UpdateRule = ONE_UPDATE_PER_BATCH,
     time_first_step: bool = False,
     report_data_wait: bool = False,
 ) -> tuple[float, list[str]]:

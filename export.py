@@ -18,10 +18,10 @@ from checkpoints import DataRules, default_checkpoint, inference_network, load_c
 from cli import ArgumentParser, add_ema_flag, positive_int, run_cli
 from demo import DEMO_ROOTS
 from errors import BadSampleError, OnnxError, UserError
+from files import replace_atomically, require_folder
 from image_io import Reading, list_images, read_image
 from onnx_model import OnnxModel, compare_networks, export_metadata, export_network
 from predictor import Sampling, stack_pixels
-from utils import replace_atomically, require_folder
 
 MIN_LABEL_AGREEMENT = 0.999
 

@@ -93,16 +93,20 @@ def plain_unet_layout(folder: Path, dest: Path) -> None:
             (image.convert("RGB") if kind == "images" else image).save(dest / target / path.name)
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_args_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("data/real"))
+    parser.add_argument("--out", type=Path, default=Path("data/real"), help="where the sets are written")
     parser.add_argument(
         "--plain-unet",
         type=Path,
         metavar="DIR",
         help="also write each set as DIR/<set>/{imgs,masks,val}, the layout milesial/Pytorch-UNet reads",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         for name, (requirement, prefix) in PACKAGES.items():
             archive = download(requirement, Path(tmp) / name)

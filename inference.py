@@ -24,11 +24,12 @@ from cli import (
     run_cli,
 )
 from errors import UserError
+from files import refuse_inside, require_folder
 from image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, conversion_for, first_readable, list_images
 from predictions import Outputs, segment_folder
 from predictor import MODES, Predictor
 from records import format_report, write_report
-from utils import Runtime, keep_freed_cpu_memory, refuse_inside, require_folder
+from utils import Runtime, keep_freed_cpu_memory
 
 
 def get_args_parser() -> ArgumentParser:

@@ -18,8 +18,8 @@ import torch
 from tqdm import tqdm
 
 from errors import BadSampleError, DataError
+from files import files_key, read_json_cache, write_json_cache
 from image_io import DEFAULT_MAX_PIXELS, Reading, read_image
-from utils import files_key, read_json_cache, write_json_cache
 
 NORMALIZE_CHOICES = ("imagenet", "dataset", "none")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

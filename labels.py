@@ -12,8 +12,8 @@ import numpy as np
 from tqdm import tqdm
 
 from errors import BadSampleError, DataError
+from files import files_key, read_json_cache, write_json_cache
 from image_io import DEFAULT_MAX_PIXELS, MAX_MASK_VALUE, read_mask
-from utils import files_key, read_json_cache, write_json_cache
 
 IGNORE_INDEX = 255  # the ignore label, after mapping; also the default raw value that marks ignored pixels
 SCAN_CACHE_NAME = ".label_scan.json"

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from engine import build_optimizer, train_step
+from engine import train_step
 from errors import UserError
+from optimizer import build_optimizer
 from utils import Runtime
 
 HEADROOM = 0.85  # the share of the available memory a run may plan to use; the rest is for loaders and noise

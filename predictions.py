@@ -20,12 +20,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from errors import BadSampleError
+from files import replace_atomically
 from image_io import DEFAULT_MAX_PIXELS, Reading, read_image, read_mask
 from intensity import display_rgb
 from labels import LabelMapping
 from metrics import ConfusionMatrix
 from predictor import Predictor
-from utils import colours, init_worker, replace_atomically
+from utils import colours, init_worker
 
 log = logging.getLogger("inference")
 

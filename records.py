@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from files import replace_atomically
 from metrics import ConfusionMatrix
-from utils import replace_atomically
 
 RESULT_COLUMNS = ("epoch", "train_loss", "val_loss", "miou", "mdice", "pixel_acc", "lr", "seconds", "images_per_s")
 REPORT_COLUMNS = ("class", "pixels", "iou", "dice", "precision", "recall")

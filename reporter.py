@@ -11,11 +11,11 @@ from torch.utils.tensorboard import SummaryWriter
 
 from checkpoints import DataRules, save_checkpoint
 from config_file import write_config
-from engine import GracefulStop
+from files import printable
 from metrics import ConfusionMatrix
 from plots import confusion_matrix_figure, curves_figure, sample_panel, save_figure
 from records import confusion_from, format_report, write_report, write_results
-from utils import printable
+from stopping import GracefulStop
 
 
 def batch_text(batch_size: int, accumulate: int, world_size: int) -> str:

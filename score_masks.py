@@ -20,11 +20,11 @@ import torch
 
 from cli import ArgumentParser, mask_value_type, run_cli
 from errors import UserError
+from files import require_folder
 from image_io import list_images, read_mask
 from labels import IGNORE_INDEX
 from metrics import ConfusionMatrix
 from records import class_report, format_report
-from utils import require_folder
 
 
 def get_args_parser() -> ArgumentParser:

@@ -24,30 +24,22 @@ from colour import BatchColour
 from config import parse_args, replay_values
 from dataset import SegmentationFolder, choose_reading
 from demo import DEMO_IMAGES, DEMO_ROOTS, make_demo_data
-from engine import (
-    EarlyStopping,
-    GracefulStop,
-    NonFiniteLoss,
-    TimeBudget,
-    UpdateRule,
-    build_optimizer,
-    ema_model,
-    evaluate,
-    scheduled_lr,
-    train_one_epoch,
-)
+from engine import evaluate, train_one_epoch
 from errors import CheckpointError, UserError
+from files import require_folder
 from intensity import check_display_channel
 from loaders import build_loaders
 from losses import build_loss
 from memory import check_training_memory
 from model import ResidualAttnUNet, count_parameters
+from optimizer import UpdateRule, build_optimizer, ema_model, scheduled_lr
 from predictor import Predictor, Sampling
 from records import epoch_record
 from reporter import Reporter, batch_text, input_text, skip_report
 from settings import DataSettings, ModelSettings, OptimSettings, SampleSettings, TrainSettings, recorded_flags
+from stopping import EarlyStopping, GracefulStop, NonFiniteLoss, TimeBudget
 from transforms import Crop
-from utils import Runtime, keep_freed_cpu_memory, require_folder, seed_everything
+from utils import Runtime, keep_freed_cpu_memory, seed_everything
 
 
 @dataclass

@@ -24,12 +24,12 @@ from cli import (
 )
 from coco import MODES
 from demo import DEMO_STYLES
-from engine import OPTIMIZERS, SCHEDULES
 from image_io import DEFAULT_MAX_PIXELS
 from intensity import NORMALIZE_CHOICES
 from labels import IGNORE_INDEX
 from losses import LOSSES
 from model import DEFAULT_WIDTHS
+from optimizer import OPTIMIZERS, SCHEDULES
 from presets import PRESETS
 from transforms import SCALE_RANGE
 

@@ -1,28 +1,22 @@
-"""Helpers every script shares: device, precision and where tensors run (Runtime), seeding, the torchrun
-job, the CPU allocator setting, atomic writes, JSON caches keyed on files, path checks, class colours."""
+"""Where and how tensors run, which every script shares: the device, the precision, the torchrun job (Runtime),
+the CPU allocator setting, seeding, and the class colours every picture uses."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import ctypes.util
-import hashlib
-import json
-import logging
 import os
 import random
 import signal
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from errors import UserError, WriteError
+from errors import UserError
 
 # Fixed palette so a class keeps its colour across runs, panels and overlays.
 PALETTE = np.array(
@@ -57,29 +51,6 @@ def first_line(err: BaseException) -> str:
     """An exception's first line for a one-line error (libraries raise pages); its type where it has no text."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-def printable(text: str) -> str:
-    """text with the bytes of a file name that is not valid UTF-8 (lone surrogates to Python) shown as U+FFFD, for
-    the writers that need real UTF-8 (TensorBoard, YAML, folder names made from a name)."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def require_folder(path: Path, flag: str = "") -> Path:
-    """The one wording for a missing folder or a file where a folder belongs; flag names the option."""
-    label = f"{flag} {path}" if flag else str(path)
-    if not path.exists():
-        raise UserError(f"{label}: no such folder")
-    if not path.is_dir():
-        raise UserError(f"{label}: not a folder")
-    return path
-
-
-def refuse_inside(output: Path, inputs: Path, message: str) -> None:
-    """Outputs never land inside an input folder, so inputs are never modified or read back as inputs."""
-    target, source = output.resolve(), inputs.resolve()
-    if target == source or source in target.parents:
-        raise UserError(message)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -246,68 +217,3 @@ def colours(num_classes: int) -> np.ndarray:
         return PALETTE[:num_classes]
     extra = np.random.default_rng(0).integers(0, 256, (num_classes - len(PALETTE), 3), dtype=np.uint8)
     return np.concatenate([PALETTE, extra])
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Makes a rename inside folder survive a power cut; some systems cannot sync a folder, which is fine there."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-@contextlib.contextmanager
-def replace_atomically(path: Path) -> Iterator[Path]:
-    """Yields a temporary name beside path, renamed onto path once written and synced to disk.
-
-    A crash, a kill or a power cut leaves the old file or the new one under path, never a half-written or
-    empty one. A failing write (disk full, read-only, no permission) raises WriteError naming path and the
-    cause, leaves the old file as it was, and no temporary behind.
-    """
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_folder(path.parent)
-    except OSError as err:
-        raise WriteError(f"{path}: cannot write ({err.strerror or err})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def files_key(paths: list[Path], *settings) -> str:
-    """A digest of the files' names, sizes and modification times and of the settings a result depends on: a
-    cache key that changes when any of them does. Names are hashed as the bytes on disk, so a name that is not
-    valid UTF-8 hashes too."""
-    digest = hashlib.sha256(repr(settings).encode())
-    for path in paths:
-        stat = path.stat()
-        digest.update(os.fsencode(path.name) + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())  # bytes-safe
-    return digest.hexdigest()
-
-
-def read_json_cache(path: Path, key: str):
-    """The value cached under key in path; None if the file is missing, unreadable or holds another key."""
-    try:
-        cached = json.loads(path.read_text())
-        return cached["value"] if cached.get("key") == key else None
-    except (OSError, ValueError, KeyError, AttributeError):
-        return None
-
-
-def write_json_cache(path: Path, key: str, value) -> None:
-    """A cache that cannot be written (a read-only data folder) only costs the next run the work again."""
-    try:
-        with replace_atomically(path) as tmp:
-            tmp.write_text(json.dumps({"key": key, "value": value}))
-    except WriteError:
-        logging.getLogger(__name__).info("%s: cannot write this cache; the next run computes it again", path)

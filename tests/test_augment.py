@@ -9,9 +9,9 @@ import train
 from checkpoints import load_checkpoint
 from conftest import TINY_TRAIN_FLAGS
 from dataset import SegmentationFolder
-from engine import EarlyStopping
 from intensity import Normalization
 from labels import IGNORE_INDEX
+from stopping import EarlyStopping
 from transforms import Crop, build_transforms
 
 

@@ -4,8 +4,9 @@ weight-decay groups, gradient accumulation, clipping, the EMA."""
 import pytest
 import torch
 
-from engine import UpdateRule, build_optimizer, ema_model, scheduled_lr, train_step
+from engine import train_step
 from model import ResidualAttnUNet
+from optimizer import UpdateRule, build_optimizer, ema_model, scheduled_lr
 from utils import Runtime
 
 CPU = Runtime(torch.device("cpu"))
@@ -115,10 +116,10 @@ def test_data_wait_counts_the_time_between_a_step_and_the_next_batch(monkeypatch
 
 
 def test_a_time_budget_counts_the_start_up_and_fits_whole_epochs(monkeypatch):
-    import engine
+    import stopping
 
-    budget = engine.TimeBudget(seconds=100, started=1000.0)
-    monkeypatch.setattr(engine.time, "monotonic", lambda: 1012.0)  # start-up and the first epoch took 12 s
+    budget = stopping.TimeBudget(seconds=100, started=1000.0)
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: 1012.0)  # start-up and the first epoch took 12 s
     assert budget.epochs_that_fit(10.0) == 1 + 8
-    monkeypatch.setattr(engine.time, "monotonic", lambda: 1150.0)  # the first epoch alone overran the budget
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: 1150.0)  # the first epoch alone overran the budget
     assert budget.epochs_that_fit(10.0) == 1

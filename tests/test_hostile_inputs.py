@@ -18,10 +18,10 @@ from PIL import Image
 
 import bench
 import export
+import files
 import inference
 import prepare_masks
 import train
-import utils
 from checkpoints import load_checkpoint
 from conftest import ROOT, TINY_TRAIN_FLAGS, run_in_process
 from predictor import Predictor
@@ -197,7 +197,7 @@ def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
     target = tmp_path / "mask.png"
-    with utils.replace_atomically(target) as tmp:
+    with files.replace_atomically(target) as tmp:
         tmp.write_bytes(b"new")
         assert not target.exists()
     assert synced[0] == str(tmp) and synced[1] == str(tmp_path)  # the file's data, then the rename in its folder

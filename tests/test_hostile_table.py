@@ -26,9 +26,10 @@ import prepare_masks
 import score_masks
 import train
 from conftest import TINY_TRAIN_FLAGS, run_in_process
+from files import printable
 from predictor import Predictor
 from test_hostile_inputs import png_claiming
-from utils import Runtime, printable
+from utils import Runtime
 
 
 def png_bytes(array: np.ndarray) -> bytes:

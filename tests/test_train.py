@@ -235,7 +235,8 @@ def test_a_run_with_every_recipe_flag_resumes_to_the_weights_of_an_uninterrupted
 def test_a_time_budget_fixes_the_epochs_after_the_first_and_a_resume_keeps_them(tiny_demo, tmp_path, monkeypatch):
     import yaml
 
-    from engine import TimeBudget, scheduled_lr
+    from optimizer import scheduled_lr
+    from stopping import TimeBudget
 
     monkeypatch.setattr(TimeBudget, "epochs_that_fit", lambda self, first_epoch_seconds: 3)
     whole = tmp_path / "whole"

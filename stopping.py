@@ -1,0 +1,87 @@
+"""When training stops: a wall-clock budget, SIGINT/SIGTERM, no progress (early stopping), a non-finite loss."""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+
+from utils import Runtime
+
+
+@dataclass(frozen=True)
+class TimeBudget:
+    """--time-budget: the epochs that fit in a wall-clock budget. They are estimated once, at the end of the first
+    epoch (validation included), and then fixed as --epochs, so the schedule spans the whole budget and a resumed
+    run keeps the same schedule."""
+
+    seconds: float
+    started: float  # time.monotonic() when the run started: data scans and model building count too
+
+    def epochs_that_fit(self, first_epoch_seconds: float) -> int:
+        left = self.seconds - (time.monotonic() - self.started)
+        return 1 + max(0, int(left // max(first_epoch_seconds, 1e-3)))
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> GracefulStop:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._request)
+        return self
+
+    def _request(self, signum, frame) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def agreed(self, runtime: Runtime) -> bool:
+        """Under DDP every rank stops after the same step, or one would wait for the others for ever."""
+        if not runtime.ddp.enabled:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=runtime.device)
+        runtime.ddp.all_reduce_sum(flag)
+        if flag.item() and self.signum is None:
+            self.signum = signal.SIGTERM
+        return bool(flag.item())
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)
+
+
+class EarlyStopping:
+    """Counts epochs without a better validation mIoU; patience 0 never stops."""
+
+    def __init__(self, patience: int, best: float = -1.0):
+        self.patience, self.best, self.epochs_without_gain = patience, best, 0
+
+    def update(self, miou: float) -> bool:
+        """Records an epoch's mIoU; True if it is the best so far."""
+        improved = miou > self.best
+        self.best = max(self.best, miou)
+        self.epochs_without_gain = 0 if improved else self.epochs_without_gain + 1
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.epochs_without_gain >= self.patience
