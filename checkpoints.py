@@ -11,7 +11,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from errors import CheckpointError, MissingCheckpoint
 from files import replace_atomically
-from image_io import Reading
+from image_io import ImageReading
 from intensity import Normalization
 from labels import LabelMapping
 from model import ResidualAttnUNet
@@ -23,12 +23,12 @@ FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
-class DataRules:
+class DataSpec:
     """How a model sees its data, saved with it so inference sees files the same way: the label mapping, how
     files become its input channels, and how their values are normalised."""
 
     mapping: LabelMapping
-    reading: Reading
+    reading: ImageReading
     normalization: Normalization
 
     def to_state(self) -> dict:
@@ -39,10 +39,10 @@ class DataRules:
         }
 
     @classmethod
-    def from_state(cls, state: dict) -> DataRules:
+    def from_state(cls, state: dict) -> DataSpec:
         return cls(
             LabelMapping.from_dict(state["mapping"]),
-            Reading.from_dict(state["reading"]),
+            ImageReading.from_dict(state["reading"]),
             Normalization.from_dict(state["normalization"]),
         )
 
@@ -55,7 +55,7 @@ def training_state(
     ema: AveragedModel | None,
     epoch: int,
     flags: dict,
-    rules: DataRules,
+    rules: DataSpec,
     best_miou: float,
     best_confusion: list[list[int]] | None,
     history: list[dict],

@@ -15,7 +15,7 @@ from files import require_folder
 from image_io import (
     DEFAULT_MAX_PIXELS,
     RGB,
-    Reading,
+    ImageReading,
     align_mask,
     conversion_for,
     first_readable,
@@ -51,7 +51,7 @@ def pair_files(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
 
 def choose_reading(
     images_dir: Path, channels: int | str, normalize: str, *, page: int = 0, convert: bool = False
-) -> tuple[Reading, str]:
+) -> tuple[ImageReading, str]:
     """--in-channels auto and --normalize auto resolved from the first image's header, which must fit the model:
     one line now rather than every sample skipped later. Returns the reading rule and the normalisation's name."""
     images = list_images(images_dir)
@@ -59,7 +59,7 @@ def choose_reading(
     if first is None and images:
         probe_image(images[0], page)  # nothing readable (say, a --tiff-page past every file's end): say why
     found, dtype = (first[1].channels, first[1].dtype) if first else (3, "uint8")
-    reading = Reading(found if channels == "auto" else channels, page, convert)
+    reading = ImageReading(found if channels == "auto" else channels, page, convert)
     if first:
         conversion_for(first[0], found, reading)
     return reading, default_normalize(reading.channels, dtype) if normalize == "auto" else normalize
@@ -80,7 +80,7 @@ class SegmentationFolder(Dataset):
         binary: bool = False,
         augment: str = "none",
         unknown_labels: str = "error",
-        reading: Reading = RGB,
+        reading: ImageReading = RGB,
         normalization: Normalization | None = None,
         normalize: str = "imagenet",
         scan_workers: int = 4,

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from checkpoints import DataRules, default_checkpoint, inference_network, load_checkpoint, training_flags
+from checkpoints import DataSpec, default_checkpoint, inference_network, load_checkpoint, training_flags
 from cli import ArgumentParser, add_ema_flag, positive_int, run_cli
 from demo import DEMO_ROOTS
 from errors import BadSampleError, OnnxError, UserError
 from files import replace_atomically, require_folder
-from image_io import Reading, list_images, read_image
+from image_io import ImageReading, list_images, read_image
 from onnx_model import OnnxModel, compare_networks, export_metadata, export_network
 from predictor import Sampling, stack_pixels
 
@@ -53,7 +53,7 @@ def validation_folder(flags: dict) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def read_check_images(folder: Path | None, count: int, reading: Reading) -> list[torch.Tensor]:
+def read_check_images(folder: Path | None, count: int, reading: ImageReading) -> list[torch.Tensor]:
     """The first count readable images of folder as (C, H, W) pixels, read as the model reads files; unreadable
     ones are passed over."""
     images = []
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{output}: already exists; pass --overwrite to replace it")
     state = load_checkpoint(checkpoint)
     model = inference_network(state, checkpoint, ema=args.ema)
-    flags, rules = training_flags(state), DataRules.from_state(state)
+    flags, rules = training_flags(state), DataSpec.from_state(state)
     sampling = Sampling.from_training_flags(flags)
     folder = require_folder(args.images, "--images") if args.images else validation_folder(flags)
     images = read_check_images(folder, args.check_count, rules.reading)

@@ -30,7 +30,7 @@ LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2, as
 
 
 @dataclass(frozen=True)
-class Reading:
+class ImageReading:
     """How an image file becomes a model's input; checkpoints record it, so inference reads files as training did.
 
     channels: what the model takes. Grey images are repeated for 3-channel models (as photos always were read);
@@ -47,11 +47,11 @@ class Reading:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> Reading:
+    def from_dict(cls, data: dict) -> ImageReading:
         return cls(int(data["channels"]), int(data["page"]), bool(data["convert"]))
 
 
-RGB = Reading()  # photos
+RGB = ImageReading()  # photos
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def pixel_values(array: np.ndarray, path: Path) -> np.ndarray:
 
 
 def channel_conversion(have: int, want: int, convert: bool) -> str | None:
-    """How an image of `have` channels becomes a `want`-channel input (see Reading); None: it cannot."""
+    """How an image of `have` channels becomes a `want`-channel input (see ImageReading); None: it cannot."""
     if have == want:
         return "keep"
     if have == 1 and (want == 3 or convert):
@@ -184,7 +184,7 @@ def mismatch_message(path: Path, have: int, want: int) -> str:
     return f"{path}: {have} channel{'s' * (have != 1)}, the model takes {want}{advice}"
 
 
-def conversion_for(path: Path, have: int, reading: Reading) -> str:
+def conversion_for(path: Path, have: int, reading: ImageReading) -> str:
     """channel_conversion, or ChannelMismatch naming the file and the remedy."""
     conversion = channel_conversion(have, reading.channels, reading.convert)
     if conversion is None:
@@ -192,7 +192,7 @@ def conversion_for(path: Path, have: int, reading: Reading) -> str:
     return conversion
 
 
-def fit_channels(array: np.ndarray, reading: Reading, path: Path) -> np.ndarray:
+def fit_channels(array: np.ndarray, reading: ImageReading, path: Path) -> np.ndarray:
     """(H, W, C) pixels -> (H, W, reading.channels), as channel_conversion allows."""
     want = reading.channels
     conversion = conversion_for(path, array.shape[2], reading)
@@ -277,7 +277,7 @@ def _tiff_error(path: Path, err: Exception) -> UnreadableFile:
 TIFF_ERRORS = (OSError, ValueError, IndexError, KeyError, TypeError, tifffile.TiffFileError)
 
 
-def _read_tiff(tif: tifffile.TiffFile, path: Path, reading: Reading, max_pixels: int) -> tuple[np.ndarray, int]:
+def _read_tiff(tif: tifffile.TiffFile, path: Path, reading: ImageReading, max_pixels: int) -> tuple[np.ndarray, int]:
     """(H, W, C) stored pixels of the chosen image and its orientation tag."""
     image = locate_tiff_image(tif, reading.page, path)
     check_pixels(path, image.info.width, image.info.height, max_pixels, "image")
@@ -304,7 +304,7 @@ def _tiff_file(path: Path) -> tifffile.TiffFile | None:
     return None
 
 
-def read_stored(path: Path, reading: Reading, max_pixels: int) -> tuple[np.ndarray, int | None]:
+def read_stored(path: Path, reading: ImageReading, max_pixels: int) -> tuple[np.ndarray, int | None]:
     """The file's (H, W, C) pixels as stored, and the orientation that shows them upright."""
     tif = _tiff_file(path) if path.suffix.lower() in TIFF_EXTENSIONS else None
     if tif is not None:
@@ -324,7 +324,7 @@ def read_stored(path: Path, reading: Reading, max_pixels: int) -> tuple[np.ndarr
 
 
 def read_image(
-    path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, reading: Reading = RGB
+    path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, reading: ImageReading = RGB
 ) -> tuple[np.ndarray, int | None]:
     """(H, W, reading.channels) pixels, upright: uint8, or float32 (see pixel_values); and the orientation that
     turned them (masks drawn on the stored pixels need the same)."""
@@ -358,7 +358,7 @@ def first_readable(paths: list[Path], page: int = 0) -> tuple[Path, ImageInfo] |
 
 
 def input_array(
-    image: str | Path | Image.Image | np.ndarray, reading: Reading = RGB, max_pixels: int = DEFAULT_MAX_PIXELS
+    image: str | Path | Image.Image | np.ndarray, reading: ImageReading = RGB, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
     """The Python API's images -> (H, W, channels) model pixels: a path (read as inference.py reads files), a PIL
     image, or an (H, W[, C]) array of integers or reals (uint8 and uint16 as stored in files; (H, W, 4) uint8 is

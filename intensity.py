@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from errors import BadSampleError, DataError
 from files import files_key, read_json_cache, write_json_cache
-from image_io import DEFAULT_MAX_PIXELS, Reading, read_image
+from image_io import DEFAULT_MAX_PIXELS, ImageReading, read_image
 
 NORMALIZE_CHOICES = ("imagenet", "dataset", "none")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -90,7 +90,7 @@ def default_normalize(channels: int, dtype: str) -> str:
     return "imagenet" if channels == 3 and dtype == "uint8" else "dataset"
 
 
-def _sample_values(path: Path, reading: Reading, count: int, max_pixels: int) -> tuple[np.ndarray, bool] | str:
+def _sample_values(path: Path, reading: ImageReading, count: int, max_pixels: int) -> tuple[np.ndarray, bool] | str:
     """count random pixels (seeded by the file name) of one image, (count, C), and whether it is 8-bit; or why not."""
     try:
         array, _ = read_image(path, max_pixels, reading)
@@ -102,7 +102,7 @@ def _sample_values(path: Path, reading: Reading, count: int, max_pixels: int) ->
     return picked.astype(np.float32) * (1 / 255 if array.dtype == np.uint8 else 1), array.dtype == np.uint8
 
 
-def compute_statistics(paths: list[Path], reading: Reading, *, max_pixels: int, workers: int = 4) -> Normalization:
+def compute_statistics(paths: list[Path], reading: ImageReading, *, max_pixels: int, workers: int = 4) -> Normalization:
     """Per-channel mean and std of pixels drawn from every training image; 16-bit and float data are first clipped
     to their 0.5 and 99.5 percentiles (nnU-Net's rule), which are kept as the clip bounds."""
     per_image = max(256, SAMPLED_VALUES // max(len(paths), 1))
@@ -131,7 +131,7 @@ def compute_statistics(paths: list[Path], reading: Reading, *, max_pixels: int, 
 
 
 def dataset_statistics(
-    paths: list[Path], reading: Reading, *, cache_folder: Path, max_pixels: int = DEFAULT_MAX_PIXELS
+    paths: list[Path], reading: ImageReading, *, cache_folder: Path, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Normalization:
     """compute_statistics, cached in cache_folder (beside the label scan) while the files and reading stay the same."""
     cache = cache_folder / STATS_CACHE_NAME
@@ -145,7 +145,7 @@ def dataset_statistics(
 
 
 def build_normalization(
-    name: str, paths: list[Path], reading: Reading, *, cache_folder: Path, max_pixels: int = DEFAULT_MAX_PIXELS
+    name: str, paths: list[Path], reading: ImageReading, *, cache_folder: Path, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Normalization:
     """--normalize NAME for a training set of these images."""
     if name == "imagenet":

@@ -11,21 +11,21 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from checkpoints import FORMAT_VERSION, DataRules, training_flags
+from checkpoints import FORMAT_VERSION, DataSpec, training_flags
 from errors import MissingOnnx, OnnxError
-from image_io import Reading
+from image_io import ImageReading
 from intensity import Normalization
 from labels import LabelMapping
 from utils import first_line
 
-# each under "segmentation."; input: the reading rule (image_io.Reading)
+# each under "segmentation."; input: the reading rule (image_io.ImageReading)
 METADATA_KEYS = ("format_version", "mapping", "normalize", "input", "training", "model_args")
 SAMPLING_FLAGS = ("image_size", "crop_size", "base_size")  # what Sampling.from_training_flags reads
 
 
 def export_metadata(state: dict) -> dict[str, str]:
     """What inference needs from a checkpoint, as the JSON strings ONNX metadata_props hold."""
-    flags, rules = training_flags(state), DataRules.from_state(state).to_state()
+    flags, rules = training_flags(state), DataSpec.from_state(state).to_state()
     values = {
         "format_version": state["format_version"],
         "mapping": rules["mapping"],
@@ -64,7 +64,7 @@ class OnnxModel:
     session: ort.InferenceSession
     mapping: LabelMapping
     normalize: Normalization
-    reading: Reading  # how files become the network's channels
+    reading: ImageReading  # how files become the network's channels
     training: dict  # the training flags that choose how images are shown to the network
     model_args: dict
     format_version: int
@@ -85,7 +85,7 @@ class OnnxModel:
             meta = {key: json.loads(props[f"segmentation.{key}"]) for key in METADATA_KEYS}
             mapping = LabelMapping.from_dict(meta.pop("mapping"))
             meta["normalize"] = Normalization.from_dict(meta["normalize"])
-            meta["reading"] = Reading.from_dict(meta.pop("input"))
+            meta["reading"] = ImageReading.from_dict(meta.pop("input"))
         except (ValueError, KeyError, TypeError) as err:
             raise OnnxError(f"{path}: unreadable segmentation metadata ({err!r})") from None
         if meta["format_version"] != FORMAT_VERSION:

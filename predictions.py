@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from errors import BadSampleError
 from files import replace_atomically
-from image_io import DEFAULT_MAX_PIXELS, Reading, read_image, read_mask
+from image_io import DEFAULT_MAX_PIXELS, ImageReading, read_image, read_mask
 from intensity import display_rgb
 from labels import LabelMapping
 from metrics import ConfusionMatrix
@@ -35,7 +35,7 @@ class InputImages(Dataset):
     """Decoded in DataLoader workers at their original size, as (C, H, W) pixels read by the model's rule; an
     unreadable file (or one whose channels the model cannot take) becomes an error string."""
 
-    def __init__(self, paths: list[Path], reading: Reading, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, paths: list[Path], reading: ImageReading, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.paths, self.reading, self.max_pixels = paths, reading, max_pixels
 
     def __len__(self) -> int:

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from checkpoints import DataRules, inference_network, load_checkpoint, training_flags
+from checkpoints import DataSpec, inference_network, load_checkpoint, training_flags
 from errors import CheckpointError, OnnxError
-from image_io import RGB, Reading, input_array
+from image_io import RGB, ImageReading, input_array
 from intensity import IMAGENET, Normalization
 from labels import LabelMapping
 from onnx_model import OnnxModel
@@ -151,7 +151,7 @@ class Predictor:
     tta: bool = False  # also average the horizontal flip's probabilities
     batch_size: int = 8  # tiles per forward pass when sliding
     normalize: Normalization = IMAGENET  # on the device, a batch at a time
-    reading: Reading = RGB  # how files and arrays become the network's channels
+    reading: ImageReading = RGB  # how files and arrays become the network's channels
 
     @classmethod
     def from_checkpoint(
@@ -166,7 +166,7 @@ class Predictor:
         **sampling,
     ):
         """runtime: default the best device and precision at hand. ema: the moving-average weights where the run
-        kept them (--ema). convert: convert images whose channels differ from the model's (image_io.Reading), even
+        kept them (--ema). convert: convert images whose channels differ from the model's (image_io.ImageReading), even
         if training did not. sampling: Sampling fields to override (None keeps the checkpoint's choice)."""
         path, runtime = Path(path), runtime or Runtime.from_flags("auto", "auto", channels_last=True)
         state = load_checkpoint(path)
@@ -175,7 +175,7 @@ class Predictor:
             state, path, ema=ema, device=runtime.device, dtype=dtype, memory_format=runtime.memory_format
         )
         try:
-            rules = DataRules.from_state(state)
+            rules = DataSpec.from_state(state)
             chosen = Sampling.for_model(training_flags(state), **sampling)
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: no usable label mapping, image size or input rule ({err!r})") from None

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from checkpoints import DataRules, save_checkpoint
+from checkpoints import DataSpec, save_checkpoint
 from config_file import write_config
 from files import printable
 from metrics import ConfusionMatrix
@@ -38,7 +38,7 @@ SCALARS = {
 }
 
 
-def input_text(rules: DataRules) -> str:
+def input_text(rules: DataSpec) -> str:
     """The start-up line's words for the model's input: channels and normalisation."""
     channels, normalization = rules.reading.channels, rules.normalization
     clipped = ", clipped to the 0.5-99.5 percentiles" if normalization.low is not None else ""

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoints import DataRules, load_model_weights, training_state
+from checkpoints import DataSpec, load_model_weights, training_state
 from cli import run_cli
 from coco import cached_masks
 from colour import BatchColour
@@ -71,7 +71,7 @@ def data_paths(data: DataSettings) -> DataPaths:
 
 
 def build_datasets(
-    data: DataSettings, samples: SampleSettings, rules: DataRules | None
+    data: DataSettings, samples: SampleSettings, rules: DataSpec | None
 ) -> tuple[SegmentationFolder, SegmentationFolder]:
     """The training set finds the label mapping and normalisation (unless resuming); validation reuses them.
     The input channels and normalisation they chose are the training set's reading and normalization."""
@@ -111,7 +111,7 @@ def prepare_data(
 ) -> tuple[SegmentationFolder, SegmentationFolder]:
     """Rank 0 builds the demo, renders COCO masks and scans labels first; the others then read its caches."""
     data, samples = settings.data, settings.samples
-    rules = DataRules.from_state(checkpoint) if checkpoint else None
+    rules = DataSpec.from_state(checkpoint) if checkpoint else None
     if data.demo and runtime.ddp.is_main:
         print(
             f"demo run: data {DEMO_ROOTS[data.demo_style]} ({DEMO_IMAGES['num_train']} train, "
@@ -169,7 +169,7 @@ class Training:
             report_data_wait=first,
         )
 
-    def validate(self, loader, *, rules: DataRules, sampling: Sampling, runtime: Runtime, epoch: int):
+    def validate(self, loader, *, rules: DataSpec, sampling: Sampling, runtime: Runtime, epoch: int):
         """The EMA's weights where there is one: what best.pt's users (inference, export) will run."""
         model = self.model if self.updates.ema is None else self.updates.ema.module
         model.eval()
@@ -274,7 +274,7 @@ def fit(
     loaders: tuple,
     *,
     settings: TrainSettings,
-    rules: DataRules,
+    rules: DataSpec,
     report: Reporter,
     history: list[dict],
     early: EarlyStopping,
@@ -358,7 +358,7 @@ def train(settings: TrainSettings, checkpoint: dict | None, runtime: Runtime) ->
     keep_freed_cpu_memory(runtime.device)
     seed_everything(run.seed)
     train_set, val_set = prepare_data(settings, checkpoint, runtime)
-    rules = DataRules(train_set.mapping, train_set.reading, train_set.normalization)
+    rules = DataSpec(train_set.mapping, train_set.reading, train_set.normalization)
     loaders = build_loaders(
         train_set,
         val_set,

@@ -77,7 +77,7 @@ def add_data_flags(p: ArgumentParser) -> None:
 
 
 def add_image_flags(p: ArgumentParser) -> None:
-    """How files become the model's input channels and values (image_io.Reading, intensity.Normalization)."""
+    """How files become the model's input channels and values (image_io.ImageReading, intensity.Normalization)."""
     images = p.add_argument_group("image channels and values")
     images.add_argument(
         "--in-channels",

@@ -10,7 +10,7 @@ from torchvision.transforms import v2
 
 import intensity
 from errors import DataError
-from image_io import Reading
+from image_io import ImageReading
 from intensity import Normalization, build_normalization, display_rgb
 
 
@@ -40,7 +40,7 @@ def write_16_bit_set(folder, count=3):
 
 def test_dataset_statistics_of_16_bit_data_equal_numpy_on_every_pixel(tmp_path):
     paths, stacks = write_16_bit_set(tmp_path)
-    found = build_normalization("dataset", paths, Reading(2), cache_folder=tmp_path)
+    found = build_normalization("dataset", paths, ImageReading(2), cache_folder=tmp_path)
     values = np.concatenate([s.reshape(2, -1) for s in stacks], axis=1).T / 65535  # every pixel, (N, 2)
     low, high = np.percentile(values, (0.5, 99.5), axis=0)
     clipped = values.clip(low, high)
@@ -57,7 +57,7 @@ def test_dataset_statistics_of_16_bit_data_equal_numpy_on_every_pixel(tmp_path):
 def test_dataset_statistics_of_8_bit_images_are_not_clipped(tmp_path):
     grey = np.random.default_rng(1).integers(0, 256, (20, 30), dtype=np.uint8)
     Image.fromarray(grey).save(tmp_path / "g.png")
-    found = build_normalization("dataset", [tmp_path / "g.png"], Reading(1), cache_folder=tmp_path)
+    found = build_normalization("dataset", [tmp_path / "g.png"], ImageReading(1), cache_folder=tmp_path)
     assert found.low is None and found.high is None
     np.testing.assert_allclose(found.mean, [grey.mean() / 255], rtol=1e-5)
     np.testing.assert_allclose(found.std, [grey.std() / 255], rtol=1e-4)
@@ -65,14 +65,14 @@ def test_dataset_statistics_of_8_bit_images_are_not_clipped(tmp_path):
 
 def test_statistics_are_cached_until_an_image_changes(tmp_path, monkeypatch):
     paths, _ = write_16_bit_set(tmp_path)
-    first = build_normalization("dataset", paths, Reading(2), cache_folder=tmp_path)
+    first = build_normalization("dataset", paths, ImageReading(2), cache_folder=tmp_path)
     assert (tmp_path / intensity.STATS_CACHE_NAME).is_file()
     calls = []
     real = intensity.compute_statistics
     monkeypatch.setattr(intensity, "compute_statistics", lambda *a, **k: calls.append(1) or real(*a, **k))
-    assert build_normalization("dataset", paths, Reading(2), cache_folder=tmp_path) == first and not calls
+    assert build_normalization("dataset", paths, ImageReading(2), cache_folder=tmp_path) == first and not calls
     tifffile.imwrite(paths[0], np.zeros((2, 30, 40), np.uint16), photometric="minisblack", planarconfig="separate")
-    assert build_normalization("dataset", paths, Reading(2), cache_folder=tmp_path) != first and calls == [1]
+    assert build_normalization("dataset", paths, ImageReading(2), cache_folder=tmp_path) != first and calls == [1]
 
 
 def test_normalisation_round_trips_through_a_dict():
