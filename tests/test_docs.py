@@ -92,9 +92,11 @@ def test_the_defaults_a_page_states_are_the_parsers(module):
         action, stated = actions[flags[0]], stated_default(cells[2])
         if action.default in (None, "", argparse.SUPPRESS) or not stated:
             continue
-        if not re.fullmatch(r"[\w.,\- ]+", stated) or (stated[0].isalpha() and not isinstance(action.default, str)):
-            if not isinstance(action.default, bool):
-                continue  # a description ("one per core", "the training crop"), not a value
+        described = not re.fullmatch(r"[\w.,\- ]+", stated) or (
+            stated[0].isalpha() and not isinstance(action.default, str)
+        )
+        if described and not isinstance(action.default, bool):
+            continue  # a description ("one per core", "the training crop"), not a value
         assert same_value(stated, action.default), f"docs: {flags[0]} default {stated!r}, parser {action.default!r}"
         checked += 1
     assert checked or module in ("fetch_real_data",)
