@@ -4,25 +4,31 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from utils import Runtime
 
+FINISH_RESERVE = 0.01  # of a time budget, kept for what follows the last epoch (the report, curves, closing files)
 
-@dataclass(frozen=True)
+
+@dataclass
 class TimeBudget:
-    """--time-budget: the epochs that fit in a wall-clock budget. They are estimated once, at the end of the first
-    epoch (validation included), and then fixed as --epochs, so the schedule spans the whole budget and a resumed
-    run keeps the same schedule."""
+    """--time-budget: the epochs that fit in a wall-clock budget, planned again after every epoch at the pace of
+    the recent epochs (the slower of the last two, so epochs that slow down are caught after one). The run ends
+    within the budget, and the schedule, a function of the epoch and of the planned epochs, still reaches its
+    end: the last epoch is always planned as the last."""
 
     seconds: float
     started: float  # time.monotonic() when the run started: data scans and model building count too
+    recent: list[float] = field(default_factory=list)  # the last epochs' seconds, validation and saving included
 
-    def epochs_that_fit(self, first_epoch_seconds: float) -> int:
-        left = self.seconds - (time.monotonic() - self.started)
-        return 1 + max(0, int(left // max(first_epoch_seconds, 1e-3)))
+    def epochs_that_fit(self, epochs_done: int, epoch_seconds: float) -> int:
+        """The run's epochs: those done and as many more as fit in what is left of the budget."""
+        self.recent = [*self.recent[-1:], epoch_seconds]
+        left = self.seconds * (1 - FINISH_RESERVE) - (time.monotonic() - self.started)
+        return epochs_done + max(0, int(left // max(*self.recent, 1e-3)))
 
 
 class NonFiniteLoss(RuntimeError):

@@ -259,13 +259,18 @@ def validation_sampling(samples: SampleSettings) -> Sampling:
     return replace(sampling, mode=samples.val_mode) if samples.val_mode else sampling
 
 
-def epochs_for_budget(
-    budget: TimeBudget, minutes: float, first_epoch_seconds: float, *, report: Reporter, runtime: Runtime
+def planned_epochs(
+    budget: TimeBudget, planned: int, epoch: int, epoch_seconds: float, *, report: Reporter, runtime: Runtime
 ) -> int:
-    """After the first epoch of a --time-budget run: the epochs that fit, which the checkpoints record."""
-    epochs = runtime.ddp.broadcast(budget.epochs_that_fit(first_epoch_seconds))
-    report.epochs = epochs
-    report.print(f"--time-budget {minutes:g} min: {epochs} epochs fit (estimated from the first)")
+    """After each epoch of a --time-budget run: the epochs that fit now (the same on every rank), said when they
+    change; the checkpoints record them, so --resume keeps the plan."""
+    epochs = runtime.ddp.broadcast(budget.epochs_that_fit(epoch, epoch_seconds))
+    if epoch == 1 or epochs != planned:
+        report.epochs = epochs
+        report.print(
+            f"--time-budget {budget.seconds / 60:g} min: {epochs} epochs fit (planned after epoch {epoch}, "
+            f"{epoch_seconds:.1f} s an epoch)"
+        )
     return epochs
 
 
@@ -290,7 +295,7 @@ def fit(
     with GracefulStop() as stop:
         while epoch < epochs:
             epoch += 1
-            started, lr = time.time(), learning_rate(optim, epochs, epoch)
+            started, lr = time.monotonic(), learning_rate(optim, epochs, epoch)
             training.set_lr(lr)
             train_loader.sampler.set_epoch(epoch)
             try:
@@ -299,7 +304,7 @@ def fit(
                 )
             except NonFiniteLoss as err:
                 return report.non_finite(err)
-            train_seconds = time.time() - started
+            train_seconds = time.monotonic() - started
             if stop.requested:
                 return report.stopped(stop, report.during_epoch(epoch))
             val_loss, matrix, panel, val_skipped = training.validate(
@@ -307,14 +312,14 @@ def fit(
             )
             metrics = matrix.compute()
             images = len(train_loader) * samples.batch_size * runtime.ddp.world_size
-            seconds = (train_seconds, time.time() - started)
+            seconds = (train_seconds, time.monotonic() - started)
             record = epoch_record(
                 epoch, losses=(train_loss, val_loss), metrics=metrics, lr=lr, seconds=seconds, images=images
             )
             history.append(record)
-            if budget is not None and epoch == 1:
-                epochs = epochs_for_budget(
-                    budget, optim.time_budget, history[-1]["seconds"], report=report, runtime=runtime
+            if budget is not None:
+                epochs = planned_epochs(
+                    budget, epochs, epoch, time.monotonic() - started, report=report, runtime=runtime
                 )
             improved = early.update(metrics["miou"])
             best_confusion = matrix.matrix.cpu().tolist() if improved else best_confusion
@@ -337,6 +342,7 @@ def fit(
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()  # a time budget counts from here
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     settings, checkpoint = parse_args(argv)
     run = settings.run
@@ -344,14 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # a timestamped run folder must be the same on every rank
         settings = replace(settings, run=replace(run, run_dir=runtime.ddp.broadcast(run.run_dir)))
-        return train(settings, checkpoint, runtime)
+        return train(settings, checkpoint, runtime, started=started)
     finally:
         if runtime.ddp.enabled:
             dist.destroy_process_group()
 
 
-def train(settings: TrainSettings, checkpoint: dict | None, runtime: Runtime) -> int:
-    started = time.monotonic()
+def train(settings: TrainSettings, checkpoint: dict | None, runtime: Runtime, *, started: float) -> int:
     data, samples, optim, run = settings.data, settings.samples, settings.optim, settings.run
     if not runtime.ddp.is_main:
         logging.getLogger().setLevel(logging.ERROR)

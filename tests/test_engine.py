@@ -115,11 +115,16 @@ def test_data_wait_counts_the_time_between_a_step_and_the_next_batch(monkeypatch
     assert "add --workers if cores are free" in wait.describe(3)
 
 
-def test_a_time_budget_counts_the_start_up_and_fits_whole_epochs(monkeypatch):
+def test_a_time_budget_counts_the_start_up_and_plans_again_at_the_pace_of_the_last_epochs(monkeypatch):
     import stopping
 
     budget = stopping.TimeBudget(seconds=100, started=1000.0)
+    reserve = 100 * stopping.FINISH_RESERVE
     monkeypatch.setattr(stopping.time, "monotonic", lambda: 1012.0)  # start-up and the first epoch took 12 s
-    assert budget.epochs_that_fit(10.0) == 1 + 8
-    monkeypatch.setattr(stopping.time, "monotonic", lambda: 1150.0)  # the first epoch alone overran the budget
-    assert budget.epochs_that_fit(10.0) == 1
+    assert budget.epochs_that_fit(1, 10.0) == 1 + int((100 - reserve - 12) // 10)
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: 1032.0)  # the second epoch took twice as long
+    assert budget.epochs_that_fit(2, 20.0) == 2 + int((100 - reserve - 32) // 20)
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: 1042.0)  # fast again: the slower of the last two
+    assert budget.epochs_that_fit(3, 10.0) == 3 + int((100 - reserve - 42) // 20)
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: 1150.0)  # an epoch overran the budget: stop here
+    assert budget.epochs_that_fit(4, 108.0) == 4

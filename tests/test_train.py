@@ -232,13 +232,13 @@ def test_a_run_with_every_recipe_flag_resumes_to_the_weights_of_an_uninterrupted
     assert not torch.equal(averaged.network.state_dict()[weight], trained.network.state_dict()[weight])
 
 
-def test_a_time_budget_fixes_the_epochs_after_the_first_and_a_resume_keeps_them(tiny_demo, tmp_path, monkeypatch):
+def test_a_time_budget_plans_the_epochs_and_a_resume_keeps_them(tiny_demo, tmp_path, monkeypatch):
     import yaml
 
     from optimizer import scheduled_lr
     from stopping import TimeBudget
 
-    monkeypatch.setattr(TimeBudget, "epochs_that_fit", lambda self, first_epoch_seconds: 3)
+    monkeypatch.setattr(TimeBudget, "epochs_that_fit", lambda self, done, seconds: 3)
     whole = tmp_path / "whole"
     flags = ["--data-root", str(tiny_demo), *TINY_TRAIN_FLAGS, "--time-budget", "0.5", "--save-every", "1"]
     assert train.main([*flags, "--run-dir", str(whole)]) == 0
@@ -247,7 +247,7 @@ def test_a_time_budget_fixes_the_epochs_after_the_first_and_a_resume_keeps_them(
     cosine_over_3 = [scheduled_lr(e, base=3e-3, epochs=3) for e in (1, 2, 3)]
     assert [h["lr"] for h in last["history"]] == pytest.approx(cosine_over_3)
     assert "epochs" not in yaml.safe_load((whole / "config.yaml").read_text())  # a replay fits its own epochs
-    monkeypatch.setattr(TimeBudget, "epochs_that_fit", lambda self, first_epoch_seconds: 8)
+    monkeypatch.setattr(TimeBudget, "epochs_that_fit", lambda self, done, seconds: 8)
     resumed = tmp_path / "resumed"
     assert train.main(["--resume", str(whole / "checkpoints/epoch_001.pt"), "--run-dir", str(resumed)]) == 0
     again = load_checkpoint(resumed / "checkpoints/last.pt")
@@ -293,3 +293,31 @@ def test_a_batch_larger_than_an_epoch_is_one_line(tiny_demo, tmp_path):
     result = run_in_process(train.main, *flags)
     assert result.returncode == 2 and "--batch-size 30 is larger than an epoch's 24 images" in result.stderr
     assert run_in_process(train.main, *flags, "--min-epoch-samples", "60", "--epochs", "1").returncode == 0
+
+
+def test_a_time_budget_holds_when_later_epochs_run_slower(tiny_demo, tmp_path, monkeypatch):
+    """From the third epoch on, every epoch takes 4 s longer (on a clock the test moves, so nothing sleeps): the
+    run plans again after each epoch, ends within the budget plus 3%, and its last epoch ends the schedule."""
+    import time
+
+    from optimizer import scheduled_lr
+
+    real_monotonic, slowed = time.monotonic, [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() + slowed[0])
+    real_epoch = train.Training.train_epoch
+
+    def slow_from_the_third(self, loader, *, epoch, **kwargs):
+        slowed[0] += 4.0 if epoch >= 3 else 0.0
+        return real_epoch(self, loader, epoch=epoch, **kwargs)
+
+    monkeypatch.setattr(train.Training, "train_epoch", slow_from_the_third)
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    flags = ["--data-root", str(tiny_demo), *TINY_TRAIN_FLAGS, "--time-budget", "0.75", "--run-dir", str(run_dir)]
+    assert train.main(flags) == 0
+    assert time.monotonic() - started <= 45 * 1.03
+    last = load_checkpoint(run_dir / "checkpoints/last.pt")
+    epochs = last["args"]["epochs"]
+    assert last["epoch"] == epochs >= 4  # planned again after the slow epochs, not fixed from the first
+    final_lr = scheduled_lr(epochs, base=3e-3, epochs=epochs)
+    assert last["history"][-1]["lr"] == pytest.approx(final_lr)  # the schedule reached its end
