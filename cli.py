@@ -145,6 +145,16 @@ def workers_type(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{text!r} is not auto or a whole number >= 0") from None
 
 
+def val_every_type(text: str) -> int | str:
+    """--val-every: an epoch interval, or auto (chosen from what the first validation cost)."""
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto or a positive integer") from None
+
+
 def in_channels_type(text: str) -> int | str:
     """--in-channels: a channel count, or auto (from the first training image)."""
     if text == "auto":

@@ -86,15 +86,16 @@ def confusion_matrix_figure(matrix: torch.Tensor, class_names: list[str]) -> Fig
 
 
 def curves_figure(history: list[dict]) -> Figure:
-    """Training/validation loss and validation mIoU per epoch."""
+    """Training loss per epoch, validation loss and mIoU per validated epoch."""
     epochs = [h["epoch"] for h in history]
+    validated = [h for h in history if "miou" in h]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
     left.plot(epochs, [h["train_loss"] for h in history], label="train")
-    left.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    left.plot([h["epoch"] for h in validated], [h["val_loss"] for h in validated], marker=".", label="validation")
     left.set_xlabel("epoch")
     left.set_ylabel("loss")
     left.legend()
-    right.plot(epochs, [h["miou"] for h in history], color="tab:green")
+    right.plot([h["epoch"] for h in validated], [h["miou"] for h in validated], marker=".", color="tab:green")
     right.set_xlabel("epoch")
     right.set_ylabel("validation mIoU")
     right.set_ylim(0, 1)

@@ -13,7 +13,9 @@ import torch
 from files import replace_atomically
 from metrics import ConfusionMatrix
 
-RESULT_COLUMNS = ("epoch", "train_loss", "val_loss", "miou", "mdice", "pixel_acc", "lr", "seconds", "images_per_s")
+RESULT_COLUMNS = (
+    *("epoch", "train_loss", "val_loss", "miou", "mdice", "pixel_acc", "lr", "seconds", "images_per_s", "validated"),
+)
 REPORT_COLUMNS = ("class", "pixels", "iou", "dice", "precision", "recall")
 
 
@@ -26,13 +28,25 @@ def write_csv(rows: list[dict], columns: tuple[str, ...], path: Path) -> None:
         tmp.write_text(text.getvalue(), encoding="utf-8")
 
 
-def epoch_record(epoch: int, *, losses: tuple, metrics: dict, lr: float, seconds: tuple, images: int) -> dict:
-    """One row of the run's history (results.csv, TensorBoard): seconds = (training, training + validation)."""
-    scores = {key: metrics[key] for key in ("miou", "mdice", "pixel_acc")}
-    train_loss, val_loss = losses
-    return dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, **scores, lr=lr) | dict(
-        seconds=seconds[1], images_per_s=images / seconds[0]
-    )
+VALIDATION_KEYS = ("val_loss", "miou", "mdice", "pixel_acc")  # absent from the rows of epochs not validated
+
+
+def epoch_record(
+    epoch: int,
+    *,
+    train_loss: float,
+    lr: float,
+    seconds: tuple,
+    images: int,
+    val_loss: float | None = None,
+    metrics: dict | None = None,
+) -> dict:
+    """One row of the run's history (results.csv, TensorBoard): seconds = (training, the whole epoch); the
+    validation's loss and scores where the epoch was validated (metrics None: it was not)."""
+    record = dict(epoch=epoch, train_loss=train_loss, lr=lr, seconds=seconds[1], images_per_s=images / seconds[0])
+    if metrics is None:
+        return record | dict(validated=0)
+    return record | dict(val_loss=val_loss, **{key: metrics[key] for key in VALIDATION_KEYS[1:]}, validated=1)
 
 
 def write_results(history: list[dict], path: Path) -> None:

@@ -6,7 +6,6 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from checkpoints import DataSpec, save_checkpoint
@@ -16,6 +15,7 @@ from metrics import ConfusionMatrix
 from plots import confusion_matrix_figure, curves_figure, sample_panel, save_figure
 from records import confusion_from, format_report, write_report, write_results
 from stopping import GracefulStop
+from trainer import Validation
 
 
 def batch_text(batch_size: int, accumulate: int, world_size: int) -> str:
@@ -82,20 +82,32 @@ class Reporter:
         if self.active:
             write_config(values, self.run_dir / "config.yaml")
 
-    def epoch(self, history: list[dict], per_class_iou: torch.Tensor, skipped: str) -> None:
-        """The console line, TensorBoard scalars and results.csv of the epoch just finished (history[-1])."""
+    def epoch(self, history: list[dict], validation: Validation | None, skipped: list[str], *, figures: bool) -> None:
+        """The console line, TensorBoard scalars and results.csv of the epoch just finished (history[-1]), and with
+        figures its sample panel and confusion matrix; an epoch not validated (validation None) has no validation
+        scalars or figures, and says so."""
         if not self.active:
             return
         record = history[-1]
         epoch = record["epoch"]
+        if figures and validation is not None:
+            self.figures(epoch, validation.panel, validation.matrix)
+        per_class_iou = [] if validation is None else validation.metrics["iou"].tolist()
         for tag, key in SCALARS.items():
-            self.writer.add_scalar(tag, record[key], epoch)
-        for name, iou in zip(self.class_names, per_class_iou.tolist(), strict=True):
+            if key in record:
+                self.writer.add_scalar(tag, record[key], epoch)
+        for name, iou in zip(self.class_names, per_class_iou, strict=False):
             self.writer.add_scalar(f"iou/{name}", iou, epoch)
+        scores = (
+            f"val loss {record['val_loss']:.4f}  mIoU {record['miou']:.4f}  mDice {record['mdice']:.4f}  "
+            f"pixel acc {record['pixel_acc']:.4f}"
+            if record["validated"]
+            else "not validated"
+        )
         print(
-            f"epoch {epoch}/{self.epochs}  train loss {record['train_loss']:.4f}  val loss {record['val_loss']:.4f}  "
-            f"mIoU {record['miou']:.4f}  mDice {record['mdice']:.4f}  pixel acc {record['pixel_acc']:.4f}  "
-            f"lr {record['lr']:.2e}  {record['seconds']:.1f}s ({record['images_per_s']:.1f} images/s)" + skipped
+            f"epoch {epoch}/{self.epochs}  train loss {record['train_loss']:.4f}  {scores}  "
+            f"lr {record['lr']:.2e}  {record['seconds']:.1f}s ({record['images_per_s']:.1f} images/s)"
+            + skip_report(skipped, validation.skipped if validation else [])
         )
         write_results(history, self.run_dir / "results.csv")
 
@@ -125,7 +137,7 @@ class Reporter:
         if not self.active or best_confusion is None:
             return
         rows = write_report(confusion_from(best_confusion), self.class_names, self.run_dir)
-        epoch = next((h["epoch"] for h in history if h["miou"] == best_miou), "?")
+        epoch = next((h["epoch"] for h in history if h.get("miou") == best_miou), "?")
         print(f"\nbest epoch {epoch} (best.pt), per class on the validation set:\n{format_report(rows)}")
 
     def finish(self, history: list[dict], flags: dict, best_miou: float, val_images: Path) -> None:

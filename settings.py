@@ -101,6 +101,7 @@ class RunSettings:
     seed: int
     run_dir: Path
     save_every: int
+    val_every: int | str  # an epoch interval, or "auto": chosen after the first validation
     resume: str | None
 
 
@@ -135,7 +136,10 @@ def plain_flags(flags: dict) -> dict:
     return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}
 
 
-def recorded_flags(settings: TrainSettings, *, in_channels: int, normalize: str, epochs: int) -> dict:
+def recorded_flags(settings: TrainSettings, **discovered) -> dict:
     """What the run's checkpoints and config.yaml record: the settings with what the run discovered in place of
-    "auto" (channels, normalisation) and the epochs a time budget fitted."""
-    return plain_flags({**settings.flags(), "in_channels": in_channels, "normalize": normalize, "epochs": epochs})
+    "auto" (in_channels, normalize, val_every) and the epochs a time budget planned."""
+    unknown = set(discovered) - set(settings.flags())
+    if unknown:
+        raise TypeError(f"discovered values for no setting: {sorted(unknown)}")
+    return plain_flags({**settings.flags(), **discovered})

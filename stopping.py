@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -11,6 +12,14 @@ import torch
 from utils import Runtime
 
 FINISH_RESERVE = 0.01  # of a time budget, kept for what follows the last epoch (the report, curves, closing files)
+VALIDATION_SHARE = 0.1  # --val-every auto: validation takes at most this share of a run
+
+
+def validation_interval(train_seconds: float, validation_seconds: float) -> int:
+    """--val-every auto: validating every k epochs costs v / (k t + v) of the run (t: an epoch's training, v: a
+    validation); the smallest k that keeps that within VALIDATION_SHARE. 1 where validation is cheap."""
+    needed = (1 - VALIDATION_SHARE) / VALIDATION_SHARE * validation_seconds / max(train_seconds, 1e-3)
+    return max(1, math.ceil(needed - 1e-9))
 
 
 @dataclass
@@ -22,13 +31,20 @@ class TimeBudget:
 
     seconds: float
     started: float  # time.monotonic() when the run started: data scans and model building count too
-    recent: list[float] = field(default_factory=list)  # the last epochs' seconds, validation and saving included
+    recent: list[float] = field(default_factory=list)  # the last epochs' training seconds
+    validation: float = 0.0  # the last validation's seconds
 
-    def epochs_that_fit(self, epochs_done: int, epoch_seconds: float) -> int:
-        """The run's epochs: those done and as many more as fit in what is left of the budget."""
-        self.recent = [*self.recent[-1:], epoch_seconds]
-        left = self.seconds * (1 - FINISH_RESERVE) - (time.monotonic() - self.started)
-        return epochs_done + max(0, int(left // max(*self.recent, 1e-3)))
+    def epochs_that_fit(
+        self, epochs_done: int, train_seconds: float, validation_seconds: float | None = None, val_every: int = 1
+    ) -> int:
+        """The run's epochs: those done and as many more as fit in what is left of the budget, each with its
+        share of the validations (every val_every epochs) and one more validation kept for the last epoch.
+        validation_seconds: this epoch's validation, None where it was not validated."""
+        self.recent = [*self.recent[-1:], train_seconds]
+        self.validation = self.validation if validation_seconds is None else validation_seconds
+        left = self.seconds * (1 - FINISH_RESERVE) - (time.monotonic() - self.started) - self.validation
+        per_epoch = max(*self.recent, 1e-3) + self.validation / val_every
+        return epochs_done + max(0, int(left // per_epoch))
 
 
 class NonFiniteLoss(RuntimeError):
@@ -76,13 +92,13 @@ class GracefulStop:
 
 
 class EarlyStopping:
-    """Counts epochs without a better validation mIoU; patience 0 never stops."""
+    """Counts validations without a better mIoU; patience 0 never stops."""
 
     def __init__(self, patience: int, best: float = -1.0):
         self.patience, self.best, self.epochs_without_gain = patience, best, 0
 
     def update(self, miou: float) -> bool:
-        """Records an epoch's mIoU; True if it is the best so far."""
+        """Records a validation's mIoU; True if it is the best so far."""
         improved = miou > self.best
         self.best = max(self.best, miou)
         self.epochs_without_gain = 0 if improved else self.epochs_without_gain + 1

@@ -10,34 +10,29 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from checkpoints import DataSpec, load_model_weights, training_state
+from checkpoints import DataSpec
 from cli import run_cli
 from coco import cached_masks
-from colour import BatchColour
 from config import parse_args, replay_values
 from dataset import SegmentationFolder, choose_reading
 from demo import DEMO_IMAGES, DEMO_ROOTS, make_demo_data
-from engine import evaluate, train_one_epoch
-from errors import CheckpointError, UserError
+from errors import UserError
 from files import require_folder
 from intensity import check_display_channel
 from loaders import build_loaders
-from losses import build_loss
-from memory import check_training_memory
-from model import ResidualAttnUNet, count_parameters
-from optimizer import UpdateRule, build_optimizer, ema_model, scheduled_lr
-from predictor import Predictor, Sampling
+from model import count_parameters
+from optimizer import scheduled_lr
+from predictor import Sampling
 from records import epoch_record
-from reporter import Reporter, batch_text, input_text, skip_report
-from settings import DataSettings, ModelSettings, OptimSettings, SampleSettings, TrainSettings, recorded_flags
-from stopping import EarlyStopping, GracefulStop, NonFiniteLoss, TimeBudget
+from reporter import Reporter, batch_text, input_text
+from settings import DataSettings, OptimSettings, SampleSettings, TrainSettings, recorded_flags
+from stopping import EarlyStopping, GracefulStop, NonFiniteLoss, TimeBudget, validation_interval
+from trainer import Plan, Training, Validation, build_training, check_memory
 from transforms import Crop
 from utils import Runtime, keep_freed_cpu_memory, seed_everything
 
@@ -128,126 +123,6 @@ def prepare_data(
     return datasets
 
 
-@dataclass
-class Training:
-    """The model and everything that steps it: what a checkpoint saves and --resume restores."""
-
-    model: torch.nn.Module  # plain: what is saved and validated
-    step_model: torch.nn.Module  # compiled and/or DDP-wrapped: what is trained
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    loss_fn: torch.nn.Module
-    updates: UpdateRule  # accumulation, clipping, the EMA
-    colour: BatchColour  # the training samples' colour stage, run per batch on the device
-    compiled: bool = False  # the first step's time (compilation included) is worth printing
-
-    def state(self, **progress) -> dict:
-        """progress: epoch, flags, rules, best_miou, best_confusion, history (see checkpoints.training_state)."""
-        return training_state(
-            model=self.model, optimizer=self.optimizer, scaler=self.scaler, ema=self.updates.ema, **progress
-        )
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-    def train_epoch(self, loader, *, runtime: Runtime, epoch: int, stop: GracefulStop, first: bool):
-        """first: the first epoch of this process, which says what the first step cost (with compile) and how
-        much of the epoch waited for data."""
-        return train_one_epoch(
-            self.step_model,
-            loader,
-            loss_fn=self.loss_fn,
-            optimizer=self.optimizer,
-            scaler=self.scaler,
-            colour=self.colour,
-            runtime=runtime,
-            epoch=epoch,
-            stop=stop,
-            updates=self.updates,
-            time_first_step=first and self.compiled,
-            report_data_wait=first,
-        )
-
-    def validate(self, loader, *, rules: DataSpec, sampling: Sampling, runtime: Runtime, epoch: int):
-        """The EMA's weights where there is one: what best.pt's users (inference, export) will run."""
-        model = self.model if self.updates.ema is None else self.updates.ema.module
-        model.eval()
-        predictor = Predictor.for_validation(model, rules.mapping, sampling, runtime, rules.normalization)
-        return evaluate(predictor, loader, num_classes=rules.mapping.num_classes, runtime=runtime, epoch=epoch)
-
-    def restore(self, checkpoint: dict) -> None:
-        path, classes = checkpoint["path"], checkpoint["model_args"].get("num_classes")
-        if classes != self.model.config["num_classes"]:
-            raise CheckpointError(f"{path}: has {classes} classes, the data {self.model.config['num_classes']}")
-        load_model_weights(self.model, checkpoint, path)
-        parts = {
-            "optimizer": self.optimizer.load_state_dict,
-            "scaler": self.scaler.load_state_dict,
-            "rng": torch.set_rng_state,
-        }
-        for name, load in parts.items():
-            try:
-                load(checkpoint[name])
-            except (KeyError, TypeError, ValueError, RuntimeError) as err:
-                raise CheckpointError(f"{path}: its {name} state does not fit this run ({err})") from None
-        ema = self.updates.ema
-        if ema is not None and "ema" in checkpoint:  # else the average starts from the resumed weights
-            load_model_weights(ema.module, checkpoint, path, key="ema")
-            ema.n_averaged.fill_(int(checkpoint["ema_updates"]))
-
-
-def build_model(
-    settings: ModelSettings, in_channels: int, num_classes: int, runtime: Runtime
-) -> tuple[nn.Module, nn.Module]:
-    """The model to save (plain) and the one to step (compiled and/or DDP-wrapped)."""
-    model = ResidualAttnUNet(in_channels, num_classes, settings.widths, settings.dropout)
-    model.grad_checkpoint = settings.grad_checkpoint
-    if settings.sync_bn:
-        if runtime.device.type != "cuda" or not runtime.ddp.enabled:
-            raise UserError("--sync-bn needs a torchrun job on CUDA GPUs (SyncBatchNorm does not run on the CPU)")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(runtime.device, memory_format=runtime.memory_format)
-    step_model = torch.compile(model) if settings.compile else model
-    if runtime.ddp.enabled:
-        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        step_model = DistributedDataParallel(step_model, device_ids=device_ids)
-    return model, step_model
-
-
-def check_memory(training: Training, settings: TrainSettings, runtime: Runtime) -> str:
-    """memory.check_training_memory for a step at the chosen batch and size: a one-line error if it cannot fit."""
-    return check_training_memory(
-        training.model,
-        training.loss_fn,
-        runtime,
-        batch_size=settings.samples.batch_size,
-        side=settings.samples.side,
-        size_flag="--crop-size" if settings.samples.crop_size else "--image-size",
-        grad_checkpoint=settings.model.grad_checkpoint,
-    )
-
-
-def build_training(settings: TrainSettings, train_set: SegmentationFolder, runtime: Runtime) -> Training:
-    optim = settings.optim
-    channels = train_set.reading.channels
-    model, step_model = build_model(settings.model, channels, train_set.num_classes, runtime)
-    optimizer = build_optimizer(model, optim.lr, runtime.device, name=optim.optimizer, weight_decay=optim.weight_decay)
-    class_weights = train_set.class_weights.to(runtime.device)
-    loss_fn = build_loss(optim.loss, class_weights, dice_weight=optim.dice_weight, ce_weight=optim.ce_weight)
-    ema = ema_model(model, optim.ema) if optim.ema else None
-    return Training(
-        model=model,
-        step_model=step_model,
-        optimizer=optimizer,
-        scaler=runtime.grad_scaler(),
-        loss_fn=loss_fn.to(runtime.device),
-        updates=UpdateRule(accumulate=optim.accumulate, clip_grad=optim.clip_grad, ema=ema),
-        colour=train_set.transform.colour,
-        compiled=settings.model.compile,
-    )
-
-
 def learning_rate(optim: OptimSettings, epochs: int, epoch: int) -> float:
     """epochs: the run's, which a time budget fixes after the first epoch."""
     return scheduled_lr(epoch, base=optim.lr, epochs=epochs, warmup=optim.warmup_epochs, schedule=optim.schedule)
@@ -259,19 +134,34 @@ def validation_sampling(samples: SampleSettings) -> Sampling:
     return replace(sampling, mode=samples.val_mode) if samples.val_mode else sampling
 
 
-def planned_epochs(
-    budget: TimeBudget, planned: int, epoch: int, epoch_seconds: float, *, report: Reporter, runtime: Runtime
-) -> int:
-    """After each epoch of a --time-budget run: the epochs that fit now (the same on every rank), said when they
-    change; the checkpoints record them, so --resume keeps the plan."""
-    epochs = runtime.ddp.broadcast(budget.epochs_that_fit(epoch, epoch_seconds))
-    if epoch == 1 or epochs != planned:
-        report.epochs = epochs
+def replanned(
+    plan: Plan,
+    budget: TimeBudget | None,
+    epoch: int,
+    train_seconds: float,
+    validation: Validation | None,
+    *,
+    report: Reporter,
+    runtime: Runtime,
+) -> Plan:
+    """After an epoch: the validation interval (--val-every auto, from the first validation's cost) and the epochs
+    a --time-budget fits now, each the same on every rank and said when it changes."""
+    val_every, epochs = plan.val_every, plan.epochs
+    if val_every == "auto":
+        val_every = runtime.ddp.broadcast(validation_interval(train_seconds, validation.seconds))
         report.print(
-            f"--time-budget {budget.seconds / 60:g} min: {epochs} epochs fit (planned after epoch {epoch}, "
-            f"{epoch_seconds:.1f} s an epoch)"
+            f"--val-every auto: every {val_every} epoch{'s' * (val_every > 1)} (training {train_seconds:.1f} s, "
+            f"validation {validation.seconds:.1f} s)"
         )
-    return epochs
+    if budget is not None:
+        seconds = validation.seconds if validation else None
+        epochs = runtime.ddp.broadcast(budget.epochs_that_fit(epoch, train_seconds, seconds, val_every))
+        if epoch == 1 or epochs != plan.epochs:
+            report.epochs = epochs
+            report.print(
+                f"--time-budget {budget.seconds / 60:g} min: {epochs} epochs fit (planned after epoch {epoch})"
+            )
+    return Plan(epochs, val_every)
 
 
 def fit(
@@ -287,15 +177,18 @@ def fit(
     budget: TimeBudget | None,
     runtime: Runtime,
 ) -> int | None:
-    """The epoch loop: train, validate, save, report. An exit status if it ends early, None when it is done."""
+    """The epoch loop: train, validate (see Plan), save, report. An exit status if it ends early, None when done."""
     train_loader, val_loader = loaders
     optim, samples = settings.optim, settings.samples
-    epochs = optim.epochs  # until a time budget fixes them
+    plan = Plan(optim.epochs, settings.run.val_every)
+    validate = partial(training.validate, val_loader, rules=rules, sampling=validation_sampling(samples))
+    discovered = dict(in_channels=rules.reading.channels, normalize=rules.normalization.name)
+    record_flags = partial(recorded_flags, settings, **discovered)
     epoch = start_epoch = history[-1]["epoch"] if history else 0
     with GracefulStop() as stop:
-        while epoch < epochs:
+        while epoch < plan.epochs:
             epoch += 1
-            started, lr = time.monotonic(), learning_rate(optim, epochs, epoch)
+            started, lr = time.monotonic(), learning_rate(optim, plan.epochs, epoch)
             training.set_lr(lr)
             train_loader.sampler.set_epoch(epoch)
             try:
@@ -307,35 +200,27 @@ def fit(
             train_seconds = time.monotonic() - started
             if stop.requested:
                 return report.stopped(stop, report.during_epoch(epoch))
-            val_loss, matrix, panel, val_skipped = training.validate(
-                val_loader, rules=rules, sampling=validation_sampling(samples), runtime=runtime, epoch=epoch
-            )
-            metrics = matrix.compute()
+            validation = validate(runtime=runtime, epoch=epoch) if plan.validates(epoch) else None
+            plan = replanned(plan, budget, epoch, train_seconds, validation, report=report, runtime=runtime)
+            if validation is None and epoch == plan.epochs:  # a time budget made this epoch the last
+                validation = validate(runtime=runtime, epoch=epoch)
             images = len(train_loader) * samples.batch_size * runtime.ddp.world_size
             seconds = (train_seconds, time.monotonic() - started)
-            record = epoch_record(
-                epoch, losses=(train_loss, val_loss), metrics=metrics, lr=lr, seconds=seconds, images=images
-            )
-            history.append(record)
-            if budget is not None:
-                epochs = planned_epochs(
-                    budget, epochs, epoch, time.monotonic() - started, report=report, runtime=runtime
-                )
-            improved = early.update(metrics["miou"])
-            best_confusion = matrix.matrix.cpu().tolist() if improved else best_confusion
-            numbered = epoch % settings.run.save_every == 0 or epoch == epochs or early.should_stop
-            flags = recorded_flags(
-                settings, in_channels=rules.reading.channels, normalize=rules.normalization.name, epochs=epochs
-            )
+            scores = dict(val_loss=validation.loss, metrics=validation.metrics) if validation else {}
+            history.append(epoch_record(epoch, train_loss=train_loss, lr=lr, seconds=seconds, images=images, **scores))
+            improved = validation is not None and early.update(validation.metrics["miou"])
+            best_confusion = validation.matrix.matrix.cpu().tolist() if improved else best_confusion
+            numbered = epoch % settings.run.save_every == 0 or epoch == plan.epochs or early.should_stop
+            flags = record_flags(epochs=plan.epochs, val_every=plan.val_every)
             progress = dict(rules=rules, best_miou=early.best, best_confusion=best_confusion, history=history)
             report.save(training.state(epoch=epoch, flags=flags, **progress), improved=improved, numbered=numbered)
-            if numbered:
-                report.figures(epoch, panel, matrix)
-            report.epoch(history, metrics["iou"], skip_report(skipped, val_skipped))
+            report.epoch(history, validation, skipped, figures=numbered)
             if stop.requested:
                 return report.stopped(stop, f"after epoch {epoch}")
             if early.should_stop:
-                report.print(f"early stop: no better val mIoU for {optim.early_stop} epochs (best {early.best:.4f})")
+                report.print(
+                    f"early stop: no better val mIoU in {optim.early_stop} validations (best {early.best:.4f})"
+                )
                 break
     report.class_report(best_confusion, history, early.best)
     return None
@@ -397,9 +282,7 @@ def train(settings: TrainSettings, checkpoint: dict | None, runtime: Runtime, *,
         f"{count_parameters(training.model) / 1e6:.2f} M parameters; "
         f"{runtime.describe()}; {batch}; {memory_note}"
     )
-    flags = recorded_flags(
-        settings, in_channels=rules.reading.channels, normalize=rules.normalization.name, epochs=optim.epochs
-    )
+    flags = recorded_flags(settings, in_channels=rules.reading.channels, normalize=rules.normalization.name)
     report.config(replay_values(flags))
     early = EarlyStopping(optim.early_stop, best=checkpoint["best_miou"] if checkpoint else -1.0)
     best_confusion = checkpoint.get("best_confusion") if checkpoint else None

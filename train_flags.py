@@ -19,6 +19,7 @@ from cli import (
     non_negative_int,
     positive_int,
     seed_type,
+    val_every_type,
     widths_type,
     workers_type,
 )
@@ -199,7 +200,7 @@ def add_model_flags(p: ArgumentParser) -> None:
         "--early-stop",
         type=non_negative_int,
         default=0,
-        help="stop after N epochs without a better val mIoU (0: never)",
+        help="stop after N validations without a better val mIoU (0: never)",
     )
 
 
@@ -252,6 +253,14 @@ def add_run_flags(p: ArgumentParser) -> None:
     run.add_argument("--seed", type=seed_type, default=0)
     run.add_argument("--run-dir", type=Path, help="default runs/<data>-<time>: events, checkpoints/, samples/")
     run.add_argument("--save-every", type=positive_int, default=10, help="checkpoint and sample panel every N epochs")
+    run.add_argument(
+        "--val-every",
+        type=val_every_type,
+        default="auto",
+        metavar="N|auto",
+        help="validate every N epochs, the first and the last always; auto: every epoch where validation is cheap, "
+        "else as often as keeps it to a tenth of the run (from what the first validation cost)",
+    )
     run.add_argument(
         "--resume",
         metavar="PATH|auto",

@@ -142,7 +142,7 @@ def test_the_loop_stops_early_saves_the_stopping_epoch_and_keeps_the_best(tiny_d
     mious = [h["miou"] for h in state["history"]]
     stop = first_plateau(mious, patience=1)
     assert stop is not None and state["epoch"] == stop == len(mious) < 8
-    assert f"early stop: no better val mIoU for 1 epochs (best {max(mious):.4f})" in capsys.readouterr().out
+    assert f"early stop: no better val mIoU in 1 validations (best {max(mious):.4f})" in capsys.readouterr().out
     assert load_checkpoint(run_dir / "checkpoints" / "best.pt")["epoch"] == mious.index(max(mious)) + 1
     assert (run_dir / "checkpoints" / f"epoch_{stop:03d}.pt").is_file()
     assert (run_dir / "samples" / f"samples_epoch_{stop:03d}.png").is_file()

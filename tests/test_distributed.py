@@ -160,3 +160,17 @@ def test_a_failing_rank_ends_the_whole_job_with_its_message(odd_demo, tmp_path):
     )
     assert result.returncode != 0
     assert "unreadable image" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_the_validation_interval_and_the_time_budgets_plan(odd_demo, tmp_path):
+    """Each rank times its own epochs: rank 0's interval and plan are everyone's, or the ranks' validations (a
+    collective) would not meet and the job would hang."""
+    run_dir = tmp_path / "run"
+    flags = ["--data-root", odd_demo, "--time-budget", "0.3", "--val-every", "auto", "--run-dir", run_dir]
+    result = torchrun(*flags, *TINY_TRAIN_FLAGS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("--val-every auto: every") == 1
+    last = load_checkpoint(run_dir / "checkpoints/last.pt")
+    assert last["epoch"] == last["args"]["epochs"] and last["history"][-1]["validated"] == 1
+    assert isinstance(last["args"]["val_every"], int)

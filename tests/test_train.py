@@ -238,7 +238,7 @@ def test_a_time_budget_plans_the_epochs_and_a_resume_keeps_them(tiny_demo, tmp_p
     from optimizer import scheduled_lr
     from stopping import TimeBudget
 
-    monkeypatch.setattr(TimeBudget, "epochs_that_fit", lambda self, done, seconds: 3)
+    monkeypatch.setattr(TimeBudget, "epochs_that_fit", lambda self, done, *timings: 3)
     whole = tmp_path / "whole"
     flags = ["--data-root", str(tiny_demo), *TINY_TRAIN_FLAGS, "--time-budget", "0.5", "--save-every", "1"]
     assert train.main([*flags, "--run-dir", str(whole)]) == 0
@@ -247,7 +247,7 @@ def test_a_time_budget_plans_the_epochs_and_a_resume_keeps_them(tiny_demo, tmp_p
     cosine_over_3 = [scheduled_lr(e, base=3e-3, epochs=3) for e in (1, 2, 3)]
     assert [h["lr"] for h in last["history"]] == pytest.approx(cosine_over_3)
     assert "epochs" not in yaml.safe_load((whole / "config.yaml").read_text())  # a replay fits its own epochs
-    monkeypatch.setattr(TimeBudget, "epochs_that_fit", lambda self, done, seconds: 8)
+    monkeypatch.setattr(TimeBudget, "epochs_that_fit", lambda self, done, *timings: 8)
     resumed = tmp_path / "resumed"
     assert train.main(["--resume", str(whole / "checkpoints/epoch_001.pt"), "--run-dir", str(resumed)]) == 0
     again = load_checkpoint(resumed / "checkpoints/last.pt")
@@ -321,3 +321,68 @@ def test_a_time_budget_holds_when_later_epochs_run_slower(tiny_demo, tmp_path, m
     assert last["epoch"] == epochs >= 4  # planned again after the slow epochs, not fixed from the first
     final_lr = scheduled_lr(epochs, base=3e-3, epochs=epochs)
     assert last["history"][-1]["lr"] == pytest.approx(final_lr)  # the schedule reached its end
+
+
+def test_val_every_validates_every_nth_and_the_last_epoch_and_chooses_best_among_them(tiny_demo, tmp_path):
+    import csv
+
+    run_dir = tmp_path / "run"
+    flags = ["--data-root", str(tiny_demo), *TINY_TRAIN_FLAGS, "--epochs", "5", "--val-every", "2"]
+    assert train.main([*flags, "--run-dir", str(run_dir), "--save-every", "1"]) == 0
+    rows = list(csv.DictReader((run_dir / "results.csv").open()))
+    assert [row["validated"] for row in rows] == ["0", "1", "0", "1", "1"]
+    assert rows[0]["miou"] == "" and rows[1]["miou"] != ""  # an epoch not validated has no scores
+    best = load_checkpoint(run_dir / "checkpoints/best.pt")
+    assert best["epoch"] in (2, 4, 5)
+    assert best["best_miou"] == max(float(row["miou"]) for row in rows if row["validated"] == "1")
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
+        f"{kind}_epoch_{e:03d}.png" for kind in ("confusion_matrix", "samples") for e in (2, 4, 5)
+    ]  # figures only where there was a validation
+    resumed = tmp_path / "resumed"
+    assert train.main(["--resume", str(run_dir / "checkpoints/epoch_003.pt"), "--run-dir", str(resumed)]) == 0
+    again = list(csv.DictReader((resumed / "results.csv").open()))
+    assert [row["validated"] for row in again] == ["0", "1", "0", "1", "1"]
+
+
+def test_val_every_auto_is_chosen_after_the_first_validation_and_kept_on_resume(
+    tiny_demo, tmp_path, monkeypatch, capsys
+):
+    chosen = []
+    monkeypatch.setattr(train, "validation_interval", lambda t, v: chosen.append((t, v)) or 3)
+    run_dir = tmp_path / "run"
+    flags = ["--data-root", str(tiny_demo), *TINY_TRAIN_FLAGS, "--epochs", "4", "--save-every", "1"]
+    assert train.main([*flags, "--run-dir", str(run_dir)]) == 0
+    assert len(chosen) == 1 and chosen[0][1] > 0  # once, from the first validation's measured cost
+    assert "--val-every auto: every 3 epochs" in capsys.readouterr().out
+    history = load_checkpoint(run_dir / "checkpoints/last.pt")["history"]
+    assert [h["validated"] for h in history] == [1, 0, 1, 1]  # the first, every third, the last
+    assert load_checkpoint(run_dir / "checkpoints/epoch_001.pt")["args"]["val_every"] == 3  # what resume reads
+
+
+def test_the_automatic_validation_interval_keeps_validation_to_a_tenth():
+    from stopping import VALIDATION_SHARE, validation_interval
+
+    assert validation_interval(train_seconds=10.0, validation_seconds=1.0) == 1  # cheap: every epoch
+    assert validation_interval(train_seconds=10.0, validation_seconds=1.2) == 2
+    every = validation_interval(train_seconds=825.0, validation_seconds=870.0)  # the reference design's split
+    assert every == 10 and 870 / (every * 825 + 870) <= VALIDATION_SHARE
+    assert 870 / ((every - 1) * 825 + 870) > VALIDATION_SHARE  # the smallest interval that does it
+
+
+def test_early_stopping_counts_validations(tiny_demo, tmp_path, monkeypatch):
+    """The first validation is the best, none after it improves: with --early-stop 2 the run stops at the second
+    validation after it, whatever the epochs between."""
+    from stopping import EarlyStopping
+
+    def first_is_best(self, miou):
+        improved = self.best < 0
+        self.best = miou if improved else self.best
+        self.epochs_without_gain = 0 if improved else self.epochs_without_gain + 1
+        return improved
+
+    monkeypatch.setattr(EarlyStopping, "update", first_is_best)
+    run_dir = tmp_path / "run"
+    flags = ["--data-root", str(tiny_demo), *TINY_TRAIN_FLAGS, "--epochs", "20", "--val-every", "3"]
+    assert train.main([*flags, "--early-stop", "2", "--run-dir", str(run_dir)]) == 0
+    history = load_checkpoint(run_dir / "checkpoints/last.pt")["history"]
+    assert [h["epoch"] for h in history if h["validated"]] == [3, 6, 9] and history[-1]["epoch"] == 9
