@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from checkpoints import save_checkpoint
+from checkpoints import FORMAT_VERSION, DataSpec, save_checkpoint
+from image_io import RGB
+from intensity import IMAGENET
 from labels import LabelMapping
 from model import ResidualAttnUNet
 
@@ -19,10 +21,11 @@ def write_checkpoint(path: Path, *, classes: int, widths: tuple[int, ...], image
     model = ResidualAttnUNet(3, classes, widths)
     mapping = LabelMapping(list(range(classes)), [f"class {k}" for k in range(classes)])
     state = {
+        "format_version": FORMAT_VERSION,
         "model": model.state_dict(),
-        "mapping": mapping.to_dict(),
-        "image_size": image_size,
+        **DataSpec(mapping, RGB, IMAGENET).to_state(),
         "model_args": model.config,
+        "args": {"image_size": image_size, "crop_size": 0, "base_size": None},  # whole images: resize mode
     }
     save_checkpoint(state, path)
 

@@ -135,34 +135,24 @@ WORKERS_HELP = (
 )
 
 
-def workers_type(text: str) -> int | str:
-    """--workers: a process count, or auto (chosen for the device, see loaders.loader_workers)."""
-    if text == "auto":
-        return text
-    try:
-        return non_negative_int(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not auto or a whole number >= 0") from None
+def auto_or(parse: Callable[[str], int], what: str) -> Callable[[str], int | str]:
+    """An argparse type: the word auto (a choice made at run time), or what parse takes (what: its name in
+    the error)."""
+
+    def parse_or_auto(text: str) -> int | str:
+        if text == "auto":
+            return text
+        try:
+            return parse(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not auto or {what}") from None
+
+    return parse_or_auto
 
 
-def val_every_type(text: str) -> int | str:
-    """--val-every: an epoch interval, or auto (chosen from what the first validation cost)."""
-    if text == "auto":
-        return text
-    try:
-        return positive_int(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not auto or a positive integer") from None
-
-
-def in_channels_type(text: str) -> int | str:
-    """--in-channels: a channel count, or auto (from the first training image)."""
-    if text == "auto":
-        return text
-    try:
-        return positive_int_upto(MAX_IN_CHANNELS)(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not auto or an integer from 1 to {MAX_IN_CHANNELS}") from None
+workers_type = auto_or(non_negative_int, "a whole number >= 0")  # auto: loaders.loader_workers
+val_every_type = auto_or(positive_int, "a positive integer")  # auto: stopping.validation_interval
+in_channels_type = auto_or(positive_int_upto(MAX_IN_CHANNELS), f"an integer from 1 to {MAX_IN_CHANNELS}")
 
 
 def add_channel_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

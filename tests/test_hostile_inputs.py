@@ -142,6 +142,8 @@ def test_a_file_name_that_is_not_utf8_is_shown_with_replacement_characters_and_s
         (train.main, ["--dice-weight", "-2"], "--dice-weight: '-2' is not a number in [0, inf]"),
         (train.main, ["--max-pixels", "0"], "--max-pixels: '0' is not a positive integer"),
         (train.main, ["--workers", "-1"], "--workers: '-1' is not auto or a whole number >= 0"),
+        (train.main, ["--val-every", "0"], "--val-every: '0' is not auto or a positive integer"),
+        (train.main, ["--in-channels", "2000"], "--in-channels: '2000' is not auto or an integer from 1 to 1024"),
         (inference.main, ["--input_dir", ".", "--batch-size", "0"], "--batch-size: '0' is not a positive integer"),
         (inference.main, ["--input_dir", ".", "--workers", "-1"], "--workers: '-1' is not a positive integer"),
         (
