@@ -28,6 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from bench_data import LOADER_PHOTOS, write_checkpoint, write_loader_data, write_photo
 from bench_loader import LOADER_PIPELINES, STAGES, loader_pair
+from bench_scale import SCALE_CLASSES, SCALE_DISTINCT, SCALE_PHOTO, scale_rows, write_scale_data
 from checkpoints import inference_network, load_checkpoint
 from cli import (
     ArgumentParser,
@@ -67,7 +68,14 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile row")
     p.add_argument("--rows", default="", help="comma-separated words: only the training rows whose label has one")
     p.add_argument(
-        "--parts", default="training,inference,onnx,large,loader", help="comma-separated parts to run (onnx: CPU only)"
+        "--parts",
+        default="training,inference,onnx,large,loader,scale",
+        help="comma-separated parts to run (onnx: CPU only)",
+    )
+    p.add_argument("--scale-train", type=positive_int, default=5000, help="scale: training image/mask pairs")
+    p.add_argument("--scale-val", type=positive_int, default=2000, help="scale: validation image/mask pairs")
+    p.add_argument(
+        "--scale-coco", type=non_negative_int, default=5000, help="scale: images prepare_masks.py renders (0: none)"
     )
     return p
 
@@ -275,6 +283,41 @@ def bench_loader(args, device: torch.device, root: Path) -> None:
             print(f"{'':<40}ours vs torchvision: {speedups[0]:.2f}x in one process, {speedups[1]:.2f}x with one worker")
 
 
+def bench_scale(args, root: Path) -> None:
+    """The reference design's workload shape: start-up at its size, validation's share of an epoch, COCO masks."""
+    started = time.perf_counter()
+    write_scale_data(root, args.scale_train, args.scale_val)
+    made = time.perf_counter() - started
+    masks = args.scale_train + args.scale_val
+    width, height = SCALE_PHOTO
+    print(
+        f"\nscale: {args.scale_train} training and {args.scale_val} validation pairs ({width}x{height} JPEG + "
+        f"{SCALE_CLASSES}-class PNG; hard links to {SCALE_DISTINCT} distinct files, made in {made:.0f} s)"
+    )
+    rows = scale_rows(root, isolated, val_images=args.scale_val, coco_images=min(args.scale_coco, args.scale_train))
+    print(f"{'train.py start-up':<30} {'label scan s':>13} {'masks/s':>9} {'first step s':>13} {'peak RSS MB':>12}")
+    for label in ("first", "cached"):
+        row = rows[label]
+        rate = masks / row["scan_seconds"]
+        print(
+            f"{label + (' (no caches)' if label == 'first' else ''):<30} {row['scan_seconds']:>13.1f} {rate:>9.0f} "
+            f"{row['first_step_seconds']:>13.1f} {row['startup_rss_mb']:>12.0f}"
+        )
+    share, first = rows["share"], rows["first"]
+    print(
+        f"an epoch with the defaults: {first['epoch_crops']} crops at {first['crop_seconds']:.3f} s "
+        f"({share['training_s']:.0f} s), {args.scale_val} validation images at {first['image_seconds']:.3f} s "
+        f"({share['validation_s']:.0f} s): validation is {share['every_epoch']:.0%} of the run validating every "
+        f"epoch, {share['auto']:.0%} with --val-every auto (every {share['auto_every']} epochs)"
+    )
+    if "coco" in rows:
+        coco = rows["coco"]
+        print(
+            f"prepare_masks.py: {coco['written']} masks in {coco['seconds']:.1f} s "
+            f"({coco['written'] / coco['seconds']:.0f} images/s), peak RSS {coco['peak_rss_mb']:.0f} MB"
+        )
+
+
 def report_training(args, device: torch.device) -> None:
     fast_precision = resolve_precision("auto", device)
     ceilings = {"fp32": matmul_gflops(torch.float32, device), "bf16": matmul_gflops(torch.bfloat16, device)}
@@ -338,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_large_images(args, device, root)
         if "loader" in parts:
             bench_loader(args, device, root)
+        if "scale" in parts:
+            bench_scale(args, root / "scale")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

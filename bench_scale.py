@@ -1,0 +1,175 @@
+"""bench.py's scale part: the reference design's workload shape (640x480 JPEG + 10-class PNG pairs, thousands of
+them, generated on the fly) through train.py's start-up, a training step, validation, and prepare_masks.py.
+
+The set is SCALE_DISTINCT distinct photos and masks, each file of the set a hard link to one of them: any count
+costs seconds to make and no disk, every file is its own name to list, stat, pair and read, and the reads come
+from the page cache (as on a machine whose set fits in memory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import train
+from bench_data import write_photo
+from checkpoints import DataSpec
+from config import parse_args
+from engine import finish_batch, train_step
+from labels import SCAN_CACHE_NAME
+from loaders import build_loaders
+from stopping import validation_interval
+from trainer import build_training, check_memory
+from utils import Runtime, keep_freed_cpu_memory
+
+SCALE_PHOTO = (640, 480)  # COCO's size
+SCALE_CLASSES = 10  # background and the reference design's nine groups
+SCALE_DISTINCT = 64
+TIMED_STEPS = 4
+TIMED_VALIDATION_IMAGES = 8
+
+
+def scale_mask(rng: np.random.Generator) -> np.ndarray:
+    width, height = SCALE_PHOTO
+    mask = np.zeros((height, width), np.uint8)
+    for label in rng.integers(1, SCALE_CLASSES, 6):
+        top, left = rng.integers(0, height - 60), rng.integers(0, width - 60)
+        mask[top : top + rng.integers(30, 200), left : left + rng.integers(30, 300)] = label
+    return mask
+
+
+def write_scale_data(root: Path, train_pairs: int, val_pairs: int) -> Path:
+    """root/images/{train,val}/NNNNNNN.jpg and root/masks/{train,val}/NNNNNNN.png, hard links to distinct files."""
+    rng = np.random.default_rng(0)
+    sources = root / "distinct"
+    sources.mkdir(parents=True)
+    for k in range(SCALE_DISTINCT):
+        write_photo(sources / f"{k}.jpg", SCALE_PHOTO, seed=k)
+        Image.fromarray(scale_mask(rng)).save(sources / f"{k}.png")
+    for split, count in (("train", train_pairs), ("val", val_pairs)):
+        for kind, suffix in (("images", "jpg"), ("masks", "png")):
+            folder = root / kind / split
+            folder.mkdir(parents=True)
+            for index in range(count):
+                os.link(sources / f"{index % SCALE_DISTINCT}.{suffix}", folder / f"{index:07d}.{suffix}")
+    return root
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def start_up(root: Path, run_dir: Path) -> dict:
+    """train.py's start-up with the defaults, phase by phase, in this (fresh) process: the label scans, the
+    loaders, the model and the memory check, the first batch and step; then the cost of more steps and of
+    validating full-size images, from which an epoch's validation share follows."""
+    started = time.perf_counter()
+    settings, _ = parse_args(["--data-root", str(root), "--run-dir", str(run_dir)])
+    runtime = Runtime.from_flags("auto", "auto", True)
+    keep_freed_cpu_memory(runtime.device)
+    train_set, val_set = train.prepare_data(settings, None, runtime)
+    scanned = time.perf_counter()
+    samples = settings.samples
+    loader_settings = dict(batch_size=samples.batch_size, weighted=True, seed=0, strict=False, runtime=runtime)
+    loaders = build_loaders(
+        train_set, val_set, workers=samples.workers, min_epoch_samples=samples.min_epoch_samples, **loader_settings
+    )
+    training = build_training(settings, train_set, runtime)
+    check_memory(training, settings, runtime)
+    batches = iter(loaders[0])
+
+    def step() -> None:
+        pixels, masks, draws, _ = next(batches)
+        images, masks = finish_batch(pixels, masks, draws, colour=training.colour, runtime=runtime)
+        parts = dict(loss_fn=training.loss_fn, optimizer=training.optimizer, scaler=training.scaler)
+        train_step(training.step_model, images, masks, **parts, runtime=runtime).item()
+
+    step()
+    first_step = time.perf_counter()
+    startup_rss = peak_rss_mb()
+    for _ in range(TIMED_STEPS):
+        step()
+    crop_seconds = (time.perf_counter() - first_step) / (TIMED_STEPS * samples.batch_size)
+    val_set.pairs = val_set.pairs[:TIMED_VALIDATION_IMAGES]
+    val_loader = build_loaders(train_set, val_set, workers=0, **loader_settings)[1]
+    rules = DataSpec(train_set.mapping, train_set.reading, train_set.normalization)
+    sampling = train.validation_sampling(samples)
+    validated = training.validate(val_loader, rules=rules, sampling=sampling, runtime=runtime, epoch=1)
+    image_seconds = validated.seconds / len(val_set.pairs)
+    return {
+        "scan_seconds": scanned - started,
+        "first_step_seconds": first_step - started,
+        "startup_rss_mb": startup_rss,
+        "crop_seconds": crop_seconds,
+        "image_seconds": image_seconds,
+        "epoch_crops": max(len(train_set), samples.min_epoch_samples),
+    }
+
+
+def validation_share(result: dict, val_images: int) -> dict:
+    """An epoch's training and validation seconds at the measured costs, and validation's share of the run when
+    every epoch is validated and with --val-every auto's interval."""
+    training = result["epoch_crops"] * result["crop_seconds"]
+    validation = val_images * result["image_seconds"]
+    every = validation_interval(training, validation)
+    return {
+        "every_epoch": validation / (training + validation),
+        "auto_every": every,
+        "auto": validation / (every * training + validation),
+        "training_s": training,
+        "validation_s": validation,
+    }
+
+
+def coco_file(root: Path, images: int, path: Path) -> Path:
+    """A COCO instances file for the first images of root/images/train: 6 rectangles each, in 9 categories."""
+    rng = np.random.default_rng(1)
+    width, height = SCALE_PHOTO
+    entries, annotations = [], []
+    for image_id in range(images):
+        entries.append({"id": image_id, "file_name": f"{image_id:07d}.jpg", "width": width, "height": height})
+        for _ in range(6):
+            x, y = float(rng.integers(0, width - 60)), float(rng.integers(0, height - 60))
+            w, h = float(rng.integers(20, 200)), float(rng.integers(20, 200))
+            polygon = [x, y, x + w, y, x + w, y + h, x, y + h]
+            category = int(rng.integers(1, 10))
+            shape = {"segmentation": [polygon], "area": w * h, "bbox": [x, y, w, h], "iscrowd": 0}
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category, **shape})
+    categories = [{"id": k, "name": f"class {k}", "supercategory": "thing"} for k in range(1, 10)]
+    path.write_text(json.dumps({"images": entries, "annotations": annotations, "categories": categories}))
+    return path
+
+
+def render_masks(images_dir: Path, annotations: Path, output: Path) -> dict:
+    """prepare_masks.py's work in this (fresh) process, with its default workers."""
+    from coco import prepare_masks
+
+    started = time.perf_counter()
+    summary = prepare_masks(images_dir, annotations, output, workers=os.cpu_count() or 1)
+    return {"seconds": time.perf_counter() - started, "written": summary.written, "peak_rss_mb": peak_rss_mb()}
+
+
+def forget_scan_caches(root: Path) -> None:
+    for cache in root.glob(f"masks/*/{SCAN_CACHE_NAME}"):
+        cache.unlink()
+
+
+def scale_rows(root: Path, isolated, *, val_images: int, coco_images: int) -> dict:
+    """First and cached start-up (each in a fresh process), and prepare_masks on the first coco_images."""
+    forget_scan_caches(root)
+    rows = {"first": isolated(start_up, root, root / "run-first")}
+    rows["cached"] = isolated(start_up, root, root / "run-cached")
+    rows["share"] = validation_share(rows["first"], val_images)
+    if coco_images:
+        annotations = coco_file(root, coco_images, root / "instances.json")
+        rows["coco"] = isolated(render_masks, root / "images/train", annotations, root / "coco-masks")
+    for run in ("run-first", "run-cached", "coco-masks"):
+        shutil.rmtree(root / run, ignore_errors=True)
+    return rows
