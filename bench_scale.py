@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import train
 from bench_data import write_photo
 from checkpoints import DataSpec
 from config import parse_args
@@ -26,7 +25,8 @@ from engine import finish_batch, train_step
 from labels import SCAN_CACHE_NAME
 from loaders import build_loaders
 from stopping import validation_interval
-from trainer import build_training, check_memory
+from trainer import build_training, check_memory, validation_sampling
+from training_data import prepare_data
 from utils import Runtime, keep_freed_cpu_memory
 
 SCALE_PHOTO = (640, 480)  # COCO's size
@@ -74,7 +74,7 @@ def start_up(root: Path, run_dir: Path) -> dict:
     settings, _ = parse_args(["--data-root", str(root), "--run-dir", str(run_dir)])
     runtime = Runtime.from_flags("auto", "auto", True)
     keep_freed_cpu_memory(runtime.device)
-    train_set, val_set = train.prepare_data(settings, None, runtime)
+    train_set, val_set = prepare_data(settings, None, runtime)
     scanned = time.perf_counter()
     samples = settings.samples
     loader_settings = dict(batch_size=samples.batch_size, weighted=True, seed=0, strict=False, runtime=runtime)
@@ -100,7 +100,7 @@ def start_up(root: Path, run_dir: Path) -> dict:
     val_set.pairs = val_set.pairs[:TIMED_VALIDATION_IMAGES]
     val_loader = build_loaders(train_set, val_set, workers=0, **loader_settings)[1]
     rules = DataSpec(train_set.mapping, train_set.reading, train_set.normalization)
-    sampling = train.validation_sampling(samples)
+    sampling = validation_sampling(samples)
     validated = training.validate(val_loader, rules=rules, sampling=sampling, runtime=runtime, epoch=1)
     image_seconds = validated.seconds / len(val_set.pairs)
     return {

@@ -9,129 +9,29 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
-from pathlib import Path
 
 import torch.distributed as dist
 
 from checkpoints import DataSpec
 from cli import run_cli
-from coco import cached_masks
 from config import parse_args, replay_values
-from dataset import SegmentationFolder, choose_reading
-from demo import DEMO_IMAGES, DEMO_ROOTS, make_demo_data
-from errors import UserError
-from files import require_folder
-from intensity import check_display_channel
 from loaders import build_loaders
 from model import count_parameters
 from optimizer import scheduled_lr
-from predictor import Sampling
 from records import epoch_record
 from reporter import Reporter, batch_text, input_text
-from settings import DataSettings, OptimSettings, SampleSettings, TrainSettings, recorded_flags
+from settings import OptimSettings, TrainSettings, recorded_flags
 from stopping import EarlyStopping, GracefulStop, NonFiniteLoss, TimeBudget, validation_interval
-from trainer import Plan, Training, Validation, build_training, check_memory
-from transforms import Crop
+from trainer import Plan, Training, Validation, build_training, check_memory, validation_sampling
+from training_data import prepare_data
 from utils import Runtime, keep_freed_cpu_memory, seed_everything
-
-
-@dataclass
-class DataPaths:
-    train_images: Path
-    train_masks: Path
-    val_images: Path
-    val_masks: Path
-
-
-def data_paths(data: DataSettings) -> DataPaths:
-    """The four folders, rendering COCO annotations into cached mask folders where given."""
-    root = DEMO_ROOTS[data.demo_style] if data.demo else data.data_root
-    if root is not None:
-        require_folder(root, "--data-root")
-    paths = {}
-    for split in ("train", "val"):
-        for kind in ("images", "masks"):
-            flag = f"{split}_{kind}"
-            paths[flag] = getattr(data, flag) or (root / kind / split if root else None)
-        coco_file = getattr(data, f"{split}_coco")
-        if coco_file is not None and paths[f"{split}_images"] is not None:
-            images = paths[f"{split}_images"]
-            paths[f"{split}_masks"] = cached_masks(coco_file, images, data.coco_mode, max_pixels=data.max_pixels)
-        for kind in ("images", "masks"):
-            if paths[f"{split}_{kind}"] is None:
-                raise UserError(f"--{split}-{kind} is needed (or --data-root, or --{split}-coco with --{split}-images)")
-    return DataPaths(**paths)
-
-
-def build_datasets(
-    data: DataSettings, samples: SampleSettings, rules: DataSpec | None
-) -> tuple[SegmentationFolder, SegmentationFolder]:
-    """The training set finds the label mapping and normalisation (unless resuming); validation reuses them.
-    The input channels and normalisation they chose are the training set's reading and normalization."""
-    paths = data_paths(data)
-    reading, normalize = choose_reading(
-        paths.train_images, data.in_channels, data.normalize, page=data.tiff_page, convert=data.convert_channels
-    )
-    check_display_channel(data.display_channel, reading.channels)
-    labels = dict(ignore_value=data.ignore_value, binary=data.binary, max_pixels=data.max_pixels, reading=reading)
-    crop = Crop(samples.crop_size, samples.scale_range, samples.base_size) if samples.crop_size else None
-    train_set = SegmentationFolder(
-        paths.train_images,
-        paths.train_masks,
-        samples.image_size,
-        crop=crop,
-        mapping=rules.mapping if rules else None,
-        normalization=rules.normalization if rules else None,
-        normalize=normalize,
-        augment=samples.augment,
-        limit=data.train_subset,
-        **labels,
-    )
-    val_set = SegmentationFolder(
-        paths.val_images,
-        paths.val_masks,
-        None,  # validation sees each image at its own size, as inference does
-        mapping=train_set.mapping,
-        normalization=train_set.normalization,
-        unknown_labels="ignore" if data.ignore_unknown_labels else "error",
-        **labels,
-    )
-    return train_set, val_set
-
-
-def prepare_data(
-    settings: TrainSettings, checkpoint: dict | None, runtime: Runtime
-) -> tuple[SegmentationFolder, SegmentationFolder]:
-    """Rank 0 builds the demo, renders COCO masks and scans labels first; the others then read its caches."""
-    data, samples = settings.data, settings.samples
-    rules = DataSpec.from_state(checkpoint) if checkpoint else None
-    if data.demo and runtime.ddp.is_main:
-        print(
-            f"demo run: data {DEMO_ROOTS[data.demo_style]} ({DEMO_IMAGES['num_train']} train, "
-            f"{DEMO_IMAGES['num_val']} val images), image size {samples.image_size}, "
-            f"widths {','.join(map(str, settings.model.widths))}, {settings.optim.epochs} epochs, "
-            f"batch {samples.batch_size}"
-        )
-    for turn in ("main", "others"):
-        if (turn == "main") == runtime.ddp.is_main:
-            if data.demo:
-                make_demo_data(DEMO_ROOTS[data.demo_style], **DEMO_IMAGES, style=data.demo_style)
-            datasets = build_datasets(data, samples, rules)
-        runtime.ddp.barrier()
-    return datasets
 
 
 def learning_rate(optim: OptimSettings, epochs: int, epoch: int) -> float:
     """epochs: the run's, which a time budget fixes after the first epoch."""
     return scheduled_lr(epoch, base=optim.lr, epochs=epochs, warmup=optim.warmup_epochs, schedule=optim.schedule)
-
-
-def validation_sampling(samples: SampleSettings) -> Sampling:
-    """What inference.py will do with this model by default, unless --val-mode says otherwise."""
-    sampling = Sampling.for_training(samples.image_size, samples.crop_size, samples.base_size)
-    return replace(sampling, mode=samples.val_mode) if samples.val_mode else sampling
 
 
 def replanned(

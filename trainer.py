@@ -4,7 +4,7 @@ settings: the optimiser, loss, weight average and colour stage; one validation p
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from metrics import ConfusionMatrix
 from model import ResidualAttnUNet
 from optimizer import UpdateRule, build_optimizer, ema_model
 from predictor import Predictor, Sampling
-from settings import ModelSettings, TrainSettings
+from settings import ModelSettings, SampleSettings, TrainSettings
 from stopping import GracefulStop
 from utils import Runtime
 
@@ -173,3 +173,9 @@ def build_training(settings: TrainSettings, train_set: SegmentationFolder, runti
         colour=train_set.transform.colour,
         compiled=settings.model.compile,
     )
+
+
+def validation_sampling(samples: SampleSettings) -> Sampling:
+    """What inference.py will do with this model by default, unless --val-mode says otherwise."""
+    sampling = Sampling.for_training(samples.image_size, samples.crop_size, samples.base_size)
+    return replace(sampling, mode=samples.val_mode) if samples.val_mode else sampling

@@ -1,0 +1,105 @@
+"""train.py's data from its settings: the four folders (COCO files rendered to mask folders), the training and
+validation sets (label mapping, reading rule and normalisation found on the training set), the demo built and the
+labels scanned by rank 0 first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from checkpoints import DataSpec
+from coco import cached_masks
+from dataset import SegmentationFolder, choose_reading
+from demo import DEMO_IMAGES, DEMO_ROOTS, make_demo_data
+from errors import UserError
+from files import require_folder
+from intensity import check_display_channel
+from settings import DataSettings, SampleSettings, TrainSettings
+from transforms import Crop
+from utils import Runtime
+
+
+@dataclass
+class DataPaths:
+    train_images: Path
+    train_masks: Path
+    val_images: Path
+    val_masks: Path
+
+
+def data_paths(data: DataSettings) -> DataPaths:
+    """The four folders, rendering COCO annotations into cached mask folders where given."""
+    root = DEMO_ROOTS[data.demo_style] if data.demo else data.data_root
+    if root is not None:
+        require_folder(root, "--data-root")
+    paths = {}
+    for split in ("train", "val"):
+        for kind in ("images", "masks"):
+            flag = f"{split}_{kind}"
+            paths[flag] = getattr(data, flag) or (root / kind / split if root else None)
+        coco_file = getattr(data, f"{split}_coco")
+        if coco_file is not None and paths[f"{split}_images"] is not None:
+            images = paths[f"{split}_images"]
+            paths[f"{split}_masks"] = cached_masks(coco_file, images, data.coco_mode, max_pixels=data.max_pixels)
+        for kind in ("images", "masks"):
+            if paths[f"{split}_{kind}"] is None:
+                raise UserError(f"--{split}-{kind} is needed (or --data-root, or --{split}-coco with --{split}-images)")
+    return DataPaths(**paths)
+
+
+def build_datasets(
+    data: DataSettings, samples: SampleSettings, rules: DataSpec | None
+) -> tuple[SegmentationFolder, SegmentationFolder]:
+    """The training set finds the label mapping and normalisation (unless resuming); validation reuses them.
+    The input channels and normalisation they chose are the training set's reading and normalization."""
+    paths = data_paths(data)
+    reading, normalize = choose_reading(
+        paths.train_images, data.in_channels, data.normalize, page=data.tiff_page, convert=data.convert_channels
+    )
+    check_display_channel(data.display_channel, reading.channels)
+    labels = dict(ignore_value=data.ignore_value, binary=data.binary, max_pixels=data.max_pixels, reading=reading)
+    crop = Crop(samples.crop_size, samples.scale_range, samples.base_size) if samples.crop_size else None
+    train_set = SegmentationFolder(
+        paths.train_images,
+        paths.train_masks,
+        samples.image_size,
+        crop=crop,
+        mapping=rules.mapping if rules else None,
+        normalization=rules.normalization if rules else None,
+        normalize=normalize,
+        augment=samples.augment,
+        limit=data.train_subset,
+        **labels,
+    )
+    val_set = SegmentationFolder(
+        paths.val_images,
+        paths.val_masks,
+        None,  # validation sees each image at its own size, as inference does
+        mapping=train_set.mapping,
+        normalization=train_set.normalization,
+        unknown_labels="ignore" if data.ignore_unknown_labels else "error",
+        **labels,
+    )
+    return train_set, val_set
+
+
+def prepare_data(
+    settings: TrainSettings, checkpoint: dict | None, runtime: Runtime
+) -> tuple[SegmentationFolder, SegmentationFolder]:
+    """Rank 0 builds the demo, renders COCO masks and scans labels first; the others then read its caches."""
+    data, samples = settings.data, settings.samples
+    rules = DataSpec.from_state(checkpoint) if checkpoint else None
+    if data.demo and runtime.ddp.is_main:
+        print(
+            f"demo run: data {DEMO_ROOTS[data.demo_style]} ({DEMO_IMAGES['num_train']} train, "
+            f"{DEMO_IMAGES['num_val']} val images), image size {samples.image_size}, "
+            f"widths {','.join(map(str, settings.model.widths))}, {settings.optim.epochs} epochs, "
+            f"batch {samples.batch_size}"
+        )
+    for turn in ("main", "others"):
+        if (turn == "main") == runtime.ddp.is_main:
+            if data.demo:
+                make_demo_data(DEMO_ROOTS[data.demo_style], **DEMO_IMAGES, style=data.demo_style)
+            datasets = build_datasets(data, samples, rules)
+        runtime.ddp.barrier()
+    return datasets
