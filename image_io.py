@@ -67,8 +67,7 @@ class ImageInfo:
 
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     """The image files in folder (and its subfolders), in Path order. Directory entries know their type without a
-    stat each, names sort as strings and become paths under folder: a COCO-size folder lists in well under a
-    second."""
+    stat each, and names sort as strings: a COCO-size folder lists in well under a second."""
     if recursive:
         names = [os.path.join(top, name) for top, _, files in os.walk(folder, followlinks=True) for name in files]
         images = [name for name in names if os.path.isfile(name) and is_image_name(name)]
@@ -79,7 +78,7 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
 
 
 def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS  # as Path.suffix: the last dot's extension
 
 
 def check_pixels(path: Path, width: int, height: int, max_pixels: int, kind: str) -> None:
@@ -90,7 +89,7 @@ def check_pixels(path: Path, width: int, height: int, max_pixels: int, kind: str
         )
 
 
-def unreadable(path: Path, kind: str, err: Exception) -> UnreadableFile:
+def unreadable(path: Path, kind: str, err: Exception | str) -> UnreadableFile:
     """The one wording for a file that cannot be read; a path that does not exist is a MissingFile."""
     if isinstance(err, FileNotFoundError):
         return MissingFile(f"{path}: no such {kind} file")
@@ -282,9 +281,8 @@ def locate_tiff_image(tif: tifffile.TiffFile, number: int, path: Path) -> TiffIm
 
 
 def _tiff_error(path: Path, err: Exception) -> UnreadableFile:
-    if isinstance(err, FileNotFoundError):
-        return unreadable(path, "image", err)
-    return UnreadableFile(f"{path}: unreadable image ({type(err).__name__}: {err})")
+    """tifffile's errors say little without their type's name."""
+    return unreadable(path, "image", err if isinstance(err, FileNotFoundError) else f"{type(err).__name__}: {err}")
 
 
 TIFF_ERRORS = (OSError, ValueError, IndexError, KeyError, TypeError, tifffile.TiffFileError)

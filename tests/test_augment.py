@@ -134,8 +134,8 @@ def first_plateau(mious: list[float], patience: int) -> int | None:
 
 def test_the_loop_stops_early_saves_the_stopping_epoch_and_keeps_the_best(tiny_demo, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    flags = [*TINY_TRAIN_FLAGS[:-1], "3e-2"]  # a high rate: validation mIoU does not rise every epoch
-    assert flags[-2] == "--lr"
+    flags = list(TINY_TRAIN_FLAGS)
+    flags[flags.index("--lr") + 1] = "3e-2"  # a high rate: validation mIoU does not rise every epoch
     args = ["--data-root", str(tiny_demo), "--epochs", "8", "--early-stop", "1", "--run-dir", str(run_dir), *flags]
     assert train.main(args) == 0
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")

@@ -167,8 +167,8 @@ def test_ranks_agree_on_the_validation_interval_and_the_time_budgets_plan(odd_de
     """Each rank times its own epochs: rank 0's interval and plan are everyone's, or the ranks' validations (a
     collective) would not meet and the job would hang."""
     run_dir = tmp_path / "run"
-    flags = ["--data-root", odd_demo, "--time-budget", "0.3", "--val-every", "auto", "--run-dir", run_dir]
-    result = torchrun(*flags, *TINY_TRAIN_FLAGS)
+    flags = ["--data-root", odd_demo, "--time-budget", "0.3", "--run-dir", run_dir]
+    result = torchrun(*flags, *TINY_TRAIN_FLAGS, "--val-every", "auto")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("--val-every auto: every") == 1
     last = load_checkpoint(run_dir / "checkpoints/last.pt")

@@ -350,8 +350,8 @@ def test_val_every_auto_is_chosen_after_the_first_validation_and_kept_on_resume(
     chosen = []
     monkeypatch.setattr(train, "validation_interval", lambda t, v: chosen.append((t, v)) or 3)
     run_dir = tmp_path / "run"
-    flags = ["--data-root", str(tiny_demo), *TINY_TRAIN_FLAGS, "--epochs", "4", "--save-every", "1"]
-    assert train.main([*flags, "--run-dir", str(run_dir)]) == 0
+    flags = ["--data-root", str(tiny_demo), *TINY_TRAIN_FLAGS, "--epochs", "4", "--save-every", "1", "--val-every"]
+    assert train.main([*flags, "auto", "--run-dir", str(run_dir)]) == 0
     assert len(chosen) == 1 and chosen[0][1] > 0  # once, from the first validation's measured cost
     assert "--val-every auto: every 3 epochs" in capsys.readouterr().out
     history = load_checkpoint(run_dir / "checkpoints/last.pt")["history"]
