@@ -30,7 +30,7 @@ from utils import Runtime, keep_freed_cpu_memory, seed_everything
 
 
 def learning_rate(optim: OptimSettings, epochs: int, epoch: int) -> float:
-    """epochs: the run's, which a time budget fixes after the first epoch."""
+    """epochs: the run's, which a time budget plans again after every epoch."""
     return scheduled_lr(epoch, base=optim.lr, epochs=epochs, warmup=optim.warmup_epochs, schedule=optim.schedule)
 
 
