@@ -50,8 +50,8 @@ def replanned(
     if val_every == "auto":
         val_every = runtime.ddp.broadcast(validation_interval(train_seconds, validation.seconds))
         report.print(
-            f"--val-every auto: every {val_every} epoch{'s' * (val_every > 1)} (training {train_seconds:.1f} s, "
-            f"validation {validation.seconds:.1f} s)"
+            f"--val-every auto: {f'every {val_every} epochs' if val_every > 1 else 'every epoch'} "
+            f"(training {train_seconds:.1f} s, validation {validation.seconds:.1f} s an epoch)"
         )
     if budget is not None:
         seconds = validation.seconds if validation else None
