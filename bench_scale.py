@@ -19,14 +19,12 @@ import numpy as np
 from PIL import Image
 
 from bench_data import write_photo
-from checkpoints import DataSpec
 from config import parse_args
 from engine import finish_batch, train_step
 from labels import SCAN_CACHE_NAME
-from loaders import build_loaders
 from stopping import validation_interval
 from trainer import build_training, check_memory, validation_sampling
-from training_data import prepare_data
+from training_data import data_spec, prepare_data, training_loaders
 from utils import Runtime, keep_freed_cpu_memory
 
 SCALE_PHOTO = (640, 480)  # COCO's size
@@ -77,10 +75,7 @@ def start_up(root: Path, run_dir: Path) -> dict:
     train_set, val_set = prepare_data(settings, None, runtime)
     scanned = time.perf_counter()
     samples = settings.samples
-    loader_settings = dict(batch_size=samples.batch_size, weighted=True, seed=0, strict=False, runtime=runtime)
-    loaders = build_loaders(
-        train_set, val_set, workers=samples.workers, min_epoch_samples=samples.min_epoch_samples, **loader_settings
-    )
+    loaders = training_loaders(settings, train_set, val_set, runtime)
     training = build_training(settings, train_set, runtime)
     check_memory(training, settings, runtime)
     batches = iter(loaders[0])
@@ -98,10 +93,9 @@ def start_up(root: Path, run_dir: Path) -> dict:
         step()
     crop_seconds = (time.perf_counter() - first_step) / (TIMED_STEPS * samples.batch_size)
     val_set.pairs = val_set.pairs[:TIMED_VALIDATION_IMAGES]
-    val_loader = build_loaders(train_set, val_set, workers=0, **loader_settings)[1]
-    rules = DataSpec(train_set.mapping, train_set.reading, train_set.normalization)
+    val_loader = training_loaders(settings, train_set, val_set, runtime)[1]
     sampling = validation_sampling(samples)
-    validated = training.validate(val_loader, rules=rules, sampling=sampling, runtime=runtime, epoch=1)
+    validated = training.validate(val_loader, rules=data_spec(train_set), sampling=sampling, runtime=runtime, epoch=1)
     image_seconds = validated.seconds / len(val_set.pairs)
     return {
         "scan_seconds": scanned - started,

@@ -105,10 +105,17 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 def upgraded_state(state: dict, path: Path) -> dict:
     """The one place where checkpoint formats are told apart: a state in today's format is returned as it is,
     any other is refused in one line naming its version (no earlier format reached a user)."""
-    version = state.get("format_version", 1)
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {version}; this version reads {FORMAT_VERSION}")
+    problem = format_problem(state.get("format_version", 1))
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     return state
+
+
+def format_problem(version) -> str | None:
+    """Why a checkpoint (or an ONNX file exported from one) of this format version cannot be read; None: it can."""
+    if version == FORMAT_VERSION:
+        return None
+    return f"checkpoint format version {version}; this version reads {FORMAT_VERSION}"
 
 
 def training_flags(state: dict) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from checkpoints import FORMAT_VERSION, DataSpec, training_flags
+from checkpoints import DataSpec, format_problem, training_flags
 from errors import MissingOnnx, OnnxError
 from image_io import ImageReading
 from intensity import Normalization
@@ -88,11 +88,9 @@ class OnnxModel:
             meta["reading"] = ImageReading.from_dict(meta.pop("input"))
         except (ValueError, KeyError, TypeError) as err:
             raise OnnxError(f"{path}: unreadable segmentation metadata ({err!r})") from None
-        if meta["format_version"] != FORMAT_VERSION:
-            version = meta["format_version"]
-            raise OnnxError(
-                f"{path}: exported from checkpoint format version {version}; this version reads {FORMAT_VERSION}"
-            )
+        problem = format_problem(meta["format_version"])
+        if problem:
+            raise OnnxError(f"{path}: exported from {problem}")
         inputs = session.get_inputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise OnnxError(f"{path}: expected one (batch, channels, height, width) input")

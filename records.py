@@ -13,9 +13,8 @@ import torch
 from files import replace_atomically
 from metrics import ConfusionMatrix
 
-RESULT_COLUMNS = (
-    *("epoch", "train_loss", "val_loss", "miou", "mdice", "pixel_acc", "lr", "seconds", "images_per_s", "validated"),
-)
+RESULT_COLUMNS = ("epoch", "train_loss", "val_loss", "miou", "mdice", "pixel_acc", "lr", "seconds", "images_per_s")
+RESULT_COLUMNS += ("validated",)  # 1 or 0: an epoch not validated leaves the scores empty
 REPORT_COLUMNS = ("class", "pixels", "iou", "dice", "precision", "recall")
 
 

@@ -90,14 +90,14 @@ class Reporter:
             return
         record = history[-1]
         epoch = record["epoch"]
-        if figures and validation is not None:
-            self.figures(epoch, validation.panel, validation.matrix)
-        per_class_iou = [] if validation is None else validation.metrics["iou"].tolist()
         for tag, key in SCALARS.items():
             if key in record:
                 self.writer.add_scalar(tag, record[key], epoch)
-        for name, iou in zip(self.class_names, per_class_iou, strict=False):
-            self.writer.add_scalar(f"iou/{name}", iou, epoch)
+        if validation is not None:
+            for name, iou in zip(self.class_names, validation.metrics["iou"].tolist(), strict=True):
+                self.writer.add_scalar(f"iou/{name}", iou, epoch)
+            if figures:
+                self.figures(epoch, validation.panel, validation.matrix)
         scores = (
             f"val loss {record['val_loss']:.4f}  mIoU {record['miou']:.4f}  mDice {record['mdice']:.4f}  "
             f"pixel acc {record['pixel_acc']:.4f}"

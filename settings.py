@@ -105,8 +105,13 @@ class RunSettings:
     resume: str | None
 
 
-PARTS = {"data": DataSettings, "samples": SampleSettings, "model": ModelSettings, "optim": OptimSettings}
-PARTS["run"] = RunSettings
+PARTS = {
+    "data": DataSettings,
+    "samples": SampleSettings,
+    "model": ModelSettings,
+    "optim": OptimSettings,
+    "run": RunSettings,
+}
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ import torch.distributed as dist
 from checkpoints import DataSpec
 from cli import run_cli
 from config import parse_args, replay_values
-from loaders import build_loaders
 from model import count_parameters
 from optimizer import scheduled_lr
 from records import epoch_record
@@ -25,7 +24,7 @@ from reporter import Reporter, batch_text, input_text
 from settings import OptimSettings, TrainSettings, recorded_flags
 from stopping import EarlyStopping, GracefulStop, NonFiniteLoss, TimeBudget, validation_interval
 from trainer import Plan, Training, Validation, build_training, check_memory, validation_sampling
-from training_data import prepare_data
+from training_data import data_spec, prepare_data, training_loaders
 from utils import Runtime, keep_freed_cpu_memory, seed_everything
 
 
@@ -148,18 +147,8 @@ def train(settings: TrainSettings, checkpoint: dict | None, runtime: Runtime, *,
     keep_freed_cpu_memory(runtime.device)
     seed_everything(run.seed)
     train_set, val_set = prepare_data(settings, checkpoint, runtime)
-    rules = DataSpec(train_set.mapping, train_set.reading, train_set.normalization)
-    loaders = build_loaders(
-        train_set,
-        val_set,
-        batch_size=samples.batch_size,
-        workers=samples.workers,
-        weighted=samples.sampler == "weighted",
-        seed=run.seed,
-        strict=data.strict,
-        runtime=runtime,
-        min_epoch_samples=samples.min_epoch_samples,
-    )
+    rules = data_spec(train_set)
+    loaders = training_loaders(settings, train_set, val_set, runtime)
     training = build_training(settings, train_set, runtime)
     memory_note = check_memory(training, settings, runtime)
     if checkpoint:

@@ -1,11 +1,13 @@
 """train.py's data from its settings: the four folders (COCO files rendered to mask folders), the training and
 validation sets (label mapping, reading rule and normalisation found on the training set), the demo built and the
-labels scanned by rank 0 first."""
+labels scanned by rank 0 first, and the loaders."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from torch.utils.data import DataLoader
 
 from checkpoints import DataSpec
 from coco import cached_masks
@@ -14,6 +16,7 @@ from demo import DEMO_IMAGES, DEMO_ROOTS, make_demo_data
 from errors import UserError
 from files import require_folder
 from intensity import check_display_channel
+from loaders import build_loaders
 from settings import DataSettings, SampleSettings, TrainSettings
 from transforms import Crop
 from utils import Runtime
@@ -103,3 +106,26 @@ def prepare_data(
             datasets = build_datasets(data, samples, rules)
         runtime.ddp.barrier()
     return datasets
+
+
+def data_spec(train_set: SegmentationFolder) -> DataSpec:
+    """What the training set found, as the checkpoint saves it: the label mapping, reading rule, normalisation."""
+    return DataSpec(train_set.mapping, train_set.reading, train_set.normalization)
+
+
+def training_loaders(
+    settings: TrainSettings, train_set: SegmentationFolder, val_set: SegmentationFolder, runtime: Runtime
+) -> tuple[DataLoader, DataLoader]:
+    """loaders.build_loaders as the settings ask for them."""
+    samples = settings.samples
+    return build_loaders(
+        train_set,
+        val_set,
+        batch_size=samples.batch_size,
+        workers=samples.workers,
+        weighted=samples.sampler == "weighted",
+        seed=settings.run.seed,
+        strict=settings.data.strict,
+        runtime=runtime,
+        min_epoch_samples=samples.min_epoch_samples,
+    )
