@@ -18,6 +18,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from torchvision.transforms.v2 import functional as TF
 from bench_data import LOADER_PHOTOS, write_checkpoint, write_loader_data, write_photo
 from bench_loader import LOADER_PIPELINES, STAGES, loader_pair
 from bench_scale import SCALE_CLASSES, SCALE_DISTINCT, SCALE_PHOTO, scale_rows, write_scale_data
-from checkpoints import inference_network, load_checkpoint
+from checkpoints import inference_network, load_checkpoint, training_flags
 from cli import (
     ArgumentParser,
     add_device_flag,
@@ -37,6 +38,7 @@ from cli import (
     non_negative_int,
     positive_int,
     positive_int_upto,
+    size_type,
     widths_type,
 )
 from demo import make_demo_data
@@ -48,9 +50,9 @@ from model import ResidualAttnUNet
 from onnx_model import export_metadata, export_network
 from optimizer import build_optimizer
 from predictions import Outputs, segment_folder
-from predictor import Predictor
+from predictor import Predictor, Sampling, tile_spans
 from presets import REFERENCE_WIDTHS
-from utils import Runtime, keep_freed_cpu_memory, resolve_device, resolve_precision
+from utils import PRECISION_DTYPES, Runtime, keep_freed_cpu_memory, resolve_device, resolve_precision
 
 
 def get_args_parser() -> ArgumentParser:
@@ -72,6 +74,8 @@ def get_args_parser() -> ArgumentParser:
         default="training,inference,onnx,large,loader,scale",
         help="comma-separated parts to run (onnx: CPU only)",
     )
+    p.add_argument("--large-count", type=positive_int, default=4, help="large: how many photos")
+    p.add_argument("--large-size", type=size_type, default=(6000, 4000), help="large: photo WIDTHxHEIGHT")
     p.add_argument("--scale-train", type=positive_int, default=5000, help="scale: training image/mask pairs")
     p.add_argument("--scale-val", type=positive_int, default=2000, help="scale: validation image/mask pairs")
     p.add_argument(
@@ -232,7 +236,7 @@ def report_inference(speeds: dict, title: str) -> None:
         print(f"{label:<34} {speed:>9.2f} {speed / first:>8.2f}x")
 
 
-LARGE_PHOTOS = {"count": 4, "size": (6000, 4000), "classes": 81}  # phone photos, COCO's categories
+LARGE_CLASSES = 81  # COCO's categories (--coco-mode categories)
 
 
 def large_inference(device: torch.device, folder: Path, checkpoint: Path, output: Path, sampling: dict) -> dict:
@@ -248,19 +252,53 @@ def large_inference(device: torch.device, folder: Path, checkpoint: Path, output
     return {"seconds": timing["seconds"], "peak_mb": peak_memory_mb(device), "mask_size": size}
 
 
+def forward_flops(checkpoint: Path, sampling: Sampling, size: tuple[int, int]) -> tuple[float, int]:
+    """FLOPs of the network passes one image of (width, height) takes, and how many passes (tiles) it is."""
+    width, height = size
+    if sampling.mode == "resize":
+        shapes = [(sampling.image_size, sampling.image_size)]
+    else:
+        tops, tile_h = tile_spans(height, sampling.tile, sampling.overlap)
+        lefts, tile_w = tile_spans(width, sampling.tile, sampling.overlap)
+        shapes = [(tile_h, tile_w)] * (len(tops) * len(lefts))
+    model = inference_network(load_checkpoint(checkpoint), checkpoint)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(torch.zeros(1, 3, *shapes[0]))
+    return counter.get_total_flops() * len(shapes), len(shapes)
+
+
 def bench_large_images(args, device: torch.device, root: Path) -> None:
-    """Peak memory must not grow with height x width x classes: four 24-megapixel photos, 81 classes."""
+    """Peak memory must not grow with height x width x classes, and sliding tiles should run near the ceiling:
+    large photos through an 81-class crop-trained model (inference slides tiles), three ways."""
     folder = root / "large"
     folder.mkdir()
-    for k in range(LARGE_PHOTOS["count"]):
-        write_photo(folder / f"photo{k}.jpg", LARGE_PHOTOS["size"], seed=k)
+    for k in range(args.large_count):
+        write_photo(folder / f"photo{k}.jpg", args.large_size, seed=k)
     checkpoint = root / "large.pt"
-    write_checkpoint(checkpoint, classes=LARGE_PHOTOS["classes"], widths=args.widths, image_size=args.image_size)
-    print(f"\n{'4 photos 6000x4000, 81 classes':<34} {'s/image':>9} {'peak RSS MB':>12}  mask size")
-    for label, sampling in (("resize (default)", {}), ("slide, --scale 0.25", {"mode": "slide", "scale": 0.25})):
+    write_checkpoint(
+        checkpoint, classes=LARGE_CLASSES, widths=args.widths, image_size=args.image_size, crop_size=args.image_size
+    )
+    precision = resolve_precision("auto", device)
+    ceiling = matmul_gflops(PRECISION_DTYPES[precision], device)
+    width, height = args.large_size
+    title = f"{args.large_count} photos {width}x{height}, {LARGE_CLASSES} classes, crop-trained at {args.image_size} px"
+    print(f"\n{title}")
+    print(f"{'':<44} {'s/image':>8} {'images/s':>9} {'passes':>7} {'GFLOP/s':>8} {'of ' + precision:>8} {'peak MB':>8}")
+    defaults = Sampling.from_training_flags(training_flags(load_checkpoint(checkpoint)))
+    rows = {
+        f"slide (default: {defaults.tile} px tiles, overlap {defaults.overlap:.3g})": {},
+        f"slide, {args.image_size} px tiles, overlap 1/3 (until 2026-12)": {"tile": args.image_size, "overlap": 1 / 3},
+        "resize": {"mode": "resize"},
+    }
+    for label, sampling in rows.items():
         result = isolated(large_inference, device, folder, checkpoint, root / "large-out" / label, sampling)
-        seconds = result["seconds"] / LARGE_PHOTOS["count"]
-        print(f"{label:<34} {seconds:>9.2f} {result['peak_mb']:>12.0f}  {result['mask_size']}")
+        flops, passes = forward_flops(checkpoint, replace(defaults, **sampling), args.large_size)
+        seconds = result["seconds"] / args.large_count
+        achieved = flops / seconds / 1e9
+        print(
+            f"{label:<44} {seconds:>8.2f} {1 / seconds:>9.3f} {passes:>7} {achieved:>8.1f} {achieved / ceiling:>8.0%} "
+            f"{result['peak_mb']:>8.0f}"
+        )
 
 
 def bench_loader(args, device: torch.device, root: Path) -> None:

@@ -16,8 +16,9 @@ from model import ResidualAttnUNet
 LOADER_PHOTOS = {"count": 64, "size": (640, 480), "classes": 5}  # COCO-sized JPEGs and their index masks
 
 
-def write_checkpoint(path: Path, *, classes: int, widths: tuple[int, ...], image_size: int) -> None:
-    """An untrained model in a checkpoint inference can read: speed does not depend on the weights."""
+def write_checkpoint(path: Path, *, classes: int, widths: tuple[int, ...], image_size: int, crop_size: int = 0) -> None:
+    """An untrained model in a checkpoint inference can read: speed does not depend on the weights.
+    crop_size 0: trained on whole images (inference resizes); otherwise on crops (inference slides tiles)."""
     model = ResidualAttnUNet(3, classes, widths)
     mapping = LabelMapping(list(range(classes)), [f"class {k}" for k in range(classes)])
     state = {
@@ -25,7 +26,7 @@ def write_checkpoint(path: Path, *, classes: int, widths: tuple[int, ...], image
         "model": model.state_dict(),
         **DataSpec(mapping, RGB, IMAGENET).to_state(),
         "model_args": model.config,
-        "args": {"image_size": image_size, "crop_size": 0, "base_size": None},  # whole images: resize mode
+        "args": {"image_size": image_size, "crop_size": crop_size, "base_size": None},
     }
     save_checkpoint(state, path)
 

@@ -129,6 +129,17 @@ def widths_type(text: str) -> tuple[int, ...]:
     return widths
 
 
+def size_type(text: str) -> tuple[int, int]:
+    """WIDTHxHEIGHT in pixels, e.g. 6000x4000."""
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        width = height = 0
+    if width <= 0 or height <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT in pixels, e.g. 6000x4000")
+    return width, height
+
+
 WORKERS_HELP = (
     "DataLoader worker processes; auto: none on the CPU, whose cores the training step already fills; on a GPU the "
     "cores this process may use, less one for the training loop, up to 8"

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     images = read_check_images(folder, args.check_count, rules.reading)
     if not images:
         print("no real images found to check on (--images DIR): checking on random inputs only")
-    side = sampling.tile if sampling.mode == "slide" else sampling.image_size
+    side = sampling.image_size  # the training square or crop
     channels = model.config["in_channels"]
     batches = check_batches(images, side, rules.normalization, channels=channels, stride=model.stride)
     with replace_atomically(output) as tmp:

@@ -58,9 +58,13 @@ def get_args_parser() -> ArgumentParser:
         help="resize: the whole image squashed to the training square; slide: overlapping tiles at native "
         "resolution (default: slide for --crop-size models, resize otherwise)",
     )
-    p.add_argument("--tile", type=image_size_type, help="slide: tile side in px (default: the training crop size)")
     p.add_argument(
-        "--overlap", type=float_in(0, 1, high_open=True), help="slide: fraction of a tile its neighbours share (1/3)"
+        "--tile", type=image_size_type, help="slide: largest tile side in px (default: twice the training crop)"
+    )
+    p.add_argument(
+        "--overlap",
+        type=float_in(0, 1, high_open=True),
+        help="slide: least fraction of a tile its neighbours share (1/16); tiles are then spaced evenly",
     )
     p.add_argument(
         "--scale",
@@ -72,7 +76,12 @@ def get_args_parser() -> ArgumentParser:
     add_channel_flags(p)
     p.add_argument("--save-probs", action="store_true", help="also write per-class probabilities as float16 .npy")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist (default: skip them)")
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=8,
+        help="images per forward pass (resize); slide: tiles holding as many pixels as this many training crops",
+    )
     p.add_argument(
         "--workers",
         type=non_negative_int,

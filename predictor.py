@@ -29,6 +29,8 @@ from utils import PRECISION_DTYPES, Runtime
 
 MODES = ("resize", "slide")
 BAND_BYTES = 32 << 20  # float32 class probabilities held at the output size at once
+TILE_FACTOR = 2  # slide: tiles this many times the training crop's side; the network is fully convolutional
+TILE_OVERLAP = 1 / 16  # slide: at least this share of a tile side computed twice (nnU-Net: 1/2, MMSegmentation: 1/3)
 
 
 @dataclass(frozen=True)
@@ -36,17 +38,18 @@ class Sampling:
     """How an image is shown to the network; the training flags in a checkpoint choose the default."""
 
     mode: str = "resize"
-    image_size: int = 256  # resize: the side of the training square
-    tile: int = 256  # slide: the side of a tile
-    overlap: float = 1 / 3  # slide: the fraction of a tile shared with each neighbour
+    image_size: int = 256  # resize: the side of the training square; slide: the training crop's
+    tile: int = TILE_FACTOR * 256  # slide: the largest side of a tile
+    overlap: float = TILE_OVERLAP  # slide: the least fraction of a tile shared with each neighbour
     scale: float = 1.0  # slide: images are rescaled by this first...
     base_size: int | None = None  # ...or so that their shorter side is this (crop training's --base-size)
 
     @classmethod
     def for_training(cls, image_size: int, crop_size: int, base_size: int | None = None) -> Sampling:
-        """Crop-trained models slide tiles of their crop size; square-resize models see the square."""
+        """Crop-trained models slide tiles larger than their crop (fewer pixels computed twice: the masks agree with
+        crop-sized tiles', docs/inference.md); square-resize models see the square."""
         if crop_size:
-            return cls("slide", image_size, tile=crop_size, base_size=base_size)
+            return cls("slide", crop_size, tile=TILE_FACTOR * crop_size, base_size=base_size)
         return cls("resize", image_size, tile=image_size)
 
     @classmethod
@@ -70,11 +73,16 @@ class Sampling:
         return max(1, round(height * factor)), max(1, round(width * factor))
 
 
-def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
-    """First pixel of each tile along one axis; the last tile ends flush with the image."""
-    stride = max(1, round(tile * (1 - overlap)))
-    count = max(0, math.ceil((length - tile) / stride)) + 1
-    return [min(i * stride, length - tile) for i in range(count)]
+def tile_spans(length: int, tile: int, overlap: float, multiple: int = 16) -> tuple[list[int], int]:
+    """Tiles along one axis: (first pixel of each, their common size). As few tiles as cover the length with
+    neighbours sharing at least `overlap` of a tile, then shrunk (rounded up to `multiple`, the model's stride, so
+    none is padded) and spaced evenly, as nnU-Net spaces its tiles: fewer pixels are computed twice."""
+    if length <= tile:
+        return [0], length
+    shared = min(round(tile * overlap), tile - 1)
+    count = math.ceil((length - shared) / (tile - shared))
+    size = min(tile, math.ceil((length + (count - 1) * shared) / count / multiple) * multiple)
+    return [round(i * (length - size) / (count - 1)) for i in range(count)], size
 
 
 def gaussian_weights(height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -113,7 +121,8 @@ class RowResampler:
             self.next_row = stop
         if self.next_row < self.out_height:
             drop = min(int(self.lower[self.next_row]) - self.first_held, self.held.shape[1])
-            self.held, self.first_held = self.held[:, drop:], self.first_held + drop
+            # a copy: rows arrive as views of a buffer the producer reuses (Predictor._slide)
+            self.held, self.first_held = self.held[:, drop:].clone(), self.first_held + drop
 
     def _band(self, start: int, stop: int) -> torch.Tensor:
         if self.identity:
@@ -149,7 +158,7 @@ class Predictor:
     runtime: Runtime
     input_dtype: torch.dtype = torch.float32
     tta: bool = False  # also average the horizontal flip's probabilities
-    batch_size: int = 8  # tiles per forward pass when sliding
+    batch_size: int = 8  # images per pass (resize); sliding, tiles holding as many pixels as this many crops
     normalize: Normalization = IMAGENET  # on the device, a batch at a time
     reading: ImageReading = RGB  # how files and arrays become the network's channels
 
@@ -284,28 +293,25 @@ class Predictor:
         return [self._slide(image) for image in scaled]
 
     def _slide(self, image: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Gaussian-weighted overlapping tiles; rows are yielded once no later tile covers them, so only
-        one tile's height of probabilities is ever held."""
+        """Gaussian-weighted overlapping tiles, summed into one buffer a tile high: the rows no later tile covers
+        are yielded (a view, valid until the next is asked for), the rest move up and the tiles below add on."""
         height, width = image.shape[-2:]
-        tile_h, tile_w = min(self.sampling.tile, height), min(self.sampling.tile, width)
-        tops = tile_starts(height, tile_h, self.sampling.overlap)
-        lefts = tile_starts(width, tile_w, self.sampling.overlap)
+        tops, tile_h = tile_spans(height, self.sampling.tile, self.sampling.overlap)
+        lefts, tile_w = tile_spans(width, self.sampling.tile, self.sampling.overlap)
         weight = gaussian_weights(tile_h, tile_w, image.device)
-        classes = self.mapping.num_classes
-        probs_sum = torch.zeros(classes, 0, width, device=image.device)
-        weight_sum = torch.zeros(0, width, device=image.device)
-        first = 0  # the image row that probs_sum[:, 0] holds
+        probs_sum = torch.zeros(self.mapping.num_classes, tile_h, width, device=image.device)
+        weight_sum = torch.zeros(tile_h, width, device=image.device)
+        per_pass = max(1, self.batch_size * self.sampling.image_size**2 // (tile_h * tile_w))
         for row, top in enumerate(tops):
-            missing = top + tile_h - first - weight_sum.shape[0]
-            probs_sum = torch.cat([probs_sum, probs_sum.new_zeros(classes, missing, width)], 1)
-            weight_sum = torch.cat([weight_sum, weight_sum.new_zeros(missing, width)])
-            rows = slice(top - first, top - first + tile_h)
-            for start in range(0, len(lefts), self.batch_size):
-                chunk = lefts[start : start + self.batch_size]
+            for start in range(0, len(lefts), per_pass):
+                chunk = lefts[start : start + per_pass]
                 tiles = torch.stack([image[:, top : top + tile_h, x : x + tile_w] for x in chunk])
-                for x, probs in zip(chunk, self.batch_probabilities(tiles), strict=True):
-                    probs_sum[:, rows, x : x + tile_w] += probs * weight
-                    weight_sum[rows, x : x + tile_w] += weight
-            done = (tops[row + 1] if row + 1 < len(tops) else height) - first
-            yield probs_sum[:, :done] / weight_sum[:done]
-            probs_sum, weight_sum, first = probs_sum[:, done:], weight_sum[done:], first + done
+                for x, probs in zip(chunk, self.batch_probabilities(tiles).mul_(weight), strict=True):
+                    probs_sum[:, :, x : x + tile_w] += probs
+                    weight_sum[:, x : x + tile_w] += weight
+            done = (tops[row + 1] if row + 1 < len(tops) else height) - top
+            yield probs_sum[:, :done].div_(weight_sum[:done])
+            kept = tile_h - done  # rows the next row of tiles adds to
+            probs_sum[:, :kept] = probs_sum[:, done:].clone() if kept > done else probs_sum[:, done:]
+            weight_sum[:kept] = weight_sum[done:].clone()
+            probs_sum[:, kept:], weight_sum[kept:] = 0, 0

@@ -57,7 +57,7 @@ def test_metadata_round_trips_into_the_predictor(exported, crop_checkpoint):
     from_checkpoint = Predictor.from_checkpoint(crop_checkpoint, CPU_FP32)
     assert from_onnx.mapping == from_checkpoint.mapping
     assert from_onnx.sampling == from_checkpoint.sampling
-    assert (from_onnx.sampling.mode, from_onnx.sampling.tile, from_onnx.sampling.base_size) == ("slide", 24, 40)
+    assert (from_onnx.sampling.mode, from_onnx.sampling.image_size, from_onnx.sampling.base_size) == ("slide", 24, 40)
     assert str(from_onnx.normalize) == str(from_checkpoint.normalize)
     meta = OnnxModel.open(exported)
     assert meta.model_args == load_checkpoint(crop_checkpoint)["model_args"]

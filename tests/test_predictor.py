@@ -17,7 +17,7 @@ import predictor as predictor_module
 from conftest import ROOT, run_in_process
 from errors import BadSampleError
 from labels import LabelMapping
-from predictor import Predictor, RowResampler, Sampling, tile_starts
+from predictor import Predictor, RowResampler, Sampling, tile_spans
 from utils import Runtime
 
 MAPPING = LabelMapping([0, 1, 2, 3], ["background", "a", "b", "c"], 255, False)
@@ -73,7 +73,7 @@ def test_a_band_wise_result_equals_the_whole_image_result_exactly(monkeypatch, m
     assert torch.equal(whole_labels.long(), whole_probs.argmax(0))
 
 
-@pytest.mark.parametrize(("tile", "overlap"), [(16, 1 / 3), (24, 0.5), (20, 0.0)])
+@pytest.mark.parametrize(("tile", "overlap"), [(16, 1 / 3), (24, 0.5), (20, 0.0), (16, 0.75)])
 def test_slide_equals_the_whole_image_prediction_of_a_translation_equivariant_model(tile, overlap):
     image = random_image(45, 70, seed=3)
     sampling = Sampling("slide", tile=tile, overlap=overlap)
@@ -82,6 +82,18 @@ def test_slide_equals_the_whole_image_prediction_of_a_translation_equivariant_mo
     whole = predictor.batch_probabilities(image[None])[0]
     torch.testing.assert_close(probs, whole, rtol=0, atol=1e-6)
     assert torch.equal(labels.long(), whole.argmax(0))
+
+
+def test_a_slide_pass_holds_as_many_pixels_as_the_batch_of_training_crops():
+    passes, model = [], pointwise_model()
+
+    def counting(images: torch.Tensor) -> torch.Tensor:
+        passes.append(images.shape[0])
+        return model(images)
+
+    sampling = Sampling("slide", image_size=16, tile=32, overlap=0)
+    Predictor(counting, MAPPING, sampling, CPU, batch_size=8).segment([random_image(32, 160)])
+    assert passes == [2, 2, 1]  # 8 crops of 16x16 hold the pixels of 2 tiles of 32x32; 5 tiles in all
 
 
 def test_slide_differs_from_resize_where_the_model_sees_context():
@@ -100,14 +112,25 @@ def test_slide_weights_tile_centres_over_their_borders():
     torch.testing.assert_close(weights, weights.flip(0).flip(1))
 
 
-@pytest.mark.parametrize(("length", "tile", "overlap"), [(100, 32, 1 / 3), (32, 32, 0.5), (33, 32, 0.25), (5, 5, 0)])
-def test_tiles_cover_every_pixel_and_end_flush(length, tile, overlap):
-    starts = tile_starts(length, tile, overlap)
-    covered = np.zeros(length, bool)
+@pytest.mark.parametrize(
+    ("length", "tile", "overlap", "multiple"),
+    [(100, 32, 1 / 3, 1), (32, 32, 0.5, 1), (33, 32, 0.25, 1), (5, 5, 0, 1), (6000, 512, 1 / 16, 16), (400, 50, 0, 8)],
+)
+def test_tiles_cover_every_pixel_share_the_overlap_and_end_flush(length, tile, overlap, multiple):
+    starts, size = tile_spans(length, tile, overlap, multiple)
+    covered = np.zeros(length, int)
     for start in starts:
-        covered[start : start + tile] = True
-    assert covered.all() and starts[0] == 0 and starts[-1] == length - tile
-    assert all(0 < b - a <= round(tile * (1 - overlap)) for a, b in zip(starts, starts[1:], strict=False))
+        covered[start : start + size] += 1
+    assert covered.min() == 1 and starts[0] == 0 and starts[-1] == length - size and size <= tile
+    shared = [a + size - b for a, b in zip(starts, starts[1:], strict=False)]
+    assert all(s >= round(tile * overlap) for s in shared) and max(shared, default=0) - min(shared, default=0) <= 1
+    fewer = len(starts) - 1  # one tile fewer, however sized and placed, would not cover the length with that overlap
+    assert fewer * tile - (fewer - 1) * round(tile * overlap) < length or len(starts) == 1
+
+
+def test_tiles_are_shrunk_to_the_models_stride():
+    starts, size = tile_spans(6000, 512, 1 / 16, multiple=16)
+    assert size % 16 == 0 and len(starts) * size < 6000 * 1.08  # 13 tiles of 496, not 13 of 512
 
 
 @pytest.mark.parametrize("mode", ["resize", "slide"])
@@ -146,7 +169,8 @@ def test_slide_scale_and_base_size_set_the_working_resolution():
 def test_the_checkpoint_flags_choose_the_mode():
     assert Sampling.from_training_flags({"image_size": 96}) == Sampling("resize", 96, tile=96)
     crop = Sampling.from_training_flags({"image_size": 256, "crop_size": 64, "base_size": 128})
-    assert (crop.mode, crop.tile, crop.base_size) == ("slide", 64, 128)
+    assert (crop.mode, crop.image_size, crop.base_size) == ("slide", 64, 128)
+    assert crop.tile == predictor_module.TILE_FACTOR * 64  # tiles larger than the crop: fewer pixels computed twice
 
 
 @pytest.mark.parametrize(
