@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -106,10 +107,14 @@ def train_one_epoch(
     epoch: int,
     stop: GracefulStop,
     updates: UpdateRule = ONE_UPDATE_PER_BATCH,
+    out_of_time: Callable[[float, int], bool] | None = None,
     time_first_step: bool = False,
     report_data_wait: bool = False,
 ) -> tuple[float, list[str]]:
     """One pass over the sampler; returns the mean loss and the bad samples that were skipped.
+
+    out_of_time(seconds so far, steps so far): a time budget's TimeBudget.out_of_time; the epoch ends early when
+    it says so (stop.out_of_time tells the caller).
 
     time_first_step: say how long the first step took, which with --compile holds the compilation.
     report_data_wait: say how much of the epoch waited for the loader (see DataWait).
@@ -121,6 +126,7 @@ def train_one_epoch(
     steps = 0
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True, disable=not runtime.ddp.is_main)
     data_wait = DataWait(runtime.device, sync=report_data_wait)
+    epoch_started = time.monotonic()
     for steps, (pixels, masks, draws, skipped_here) in enumerate(bar, 1):
         data_wait.batch_arrived()
         skipped.extend(line for s in skipped_here for line in s.splitlines())
@@ -149,7 +155,8 @@ def train_one_epoch(
             if first_bad_step.item():
                 raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {first_bad_step.item()}")
             bar.set_postfix(loss=f"{total_loss.item() / steps:.4f}")  # a host sync point
-        if stop.agreed(runtime):
+        cut = out_of_time is not None and steps < len(loader) and out_of_time(time.monotonic() - epoch_started, steps)
+        if stop.agreed(runtime, cut):
             break
     if report_data_wait and runtime.ddp.is_main:
         tqdm.write(data_wait.describe(loader.num_workers))

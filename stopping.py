@@ -13,6 +13,7 @@ from utils import Runtime
 
 FINISH_RESERVE = 0.01  # of a time budget, kept for what follows the last epoch (the report, curves, closing files)
 VALIDATION_SHARE = 0.1  # --val-every auto: validation takes at most this share of a run
+FORWARD_SHARE = 1 / 3  # a forward pass's share of a training step (backward costs about twice the forward)
 
 
 def validation_interval(train_seconds: float, validation_seconds: float) -> int:
@@ -31,8 +32,24 @@ class TimeBudget:
 
     seconds: float
     started: float  # time.monotonic() when the run started: data scans and model building count too
+    validation_steps: float = 0.0  # a validation's cost in training steps, estimated until one has been timed
     recent: list[float] = field(default_factory=list)  # the last epochs' training seconds
-    validation: float = 0.0  # the last validation's seconds
+    validation: float = 0.0  # the last validation's seconds (0: none timed yet)
+    bookkeeping: float = 0.0  # the last epoch's seconds neither training nor validating: checkpoints, figures
+
+    @staticmethod
+    def validation_cost(validation_pixels: float, step_pixels: float) -> float:
+        """validation_steps from the pixels a validation and a training step see: the network's forward pass over
+        every validation pixel, at FORWARD_SHARE of a training step's cost per pixel."""
+        return validation_pixels / max(step_pixels, 1) * FORWARD_SHARE
+
+    def out_of_time(self, epoch_seconds: float, steps: int) -> bool:
+        """During an epoch, after `steps` steps: True once one more step and the last validation would end past
+        the budget, so an epoch longer than the whole budget (slow hardware, large epochs) is cut short."""
+        step = epoch_seconds / max(steps, 1)
+        validation = self.validation or self.validation_steps * step
+        finish = self.started + self.seconds * (1 - FINISH_RESERVE)
+        return time.monotonic() + step + validation + self.bookkeeping > finish
 
     def epochs_that_fit(
         self, epochs_done: int, train_seconds: float, validation_seconds: float | None = None, val_every: int = 1
@@ -42,8 +59,9 @@ class TimeBudget:
         validation_seconds: this epoch's validation, None where it was not validated."""
         self.recent = [*self.recent[-1:], train_seconds]
         self.validation = self.validation if validation_seconds is None else validation_seconds
-        left = self.seconds * (1 - FINISH_RESERVE) - (time.monotonic() - self.started) - self.validation
-        per_epoch = max(*self.recent, 1e-3) + self.validation / val_every
+        last = self.validation + self.bookkeeping  # what the last epoch adds after its training
+        left = self.seconds * (1 - FINISH_RESERVE) - (time.monotonic() - self.started) - last
+        per_epoch = max(*self.recent, 1e-3) + self.validation / val_every + self.bookkeeping
         return epochs_done + max(0, int(left // per_epoch))
 
 
@@ -52,10 +70,12 @@ class NonFiniteLoss(RuntimeError):
 
 
 class GracefulStop:
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second Ctrl-C stops at once."""
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second Ctrl-C stops at once. A time budget
+    running out ends the epoch after the current step too (out_of_time), but the run then finishes as planned."""
 
     def __init__(self):
         self.signum: int | None = None
+        self.out_of_time = False
         self._previous = {}
 
     def __enter__(self) -> GracefulStop:
@@ -76,15 +96,18 @@ class GracefulStop:
     def requested(self) -> bool:
         return self.signum is not None
 
-    def agreed(self, runtime: Runtime) -> bool:
-        """Under DDP every rank stops after the same step, or one would wait for the others for ever."""
-        if not runtime.ddp.enabled:
-            return self.requested
-        flag = torch.tensor(float(self.requested), device=runtime.device)
-        runtime.ddp.all_reduce_sum(flag)
-        if flag.item() and self.signum is None:
-            self.signum = signal.SIGTERM
-        return bool(flag.item())
+    def agreed(self, runtime: Runtime, out_of_time: bool = False) -> bool:
+        """Whether to end the epoch after this step (a signal, or this rank's time budget out_of_time). Under DDP
+        every rank stops after the same step, or one would wait for the others for ever."""
+        requested = self.requested
+        if runtime.ddp.enabled:
+            flags = torch.tensor([float(requested), float(out_of_time)], device=runtime.device)
+            runtime.ddp.all_reduce_sum(flags)
+            requested, out_of_time = (bool(flag) for flag in flags.tolist())
+            if requested and self.signum is None:
+                self.signum = signal.SIGTERM
+        self.out_of_time = self.out_of_time or out_of_time
+        return requested or out_of_time
 
     @property
     def exit_code(self) -> int:

@@ -23,7 +23,7 @@ from records import epoch_record
 from reporter import Reporter, batch_text, input_text
 from settings import OptimSettings, TrainSettings, recorded_flags
 from stopping import EarlyStopping, GracefulStop, NonFiniteLoss, TimeBudget, validation_interval
-from trainer import Plan, Training, Validation, build_training, check_memory, validation_sampling
+from trainer import Plan, Training, Validation, build_training, check_memory, time_budget, validation_sampling
 from training_data import data_spec, prepare_data, training_loaders
 from utils import Runtime, keep_freed_cpu_memory, seed_everything
 
@@ -92,7 +92,12 @@ def fit(
             train_loader.sampler.set_epoch(epoch)
             try:
                 train_loss, skipped = training.train_epoch(
-                    train_loader, runtime=runtime, epoch=epoch, stop=stop, first=epoch == start_epoch + 1
+                    train_loader,
+                    runtime=runtime,
+                    epoch=epoch,
+                    stop=stop,
+                    first=epoch == start_epoch + 1,
+                    out_of_time=budget.out_of_time if budget else None,
                 )
             except NonFiniteLoss as err:
                 return report.non_finite(err)
@@ -101,6 +106,10 @@ def fit(
                 return report.stopped(stop, report.during_epoch(epoch))
             validation = validate(runtime=runtime, epoch=epoch) if plan.validates(epoch) else None
             plan = replanned(plan, budget, epoch, train_seconds, validation, report=report, runtime=runtime)
+            if stop.out_of_time:
+                plan = replace(plan, epochs=epoch)
+                report.epochs = epoch
+                report.print(f"--time-budget {optim.time_budget:g} min: epoch {epoch} cut short, the last")
             if validation is None and epoch == plan.epochs:  # a time budget made this epoch the last
                 validation = validate(runtime=runtime, epoch=epoch)
             images = len(train_loader) * samples.batch_size * runtime.ddp.world_size
@@ -114,6 +123,8 @@ def fit(
             progress = dict(rules=rules, best_miou=early.best, best_confusion=best_confusion, history=history)
             report.save(training.state(epoch=epoch, flags=flags, **progress), improved=improved, numbered=numbered)
             report.epoch(history, validation, skipped, figures=numbered)
+            if budget is not None:
+                budget.bookkeeping = time.monotonic() - started - seconds[0] - (validation.seconds if validation else 0)
             if stop.requested:
                 return report.stopped(stop, f"after epoch {epoch}")
             if early.should_stop:
@@ -184,7 +195,7 @@ def train(settings: TrainSettings, checkpoint: dict | None, runtime: Runtime, *,
         history=history,
         early=early,
         best_confusion=best_confusion,
-        budget=TimeBudget(optim.time_budget * 60, started) if optim.time_budget and not checkpoint else None,
+        budget=time_budget(settings, val_set, started) if optim.time_budget and not checkpoint else None,
         runtime=runtime,
     )
     if status is not None:

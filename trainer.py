@@ -22,7 +22,7 @@ from model import ResidualAttnUNet
 from optimizer import UpdateRule, build_optimizer, ema_model
 from predictor import Predictor, Sampling
 from settings import ModelSettings, SampleSettings, TrainSettings
-from stopping import GracefulStop
+from stopping import GracefulStop, TimeBudget
 from utils import Runtime
 
 
@@ -75,9 +75,9 @@ class Training:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def train_epoch(self, loader, *, runtime: Runtime, epoch: int, stop: GracefulStop, first: bool):
+    def train_epoch(self, loader, *, runtime: Runtime, epoch: int, stop: GracefulStop, first: bool, out_of_time=None):
         """first: the first epoch of this process, which says what the first step cost (with compile) and how
-        much of the epoch waited for data."""
+        much of the epoch waited for data. out_of_time: see engine.train_one_epoch."""
         return train_one_epoch(
             self.step_model,
             loader,
@@ -89,6 +89,7 @@ class Training:
             epoch=epoch,
             stop=stop,
             updates=self.updates,
+            out_of_time=out_of_time,
             time_first_step=first and self.compiled,
             report_data_wait=first,
         )
@@ -179,3 +180,15 @@ def validation_sampling(samples: SampleSettings) -> Sampling:
     """What inference.py will do with this model by default, unless --val-mode says otherwise."""
     sampling = Sampling.for_training(samples.image_size, samples.crop_size, samples.base_size)
     return replace(sampling, mode=samples.val_mode) if samples.val_mode else sampling
+
+
+def time_budget(settings: TrainSettings, val_set: SegmentationFolder, started: float) -> TimeBudget:
+    """--time-budget's plan, with a validation's cost estimated from its pixels until the first is timed."""
+    samples = settings.samples
+    side = samples.crop_size or samples.image_size
+    if validation_sampling(samples).mode == "resize":
+        pixels = len(val_set) * samples.image_size**2
+    else:
+        pixels = float(val_set.class_counts.sum())  # labelled pixels: about every pixel of the images
+    steps = TimeBudget.validation_cost(pixels, samples.batch_size * side**2)
+    return TimeBudget(settings.optim.time_budget * 60, started, validation_steps=steps)

@@ -323,6 +323,33 @@ def test_a_time_budget_holds_when_later_epochs_run_slower(tiny_demo, tmp_path, m
     assert last["history"][-1]["lr"] == pytest.approx(final_lr)  # the schedule reached its end
 
 
+def test_a_time_budget_cuts_an_epoch_longer_than_the_whole_budget(tiny_demo, tmp_path, monkeypatch, capsys):
+    """Every training step takes 10 s (on a clock the test moves): the first epoch's six steps would overrun the
+    45 s budget, so the epoch is cut after the last step that leaves room for one more and the validation."""
+    import time
+
+    import engine
+
+    real_monotonic, moved = time.monotonic, [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() + moved[0])
+    real_step = engine.train_step
+
+    def slow_step(*args, **kwargs):
+        moved[0] += 10.0
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", slow_step)
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    flags = ["--data-root", str(tiny_demo), *TINY_TRAIN_FLAGS, "--time-budget", "0.75", "--run-dir", str(run_dir)]
+    assert train.main(flags) == 0
+    # three steps: a fourth and the validation (estimated at two thirds of a step here) would pass the budget
+    assert 30 <= time.monotonic() - started <= 45 * 1.03
+    last = load_checkpoint(run_dir / "checkpoints/last.pt")
+    assert last["epoch"] == last["args"]["epochs"] == 1 and last["history"][-1]["validated"] == 1
+    assert "epoch 1 cut short, the last" in capsys.readouterr().out
+
+
 def test_val_every_validates_every_nth_and_the_last_epoch_and_chooses_best_among_them(tiny_demo, tmp_path):
     import csv
 
