@@ -1,0 +1,107 @@
+"""This repo's defaults and the peers on the same data, the same wall time and the same seeds, every prediction
+scored at full size by score_masks.py (foreground against background: any value > 0 is foreground).
+
+    python peers/compare.py --sets data/real/phc data/real/bbbc007 data/real/gravel \\
+        --methods ours,smp,nnunet --seeds 0,1,2 --minutes 5 --out runs/peers
+
+One run at a time, each in its own process: the 2-core machines this is run on slow down 10-40x when two torch
+jobs share them. Every run appends a row to OUT/results.csv (so an interrupted table keeps its rows); the table
+of means and spreads is printed from all rows at the end (--table-only: just print it). The peers need their own
+virtual environments (README.md here); the product never imports this folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from score_masks import paired_masks, score  # noqa: E402  (the product's evaluator, from its folder)
+
+COLUMNS = ["method", "set", "seed", "minutes", "foreground_iou", "miou", "wall_s"]
+SMP_PYTHON = os.environ.get("PEER_SMP_PYTHON", "/tmp/smp-venv/bin/python")
+
+
+def ours(data: Path, pred: Path, seed: int, minutes: float, extra: list[str]) -> list[list[str]]:
+    """train.py with its defaults for the budget, then inference.py on the validation images with last.pt (never a
+    checkpoint chosen on those images)."""
+    run = pred.parent / f"{pred.name}-run"
+    checkpoint = run / "checkpoints" / "last.pt"
+    train = ["train.py", "--data-root", data, "--time-budget", minutes, "--seed", seed, "--run-dir", run, *extra]
+    infer = ["inference.py", "--input_dir", data / "images/val", "--checkpoint", checkpoint, "--output_dir", pred]
+    return [[sys.executable, *train], [sys.executable, *infer, "--overwrite"]]
+
+
+def smp(data: Path, pred: Path, seed: int, minutes: float, extra: list[str]) -> list[list[str]]:
+    return [[SMP_PYTHON, ROOT / "peers/smp_unet.py", data, pred / "masks", minutes * 60, "--seed", seed, *extra]]
+
+
+def nnunet(data: Path, pred: Path, seed: int, minutes: float, extra: list[str]) -> list[list[str]]:
+    """nnU-Net has no seed flag: its runs differ by their random draws alone."""
+    return [["bash", ROOT / "peers/nnunet_2d.sh", data, pred / "masks", minutes * 60]]
+
+
+METHODS = {"ours": ours, "smp": smp, "nnunet": nnunet}
+
+
+def run_one(method: str, data: Path, seed: int, minutes: float, out: Path, extra: list[str]) -> dict:
+    pred = out / f"{method}-{data.name}-seed{seed}-{minutes:g}min"
+    started = time.monotonic()
+    for command in METHODS[method](data, pred, seed, minutes, extra):
+        subprocess.run([str(part) for part in command], cwd=ROOT, check=True)
+    wall = time.monotonic() - started
+    result = score(paired_masks(pred / "masks", data / "masks/val"), binary=True)
+    foreground = next(row["iou"] for row in result["rows"] if row["class"] == "1")
+    return dict(zip(COLUMNS, [method, data.name, seed, minutes, foreground, result["miou"], round(wall)], strict=True))
+
+
+def table(rows: list[dict]) -> str:
+    """Mean and spread (min-max) of the foreground IoU per method, set and budget."""
+    groups: dict[tuple, list[float]] = {}
+    for row in rows:
+        groups.setdefault((row["set"], row["minutes"], row["method"]), []).append(float(row["foreground_iou"]))
+    lines = ["| set | minutes | method | runs | foreground IoU, mean | min - max |", "| --- " * 6 + "|"]
+    for (data, minutes, method), values in sorted(groups.items()):
+        spread = f"{min(values):.3f} - {max(values):.3f}"
+        lines.append(f"| {data} | {minutes} | {method} | {len(values)} | {statistics.mean(values):.3f} | {spread} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sets", type=Path, nargs="+", default=[])
+    p.add_argument("--methods", default="ours,smp,nnunet", help=f"comma-separated, of {','.join(METHODS)}")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--minutes", type=float, default=5.0)
+    p.add_argument("--out", type=Path, default=ROOT / "runs/peers")
+    p.add_argument("--table-only", action="store_true")
+    args, extra = p.parse_known_args()  # anything else goes to the method (e.g. a train.py flag for ours)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.csv"
+    if not args.table_only:
+        for data in args.sets:
+            for seed in (int(s) for s in args.seeds.split(",")):
+                for method in args.methods.split(","):
+                    row = run_one(method, data.resolve(), seed, args.minutes, args.out.resolve(), extra)
+                    print(row, flush=True)
+                    new = not results.exists()
+                    with results.open("a", newline="") as file:
+                        writer = csv.DictWriter(file, COLUMNS)
+                        if new:
+                            writer.writeheader()
+                        writer.writerow(row)
+    if results.exists():
+        print(table(list(csv.DictReader(results.open()))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
