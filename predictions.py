@@ -26,7 +26,7 @@ from intensity import display_rgb
 from labels import LabelMapping
 from metrics import ConfusionMatrix
 from predictor import Predictor
-from utils import colours, init_worker
+from utils import colours, init_worker, release_freed_cpu_memory
 
 log = logging.getLogger("inference")
 
@@ -220,6 +220,7 @@ def segment_folder(
                         shape = (predictor.mapping.num_classes, *image.shape[-2:])
                         probs_files.open(key, outputs.paths(relative[todo[index]])["probs"], shape)
                 labels = predictor.segment(images, on_band=probs_files.write)
+            release_freed_cpu_memory()  # the stitching's freed heap, before the writer threads need memory
             for index, image, image_labels, write in zip(indices, images, labels, writes, strict=True):
                 item, image_labels = todo[index], image_labels.numpy()
                 if true_masks and inputs[item].stem in true_masks:

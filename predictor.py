@@ -29,7 +29,7 @@ from utils import PRECISION_DTYPES, Runtime
 
 MODES = ("resize", "slide")
 BAND_BYTES = 32 << 20  # float32 class probabilities held at the output size at once
-TILE_FACTOR = 2  # slide: tiles this many times the training crop's side; the network is fully convolutional
+TILE_FACTOR = 2  # slide: tiles up to this many times the training crop wide; the network is fully convolutional
 TILE_OVERLAP = 1 / 16  # slide: at least this share of a tile side computed twice (nnU-Net: 1/2, MMSegmentation: 1/3)
 
 
@@ -38,8 +38,8 @@ class Sampling:
     """How an image is shown to the network; the training flags in a checkpoint choose the default."""
 
     mode: str = "resize"
-    image_size: int = 256  # resize: the side of the training square; slide: the training crop's
-    tile: int = TILE_FACTOR * 256  # slide: the largest side of a tile
+    image_size: int = 256  # resize: the side of the training square; slide: the training crop's, a tile's height
+    tile: int = TILE_FACTOR * 256  # slide: the largest width of a tile
     overlap: float = TILE_OVERLAP  # slide: the least fraction of a tile shared with each neighbour
     scale: float = 1.0  # slide: images are rescaled by this first...
     base_size: int | None = None  # ...or so that their shorter side is this (crop training's --base-size)
@@ -103,16 +103,17 @@ class RowResampler:
     def __init__(self, source: tuple[int, int], target: tuple[int, int], band_rows: int):
         (height, self.width), (out_height, self.out_width) = source, target
         position = ((torch.arange(out_height) + 0.5) * (height / out_height) - 0.5).clamp_min(0)
-        self.lower = position.floor().long().clamp_max(height - 1)
-        self.upper = (self.lower + 1).clamp_max(height - 1)
-        self.fraction = (position - self.lower).float()
         self.identity = height == out_height
+        self.lower = position.floor().long().clamp_max(height - 1)
+        self.upper = self.lower if self.identity else (self.lower + 1).clamp_max(height - 1)  # identity: no 2nd row
+        self.fraction = (position - self.lower).float()
         self.band_rows, self.out_height = band_rows, out_height
         self.held, self.first_held, self.next_row = None, 0, 0
 
     def push(self, rows: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         """rows: the next (C, k, width) input rows -> (first output row, (C, m, out_width)) bands now complete."""
-        self.held = rows if self.held is None else torch.cat([self.held, rows], 1)
+        held_rows = 0 if self.held is None else self.held.shape[1]
+        self.held = torch.cat([self.held, rows], 1) if held_rows else rows  # no copy where nothing is held
         received = self.first_held + self.held.shape[1]
         ready = int(torch.searchsorted(self.upper, received))  # output rows whose inputs have all arrived
         while self.next_row < ready:
@@ -293,10 +294,11 @@ class Predictor:
         return [self._slide(image) for image in scaled]
 
     def _slide(self, image: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Gaussian-weighted overlapping tiles, summed into one buffer a tile high: the rows no later tile covers
-        are yielded (a view, valid until the next is asked for), the rest move up and the tiles below add on."""
+        """Gaussian-weighted overlapping tiles, summed into one buffer a tile high and the image wide: the rows no
+        later tile covers are yielded (a view, valid until the next is asked for), the rest move up and the tiles
+        below add on. Tiles are the training crop high (the buffer's height) and up to `tile` wide."""
         height, width = image.shape[-2:]
-        tops, tile_h = tile_spans(height, self.sampling.tile, self.sampling.overlap)
+        tops, tile_h = tile_spans(height, self.sampling.image_size, self.sampling.overlap)
         lefts, tile_w = tile_spans(width, self.sampling.tile, self.sampling.overlap)
         weight = gaussian_weights(tile_h, tile_w, image.device)
         probs_sum = torch.zeros(self.mapping.num_classes, tile_h, width, device=image.device)

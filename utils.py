@@ -144,6 +144,14 @@ def keep_freed_cpu_memory(device: torch.device) -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
+def release_freed_cpu_memory() -> None:
+    """Hand the heap's free memory back to the OS (glibc's malloc_trim) between phases that do not share it:
+    after keep_freed_cpu_memory, a large image's stitching leaves up to 1 GB free in the main heap, which the
+    threads that write its files (each with a heap of its own) cannot use. A no-op without glibc."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """auto: bf16 where the hardware runs it natively, fp32 elsewhere; fp16 only on CUDA."""
     if name == "auto":

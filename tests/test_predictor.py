@@ -73,10 +73,12 @@ def test_a_band_wise_result_equals_the_whole_image_result_exactly(monkeypatch, m
     assert torch.equal(whole_labels.long(), whole_probs.argmax(0))
 
 
-@pytest.mark.parametrize(("tile", "overlap"), [(16, 1 / 3), (24, 0.5), (20, 0.0), (16, 0.75)])
-def test_slide_equals_the_whole_image_prediction_of_a_translation_equivariant_model(tile, overlap):
+@pytest.mark.parametrize(
+    ("height", "tile", "overlap"), [(16, 16, 1 / 3), (24, 24, 0.5), (20, 20, 0.0), (16, 16, 0.75), (8, 32, 0.25)]
+)
+def test_slide_equals_the_whole_image_prediction_of_a_translation_equivariant_model(height, tile, overlap):
     image = random_image(45, 70, seed=3)
-    sampling = Sampling("slide", tile=tile, overlap=overlap)
+    sampling = Sampling("slide", image_size=height, tile=tile, overlap=overlap)
     predictor = Predictor(pointwise_model(), MAPPING, sampling, CPU, batch_size=3)
     labels, probs = segment_with_probs(predictor, image)
     whole = predictor.batch_probabilities(image[None])[0]
@@ -92,8 +94,8 @@ def test_a_slide_pass_holds_as_many_pixels_as_the_batch_of_training_crops():
         return model(images)
 
     sampling = Sampling("slide", image_size=16, tile=32, overlap=0)
-    Predictor(counting, MAPPING, sampling, CPU, batch_size=8).segment([random_image(32, 160)])
-    assert passes == [2, 2, 1]  # 8 crops of 16x16 hold the pixels of 2 tiles of 32x32; 5 tiles in all
+    Predictor(counting, MAPPING, sampling, CPU, batch_size=6).segment([random_image(32, 160)])
+    assert passes == [3, 2, 3, 2]  # 6 crops of 16x16 hold the pixels of 3 tiles 16 high and 32 wide; 2 x 5 tiles
 
 
 def test_slide_differs_from_resize_where_the_model_sees_context():
