@@ -258,7 +258,7 @@ def forward_flops(checkpoint: Path, sampling: Sampling, size: tuple[int, int]) -
     if sampling.mode == "resize":
         shapes = [(sampling.image_size, sampling.image_size)]
     else:
-        tops, tile_h = tile_spans(height, sampling.tile, sampling.overlap)
+        tops, tile_h = tile_spans(height, sampling.image_size, sampling.overlap)
         lefts, tile_w = tile_spans(width, sampling.tile, sampling.overlap)
         shapes = [(tile_h, tile_w)] * (len(tops) * len(lefts))
     model = inference_network(load_checkpoint(checkpoint), checkpoint)
@@ -283,10 +283,10 @@ def bench_large_images(args, device: torch.device, root: Path) -> None:
     width, height = args.large_size
     title = f"{args.large_count} photos {width}x{height}, {LARGE_CLASSES} classes, crop-trained at {args.image_size} px"
     print(f"\n{title}")
-    print(f"{'':<44} {'s/image':>8} {'images/s':>9} {'passes':>7} {'GFLOP/s':>8} {'of ' + precision:>8} {'peak MB':>8}")
+    print(f"{'':<56} {'s/image':>8} {'images/s':>9} {'passes':>7} {'GFLOP/s':>8} {'of ' + precision:>8} {'peak MB':>8}")
     defaults = Sampling.from_training_flags(training_flags(load_checkpoint(checkpoint)))
     rows = {
-        f"slide (default: {defaults.tile} px tiles, overlap {defaults.overlap:.3g})": {},
+        f"slide (default: {defaults.image_size} high, up to {defaults.tile} px wide, overlap {defaults.overlap:g})": {},
         f"slide, {args.image_size} px tiles, overlap 1/3 (until 2026-12)": {"tile": args.image_size, "overlap": 1 / 3},
         "resize": {"mode": "resize"},
     }
@@ -296,7 +296,7 @@ def bench_large_images(args, device: torch.device, root: Path) -> None:
         seconds = result["seconds"] / args.large_count
         achieved = flops / seconds / 1e9
         print(
-            f"{label:<44} {seconds:>8.2f} {1 / seconds:>9.3f} {passes:>7} {achieved:>8.1f} {achieved / ceiling:>8.0%} "
+            f"{label:<56} {seconds:>8.2f} {1 / seconds:>9.3f} {passes:>7} {achieved:>8.1f} {achieved / ceiling:>8.0%} "
             f"{result['peak_mb']:>8.0f}"
         )
 

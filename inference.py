@@ -59,7 +59,9 @@ def get_args_parser() -> ArgumentParser:
         "resolution (default: slide for --crop-size models, resize otherwise)",
     )
     p.add_argument(
-        "--tile", type=image_size_type, help="slide: largest tile side in px (default: twice the training crop)"
+        "--tile",
+        type=image_size_type,
+        help="slide: largest tile width in px; tiles are the training crop high (default: twice the crop)",
     )
     p.add_argument(
         "--overlap",

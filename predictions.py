@@ -176,7 +176,9 @@ class FolderResult:
     matrix: ConfusionMatrix | None = None
 
 
-WRITE_QUEUE_BYTES = 512 << 20  # images waiting for the writer threads, so a folder of huge ones never piles up
+# Images waiting for the writer threads: small ones are written while the model works on the next, a large one
+# before the next is segmented (the overlay's memory and the stitching's would add up).
+WRITE_QUEUE_BYTES = 64 << 20
 
 
 def segment_folder(
@@ -192,7 +194,9 @@ def segment_folder(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> FolderResult:
     """Every image in inputs (paths under input_root) -> files under outputs; existing ones are kept unless
-    overwrite. true_masks (by file stem): also score the predictions, which then run even where files exist."""
+    overwrite. true_masks (by file stem): also score the predictions, which then run even where files exist.
+    batch_size: images decoded and resized together (resize mode); sliding decodes one image at a time, since
+    its passes hold tiles of one image (Predictor.batch_size), and a batch of large photos would be held whole."""
     relative = [p.relative_to(input_root) for p in inputs]
     done = [outputs.done(r) for r in relative]
     todo = [i for i, d in enumerate(done) if overwrite or true_masks is not None or not d]
@@ -201,7 +205,7 @@ def segment_folder(
     lut = predictor.mapping.lookup_table()
     loader = DataLoader(
         InputImages([inputs[i] for i in todo], predictor.reading, max_pixels),
-        batch_size,
+        batch_size if predictor.sampling.mode == "resize" else 1,  # slide batches tiles, not images
         num_workers=decoding_workers(workers, predictor.runtime.device),
         collate_fn=collate,
         worker_init_fn=init_worker,
@@ -234,6 +238,7 @@ def segment_folder(
                     result.written += 1
                 while sum(size for _, size in pending) > WRITE_QUEUE_BYTES:
                     pending.popleft()[0].result()
+                    release_freed_cpu_memory()  # the overlay's, before the next image is decoded
         while pending:
             pending.popleft()[0].result()
     return result
