@@ -73,7 +73,7 @@ def same_value(stated: str, default) -> bool:
     if isinstance(default, bool):
         return stated == ("on" if default else "off")
     if isinstance(default, (tuple, list)):
-        return [float(v) for v in re.split(r"[ ,]+", stated)] == [float(v) for v in default]
+        return [float(v) for v in re.split(r"[ ,x]+", stated)] == [float(v) for v in default]  # 64,128 or 6000x4000
     if isinstance(default, (int, float)):
         return float(stated.replace(",", "")) == float(default)
     return stated == str(default)
