@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     if sampling.mode == "resize" and slide_only:
         raise UserError(f"--{slide_only[0]} applies to --mode slide only (this checkpoint resizes; add --mode slide)")
     if sampling.mode == "slide":
-        print(f"sliding {sampling.tile} px tiles, overlap {sampling.overlap:.2f}, {scale_text(sampling)}")
+        tiles = f"{sampling.image_size} px high, up to {sampling.tile} wide, overlap at least {sampling.overlap:.3g}"
+        print(f"sliding tiles {tiles}, {scale_text(sampling)}")
     result = segment_folder(
         predictor,
         inputs,

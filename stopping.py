@@ -12,6 +12,7 @@ import torch
 from utils import Runtime
 
 FINISH_RESERVE = 0.01  # of a time budget, kept for what follows the last epoch (the report, curves, closing files)
+FINISH_RESERVE_SECONDS = 5.0  # ...or this, whichever is more: the last epoch's figures and the curves on a slow CPU
 VALIDATION_SHARE = 0.1  # --val-every auto: validation takes at most this share of a run
 FORWARD_SHARE = 1 / 3  # a forward pass's share of a training step (backward costs about twice the forward)
 
@@ -37,6 +38,11 @@ class TimeBudget:
     validation: float = 0.0  # the last validation's seconds (0: none timed yet)
     bookkeeping: float = 0.0  # the last epoch's seconds neither training nor validating: checkpoints, figures
 
+    @property
+    def finish(self) -> float:
+        """When the last epoch must be done: the budget less what the final report is kept."""
+        return self.started + self.seconds - max(self.seconds * FINISH_RESERVE, FINISH_RESERVE_SECONDS)
+
     @staticmethod
     def validation_cost(validation_pixels: float, step_pixels: float) -> float:
         """validation_steps from the pixels a validation and a training step see: the network's forward pass over
@@ -48,8 +54,7 @@ class TimeBudget:
         the budget, so an epoch longer than the whole budget (slow hardware, large epochs) is cut short."""
         step = epoch_seconds / max(steps, 1)
         validation = self.validation or self.validation_steps * step
-        finish = self.started + self.seconds * (1 - FINISH_RESERVE)
-        return time.monotonic() + step + validation + self.bookkeeping > finish
+        return time.monotonic() + step + validation + self.bookkeeping > self.finish
 
     def epochs_that_fit(
         self, epochs_done: int, train_seconds: float, validation_seconds: float | None = None, val_every: int = 1
@@ -60,7 +65,7 @@ class TimeBudget:
         self.recent = [*self.recent[-1:], train_seconds]
         self.validation = self.validation if validation_seconds is None else validation_seconds
         last = self.validation + self.bookkeeping  # what the last epoch adds after its training
-        left = self.seconds * (1 - FINISH_RESERVE) - (time.monotonic() - self.started) - last
+        left = self.finish - time.monotonic() - last
         per_epoch = max(*self.recent, 1e-3) + self.validation / val_every + self.bookkeeping
         return epochs_done + max(0, int(left // per_epoch))
 

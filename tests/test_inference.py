@@ -203,7 +203,7 @@ def test_logged_val_miou_equals_inference_at_full_size(tiny_demo, tmp_path, mode
         *("--checkpoint", checkpoint, "--output_dir", tmp_path / "out", "--precision", "fp32"),
     )
     assert result.returncode == 0, result.stderr
-    assert ("sliding 64 px tiles" in result.stdout) == (mode == "slide")  # twice the 32 px crop
+    assert ("sliding tiles 32 px high, up to 64 wide" in result.stdout) == (mode == "slide")  # the 32 px crop
     printed = float(re.search(r"mIoU (\d\.\d+)", result.stdout).group(1))
     assert abs(printed - logged) <= 1e-4
 

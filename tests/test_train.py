@@ -343,8 +343,8 @@ def test_a_time_budget_cuts_an_epoch_longer_than_the_whole_budget(tiny_demo, tmp
     started = time.monotonic()
     flags = ["--data-root", str(tiny_demo), *TINY_TRAIN_FLAGS, "--time-budget", "0.75", "--run-dir", str(run_dir)]
     assert train.main(flags) == 0
-    # three steps: a fourth and the validation (estimated at two thirds of a step here) would pass the budget
-    assert 30 <= time.monotonic() - started <= 45 * 1.03
+    # two or three steps (with the start-up's real seconds): one more and the validation would pass the budget
+    assert 20 <= time.monotonic() - started <= 45 * 1.03
     last = load_checkpoint(run_dir / "checkpoints/last.pt")
     assert last["epoch"] == last["args"]["epochs"] == 1 and last["history"][-1]["validated"] == 1
     assert "epoch 1 cut short, the last" in capsys.readouterr().out
