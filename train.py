@@ -42,9 +42,11 @@ def replanned(
     *,
     report: Reporter,
     runtime: Runtime,
+    cut: bool = False,
 ) -> Plan:
     """After an epoch: the validation interval (--val-every auto, from the first validation's cost) and the epochs
-    a --time-budget fits now, each the same on every rank and said when it changes."""
+    a --time-budget fits now, each the same on every rank and said when it changes. cut: the budget ended this
+    epoch early (GracefulStop.out_of_time, agreed by every rank), which makes it the last."""
     val_every, epochs = plan.val_every, plan.epochs
     if val_every == "auto":
         val_every = runtime.ddp.broadcast(validation_interval(train_seconds, validation.seconds))
@@ -52,7 +54,10 @@ def replanned(
             f"--val-every auto: {f'every {val_every} epochs' if val_every > 1 else 'every epoch'} "
             f"(training {train_seconds:.1f} s, validation {validation.seconds:.1f} s an epoch)"
         )
-    if budget is not None:
+    if budget is not None and cut:
+        report.epochs = epochs = epoch
+        report.print(f"--time-budget {budget.seconds / 60:g} min: epoch {epoch} cut short, the last")
+    elif budget is not None:
         seconds = validation.seconds if validation else None
         epochs = runtime.ddp.broadcast(budget.epochs_that_fit(epoch, train_seconds, seconds, val_every))
         if epoch == 1 or epochs != plan.epochs:
@@ -105,11 +110,9 @@ def fit(
             if stop.requested:
                 return report.stopped(stop, report.during_epoch(epoch))
             validation = validate(runtime=runtime, epoch=epoch) if plan.validates(epoch) else None
-            plan = replanned(plan, budget, epoch, train_seconds, validation, report=report, runtime=runtime)
-            if stop.out_of_time:
-                plan = replace(plan, epochs=epoch)
-                report.epochs = epoch
-                report.print(f"--time-budget {optim.time_budget:g} min: epoch {epoch} cut short, the last")
+            plan = replanned(
+                plan, budget, epoch, train_seconds, validation, report=report, runtime=runtime, cut=stop.out_of_time
+            )
             if validation is None and epoch == plan.epochs:  # a time budget made this epoch the last
                 validation = validate(runtime=runtime, epoch=epoch)
             images = len(train_loader) * samples.batch_size * runtime.ddp.world_size
