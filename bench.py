@@ -11,14 +11,9 @@ and images/s per worker process on COCO-sized JPEGs.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import resource
 import shutil
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,10 +22,12 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms.v2 import functional as TF
 
-from bench_data import LOADER_PHOTOS, write_checkpoint, write_loader_data, write_photo
+from bench_data import LOADER_PHOTOS, write_checkpoint, write_loader_data
+from bench_large import LARGE_CLASSES, large_rows
 from bench_loader import LOADER_PIPELINES, STAGES, loader_pair
+from bench_measure import isolated, matmul_gflops, peak_memory_mb, timer
 from bench_scale import SCALE_CLASSES, SCALE_DISTINCT, SCALE_PHOTO, scale_rows, write_scale_data
-from checkpoints import inference_network, load_checkpoint, training_flags
+from checkpoints import inference_network, load_checkpoint
 from cli import (
     ArgumentParser,
     add_device_flag,
@@ -50,9 +47,9 @@ from model import ResidualAttnUNet
 from onnx_model import export_metadata, export_network
 from optimizer import build_optimizer
 from predictions import Outputs, segment_folder
-from predictor import Predictor, Sampling, tile_spans
+from predictor import Predictor
 from presets import REFERENCE_WIDTHS
-from utils import PRECISION_DTYPES, Runtime, keep_freed_cpu_memory, resolve_device, resolve_precision
+from utils import Runtime, keep_freed_cpu_memory, resolve_device, resolve_precision
 
 
 def get_args_parser() -> ArgumentParser:
@@ -82,45 +79,6 @@ def get_args_parser() -> ArgumentParser:
         "--scale-coco", type=non_negative_int, default=5000, help="scale: images prepare_masks.py renders (0: none)"
     )
     return p
-
-
-def isolated(function, *args):
-    """Run in a fresh process: its peak memory and allocator settings are its own, and no row warms the next."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(function, *args).result()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-@contextmanager
-def timer(device: torch.device, result: dict):
-    synchronize(device)
-    started = time.perf_counter()
-    yield
-    synchronize(device)
-    result["seconds"] = time.perf_counter() - started
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory on CUDA; on the CPU, the peak RSS of the process (each row has its own)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 8) -> float:
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    for _ in range(2):
-        a @ b
-    timing = {}
-    with timer(device, timing):
-        for _ in range(repeats):
-            a @ b
-    return 2 * n**3 * repeats / timing["seconds"] / 1e9
 
 
 def training_flops_per_image(args, device) -> float:
@@ -184,7 +142,7 @@ def fast_inference(args, device, folder: Path, checkpoint: Path, output: Path, p
     runtime = Runtime.from_flags(device.type, precision, channels_last=True)
     keep_freed_cpu_memory(runtime.device)
     predictor = Predictor.from_checkpoint(checkpoint, runtime)
-    segment_folder(predictor, list_images(folder), folder, Outputs(output), batch_size=args.batch_size)
+    segment_folder(predictor, list_images(folder), folder, Outputs(output))
 
 
 def fp32_inference(args, device, folder: Path, checkpoint: Path, output: Path) -> None:
@@ -195,7 +153,7 @@ def fp32_inference(args, device, folder: Path, checkpoint: Path, output: Path) -
 def onnx_inference(args, device, folder: Path, checkpoint: Path, output: Path) -> None:
     """inference.py --onnx: the same pre- and post-processing, onnxruntime's CPU provider running the network."""
     predictor = Predictor.from_onnx(checkpoint.with_suffix(".onnx"))
-    segment_folder(predictor, list_images(folder), folder, Outputs(output), batch_size=args.batch_size)
+    segment_folder(predictor, list_images(folder), folder, Outputs(output))
 
 
 def timed_inference(run, args, device, folders: dict[str, Path], checkpoint: Path) -> float:
@@ -236,68 +194,17 @@ def report_inference(speeds: dict, title: str) -> None:
         print(f"{label:<34} {speed:>9.2f} {speed / first:>8.2f}x")
 
 
-LARGE_CLASSES = 81  # COCO's categories (--coco-mode categories)
-
-
-def large_inference(device: torch.device, folder: Path, checkpoint: Path, output: Path, sampling: dict) -> dict:
-    """inference.py's defaults on the large photos, in a process of its own so its peak RSS is its own."""
-    runtime = Runtime.from_flags(device.type, "auto", channels_last=True)
-    keep_freed_cpu_memory(runtime.device)
-    predictor = Predictor.from_checkpoint(checkpoint, runtime, **sampling)
-    timing = {}
-    with timer(device, timing):
-        segment_folder(predictor, list_images(folder), folder, Outputs(output))
-    with Image.open(sorted((output / "masks").glob("*.png"))[0]) as mask:
-        size = mask.size
-    return {"seconds": timing["seconds"], "peak_mb": peak_memory_mb(device), "mask_size": size}
-
-
-def forward_flops(checkpoint: Path, sampling: Sampling, size: tuple[int, int]) -> tuple[float, int]:
-    """FLOPs of the network passes one image of (width, height) takes, and how many passes (tiles) it is."""
-    width, height = size
-    if sampling.mode == "resize":
-        shapes = [(sampling.image_size, sampling.image_size)]
-    else:
-        tops, tile_h = tile_spans(height, sampling.image_size, sampling.overlap)
-        lefts, tile_w = tile_spans(width, sampling.tile, sampling.overlap)
-        shapes = [(tile_h, tile_w)] * (len(tops) * len(lefts))
-    model = inference_network(load_checkpoint(checkpoint), checkpoint)
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(torch.zeros(1, 3, *shapes[0]))
-    return counter.get_total_flops() * len(shapes), len(shapes)
-
-
 def bench_large_images(args, device: torch.device, root: Path) -> None:
-    """Peak memory must not grow with height x width x classes, and sliding tiles should run near the ceiling:
-    large photos through an 81-class crop-trained model (inference slides tiles), three ways."""
-    folder = root / "large"
-    folder.mkdir()
-    for k in range(args.large_count):
-        write_photo(folder / f"photo{k}.jpg", args.large_size, seed=k)
-    checkpoint = root / "large.pt"
-    write_checkpoint(
-        checkpoint, classes=LARGE_CLASSES, widths=args.widths, image_size=args.image_size, crop_size=args.image_size
-    )
-    precision = resolve_precision("auto", device)
-    ceiling = matmul_gflops(PRECISION_DTYPES[precision], device)
     width, height = args.large_size
+    size = dict(count=args.large_count, size=args.large_size, widths=args.widths, crop=args.image_size)
+    precision, ceiling, rows = large_rows(root, device, **size)
     title = f"{args.large_count} photos {width}x{height}, {LARGE_CLASSES} classes, crop-trained at {args.image_size} px"
     print(f"\n{title}")
     print(f"{'':<56} {'s/image':>8} {'images/s':>9} {'passes':>7} {'GFLOP/s':>8} {'of ' + precision:>8} {'peak MB':>8}")
-    defaults = Sampling.from_training_flags(training_flags(load_checkpoint(checkpoint)))
-    rows = {
-        f"slide (default: {defaults.image_size} high, up to {defaults.tile} px wide, overlap {defaults.overlap:g})": {},
-        f"slide, {args.image_size} px tiles, overlap 1/3 (until 2026-12)": {"tile": args.image_size, "overlap": 1 / 3},
-        "resize": {"mode": "resize"},
-    }
-    for label, sampling in rows.items():
-        result = isolated(large_inference, device, folder, checkpoint, root / "large-out" / label, sampling)
-        flops, passes = forward_flops(checkpoint, replace(defaults, **sampling), args.large_size)
-        seconds = result["seconds"] / args.large_count
-        achieved = flops / seconds / 1e9
+    for label, row in rows.items():
         print(
-            f"{label:<56} {seconds:>8.2f} {1 / seconds:>9.3f} {passes:>7} {achieved:>8.1f} {achieved / ceiling:>8.0%} "
-            f"{result['peak_mb']:>8.0f}"
+            f"{label:<56} {row['seconds']:>8.2f} {1 / row['seconds']:>9.3f} {row['passes']:>7} {row['gflops']:>8.1f} "
+            f"{row['gflops'] / ceiling:>8.0%} {row['peak_mb']:>8.0f}"
         )
 
 

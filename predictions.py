@@ -188,28 +188,27 @@ def segment_folder(
     outputs: Outputs,
     *,
     true_masks: dict[str, Path] | None = None,
-    batch_size: int = 8,
     workers: int | None = None,
     overwrite: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> FolderResult:
     """Every image in inputs (paths under input_root) -> files under outputs; existing ones are kept unless
     overwrite. true_masks (by file stem): also score the predictions, which then run even where files exist.
-    batch_size: images decoded and resized together (resize mode); sliding decodes one image at a time, since
-    its passes hold tiles of one image (Predictor.batch_size), and a batch of large photos would be held whole."""
+    Resizing decodes predictor.pass_size images together; sliding decodes one at a time, since its passes hold
+    tiles of one image, and a batch of large photos would be held whole."""
     relative = [p.relative_to(input_root) for p in inputs]
     done = [outputs.done(r) for r in relative]
     todo = [i for i, d in enumerate(done) if overwrite or true_masks is not None or not d]
     result = FolderResult(todo=len(todo), matrix=ConfusionMatrix(predictor.mapping.num_classes))
     result.already_done = len(inputs) - len(todo) + sum(1 for i in todo if done[i] and not overwrite)
-    lut = predictor.mapping.lookup_table()
+    lut, device = predictor.mapping.lookup_table(), predictor.runtime.device
     loader = DataLoader(
         InputImages([inputs[i] for i in todo], predictor.reading, max_pixels),
-        batch_size if predictor.sampling.mode == "resize" else 1,  # slide batches tiles, not images
-        num_workers=decoding_workers(workers, predictor.runtime.device),
+        predictor.pass_size if predictor.sampling.mode == "resize" else 1,  # slide batches tiles, not images
+        num_workers=decoding_workers(workers, device),
         collate_fn=collate,
         worker_init_fn=init_worker,
-        pin_memory=predictor.runtime.device.type == "cuda",
+        pin_memory=device.type == "cuda",
     )
     pending: deque[tuple[Future, int]] = deque()
     with ThreadPoolExecutor(max_workers=2) as writer:
@@ -224,7 +223,8 @@ def segment_folder(
                         shape = (predictor.mapping.num_classes, *image.shape[-2:])
                         probs_files.open(key, outputs.paths(relative[todo[index]])["probs"], shape)
                 labels = predictor.segment(images, on_band=probs_files.write)
-            release_freed_cpu_memory()  # the stitching's freed heap, before the writer threads need memory
+            if predictor.sampling.mode == "slide":
+                release_freed_cpu_memory(device)  # the stitching's freed heap, before the writer threads need it
             for index, image, image_labels, write in zip(indices, images, labels, writes, strict=True):
                 item, image_labels = todo[index], image_labels.numpy()
                 if true_masks and inputs[item].stem in true_masks:
@@ -238,7 +238,7 @@ def segment_folder(
                     result.written += 1
                 while sum(size for _, size in pending) > WRITE_QUEUE_BYTES:
                     pending.popleft()[0].result()
-                    release_freed_cpu_memory()  # the overlay's, before the next image is decoded
+                    release_freed_cpu_memory(device)  # the overlay's, before the next image is decoded
         while pending:
             pending.popleft()[0].result()
     return result

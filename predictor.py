@@ -33,6 +33,12 @@ TILE_FACTOR = 2  # slide: tiles up to this many times the training crop wide; th
 TILE_OVERLAP = 1 / 16  # slide: at least this share of a tile side computed twice (nnU-Net: 1/2, MMSegmentation: 1/3)
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Images (resize) or training crops' worth of tile pixels (slide) per forward pass: 8 on a GPU, 2 on the
+    CPU, where a larger pass is hardly faster and holds several times the memory (docs/memory.md)."""
+    return 2 if device.type == "cpu" else 8
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How an image is shown to the network; the training flags in a checkpoint choose the default."""
@@ -71,6 +77,12 @@ class Sampling:
             return self.image_size, self.image_size
         factor = self.base_size / min(height, width) if self.base_size else self.scale
         return max(1, round(height * factor)), max(1, round(width * factor))
+
+    def tile_grid(self, height: int, width: int) -> tuple[list[int], int, list[int], int]:
+        """slide, over a working-size image: (tile tops, tile height, tile lefts, tile width)."""
+        tops, tile_h = tile_spans(height, self.image_size, self.overlap)
+        lefts, tile_w = tile_spans(width, self.tile, self.overlap)
+        return tops, tile_h, lefts, tile_w
 
 
 def tile_spans(length: int, tile: int, overlap: float, multiple: int = 16) -> tuple[list[int], int]:
@@ -147,6 +159,12 @@ def stack_pixels(images: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(images)
 
 
+def softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over classes (dim 1) in place: a pass's probabilities take no second copy of its logits."""
+    logits.sub_(logits.amax(1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(1, keepdim=True))
+
+
 def band_rows(num_classes: int, width: int) -> int:
     return max(1, BAND_BYTES // (4 * num_classes * width))
 
@@ -159,7 +177,7 @@ class Predictor:
     runtime: Runtime
     input_dtype: torch.dtype = torch.float32
     tta: bool = False  # also average the horizontal flip's probabilities
-    batch_size: int = 8  # images per pass (resize); sliding, tiles holding as many pixels as this many crops
+    batch_size: int | None = None  # images per pass (resize), or tiles as many crops' pixels (slide); None: default
     normalize: Normalization = IMAGENET  # on the device, a batch at a time
     reading: ImageReading = RGB  # how files and arrays become the network's channels
 
@@ -170,7 +188,7 @@ class Predictor:
         runtime: Runtime | None = None,
         *,
         tta: bool = False,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         ema: bool = True,
         convert: bool = False,
         **sampling,
@@ -194,7 +212,9 @@ class Predictor:
         return cls(model, rules.mapping, chosen, runtime, reading=reading, **options)
 
     @classmethod
-    def from_onnx(cls, path: Path, *, tta: bool = False, batch_size: int = 8, convert: bool = False, **sampling):
+    def from_onnx(
+        cls, path: Path, *, tta: bool = False, batch_size: int | None = None, convert: bool = False, **sampling
+    ):
         """An export.py file run by onnxruntime on the CPU; pre- and post-processing as from_checkpoint."""
         network = OnnxModel.open(Path(path))
         try:
@@ -221,6 +241,11 @@ class Predictor:
                 return model(images)
 
         return cls(network, mapping, sampling, runtime, normalize=normalize)
+
+    @property
+    def pass_size(self) -> int:
+        """batch_size as typed, or the device's default_batch_size."""
+        return self.batch_size or default_batch_size(self.runtime.device)
 
     def predict(self, image) -> np.ndarray:
         """A path, PIL image or (H, W[, C]) array -> (H, W) map of the original mask values.
@@ -251,9 +276,9 @@ class Predictor:
         """(B, channels, h, w) pixels (uint8 or float) -> float32 softmax (B, classes, h, w) on the device."""
         images = self.normalize(images.to(self.runtime.device, non_blocking=True))  # uint8: a quarter of float
         images = images.to(self.input_dtype, memory_format=self.runtime.memory_format)
-        probs = self.network(images).float().softmax(1)
+        probs = softmax_(self.network(images).float())
         if self.tta:
-            probs = (probs + self.network(images.flip(-1)).flip(-1).float().softmax(1)) / 2
+            probs = probs.add_(softmax_(self.network(images.flip(-1)).flip(-1).float())).div_(2)
         return probs
 
     @torch.inference_mode()
@@ -298,12 +323,11 @@ class Predictor:
         later tile covers are yielded (a view, valid until the next is asked for), the rest move up and the tiles
         below add on. Tiles are the training crop high (the buffer's height) and up to `tile` wide."""
         height, width = image.shape[-2:]
-        tops, tile_h = tile_spans(height, self.sampling.image_size, self.sampling.overlap)
-        lefts, tile_w = tile_spans(width, self.sampling.tile, self.sampling.overlap)
+        tops, tile_h, lefts, tile_w = self.sampling.tile_grid(height, width)
         weight = gaussian_weights(tile_h, tile_w, image.device)
         probs_sum = torch.zeros(self.mapping.num_classes, tile_h, width, device=image.device)
         weight_sum = torch.zeros(tile_h, width, device=image.device)
-        per_pass = max(1, self.batch_size * self.sampling.image_size**2 // (tile_h * tile_w))
+        per_pass = max(1, self.pass_size * self.sampling.image_size**2 // (tile_h * tile_w))
         for row, top in enumerate(tops):
             for start in range(0, len(lefts), per_pass):
                 chunk = lefts[start : start + per_pass]

@@ -126,6 +126,15 @@ def cpu_has_native_bf16() -> bool:
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt() parameters, from malloc.h
 
 
+def glibc() -> ctypes.CDLL | None:
+    """The C library where it is glibc (whose malloc the two functions below tune), else None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
 def keep_freed_cpu_memory(device: torch.device) -> bool:
     """On the CPU, keep freed memory in the heap instead of handing it back to the OS after every tensor.
 
@@ -133,23 +142,21 @@ def keep_freed_cpu_memory(device: torch.device) -> bool:
     mmap, so every large activation page-faults in anew on every step. Keeping freed blocks (as
     jemalloc or tcmalloc would) made a CPU training step about 1.6x and the inference forward about
     1.5x faster on the machine in the README, for 30-45% more peak memory. False, and nothing
-    changed, on other devices or where the C library has no mallopt (macOS, Windows, musl).
+    changed, on other devices or where the C library is not glibc (macOS, Windows, musl).
     """
-    if device.type != "cpu":
+    libc = glibc() if device.type == "cpu" else None
+    if libc is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
-def release_freed_cpu_memory() -> None:
+def release_freed_cpu_memory(device: torch.device) -> None:
     """Hand the heap's free memory back to the OS (glibc's malloc_trim) between phases that do not share it:
     after keep_freed_cpu_memory, a large image's stitching leaves up to 1 GB free in the main heap, which the
-    threads that write its files (each with a heap of its own) cannot use. A no-op without glibc."""
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    threads that write its files (each with a heap of its own) cannot use. A no-op off the CPU or without glibc."""
+    libc = glibc() if device.type == "cpu" else None
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

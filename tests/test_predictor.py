@@ -98,6 +98,22 @@ def test_a_slide_pass_holds_as_many_pixels_as_the_batch_of_training_crops():
     assert passes == [3, 2, 3, 2]  # 6 crops of 16x16 hold the pixels of 3 tiles 16 high and 32 wide; 2 x 5 tiles
 
 
+@pytest.mark.parametrize(("device", "expected"), [("cpu", 2), ("cuda", 8)])
+def test_a_pass_holds_the_device_default_unless_a_batch_size_is_given(device, expected):
+    runtime = Runtime(torch.device(device))
+    assert Predictor(pointwise_model(), MAPPING, Sampling(), runtime).pass_size == expected
+    assert Predictor(pointwise_model(), MAPPING, Sampling(), runtime, batch_size=5).pass_size == 5
+
+
+def test_the_in_place_softmax_equals_torch_softmax_and_uses_no_second_buffer():
+    logits = torch.randn(3, 7, 5, 6, generator=torch.Generator().manual_seed(2)) * 30
+    reference = F.softmax(logits, 1)
+    address = logits.data_ptr()
+    probs = predictor_module.softmax_(logits)
+    torch.testing.assert_close(probs, reference, rtol=1e-6, atol=1e-7)
+    assert probs.data_ptr() == address
+
+
 def test_slide_differs_from_resize_where_the_model_sees_context():
     """The check above can fail: a 3x3 model sees other pixels squashed to a square than at native size."""
     torch.manual_seed(0)
