@@ -4,12 +4,13 @@ the matrix-multiply rate that rows are compared with."""
 from __future__ import annotations
 
 import multiprocessing
-import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 
 import torch
+
+from memory import PeakMemory
 
 
 def isolated(function, *args):
@@ -33,10 +34,11 @@ def timer(device: torch.device, result: dict):
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory on CUDA; on the CPU, the peak RSS of the process (each row has its own)."""
+    """Peak GPU memory on CUDA; on the CPU, the process's peak RSS (VmHWM: getrusage's ru_maxrss would count the
+    RSS of the parent bench.py process at the fork that spawned this row's)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return PeakMemory(device).peak() / 2**20
 
 
 def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 8) -> float:

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from bench_data import write_photo
+from bench_measure import peak_memory_mb
 from config import parse_args
 from engine import finish_batch, train_step
 from labels import SCAN_CACHE_NAME
@@ -60,10 +61,6 @@ def write_scale_data(root: Path, train_pairs: int, val_pairs: int) -> Path:
     return root
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def start_up(root: Path, run_dir: Path) -> dict:
     """train.py's start-up with the defaults, phase by phase, in this (fresh) process: the label scans, the
     loaders, the model and the memory check, the first batch and step; then the cost of more steps and of
@@ -88,7 +85,7 @@ def start_up(root: Path, run_dir: Path) -> dict:
 
     step()
     first_step = time.perf_counter()
-    startup_rss = peak_rss_mb()
+    startup_rss = peak_memory_mb(torch.device("cpu"))
     for _ in range(TIMED_STEPS):
         step()
     crop_seconds = (time.perf_counter() - first_step) / (TIMED_STEPS * samples.batch_size)
@@ -147,7 +144,8 @@ def render_masks(images_dir: Path, annotations: Path, output: Path) -> dict:
 
     started = time.perf_counter()
     summary = prepare_masks(images_dir, annotations, output, workers=os.cpu_count() or 1)
-    return {"seconds": time.perf_counter() - started, "written": summary.written, "peak_rss_mb": peak_rss_mb()}
+    seconds, peak = time.perf_counter() - started, peak_memory_mb(torch.device("cpu"))
+    return {"seconds": seconds, "written": summary.written, "peak_rss_mb": peak}
 
 
 def forget_scan_caches(root: Path) -> None:

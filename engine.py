@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -126,6 +127,9 @@ def train_one_epoch(
     steps = 0
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True, disable=not runtime.ddp.is_main)
     data_wait = DataWait(runtime.device, sync=report_data_wait)
+    step = partial(
+        train_step, model, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler, runtime=runtime, updates=updates
+    )
     epoch_started = time.monotonic()
     for steps, (pixels, masks, draws, skipped_here) in enumerate(bar, 1):
         data_wait.batch_arrived()
@@ -133,17 +137,7 @@ def train_one_epoch(
         images, masks = finish_batch(pixels, masks, draws, colour=colour, runtime=runtime)
         step_started = time.perf_counter()
         update = steps % updates.accumulate == 0 or steps == len(loader)  # a short last group still steps
-        loss = train_step(
-            model,
-            images,
-            masks,
-            loss_fn=loss_fn,
-            optimizer=optimizer,
-            scaler=scaler,
-            runtime=runtime,
-            updates=updates,
-            update=update,
-        )
+        loss = step(images, masks, update=update)
         if time_first_step and steps == 1 and runtime.ddp.is_main:
             loss.item()  # waits for the step: once per run
             tqdm.write(f"first step, torch.compile included: {time.perf_counter() - step_started:.1f} s")

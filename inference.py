@@ -32,26 +32,8 @@ from records import format_report, write_report
 from utils import Runtime, keep_freed_cpu_memory
 
 
-def get_args_parser() -> ArgumentParser:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input_dir", "--input-dir", type=Path, required=True, help="folder of images to segment")
-    model = p.add_mutually_exclusive_group()
-    model.add_argument("--checkpoint", type=Path, help="default: best.pt of the most recently written run in runs/")
-    model.add_argument("--onnx", type=Path, help="an export.py file, run by onnxruntime on the CPU, instead")
-    p.add_argument(
-        "--output_dir",
-        "--output-dir",
-        type=Path,
-        help="default: <run>/predictions/<input folder name>; never inside --input_dir",
-    )
-    p.add_argument("--recursive", action="store_true", help="also segment images in subfolders")
-    p.add_argument(
-        "--masks_dir",
-        "--masks-dir",
-        type=Path,
-        help="ground-truth masks (same file stems): also score the predictions (mIoU, per-class report.csv/.json, "
-        "confusion matrix)",
-    )
+def add_sampling_flags(p: ArgumentParser) -> None:
+    """How images are shown to the network; each default comes from the checkpoint (predictor.Sampling)."""
     p.add_argument(
         "--mode",
         choices=MODES,
@@ -73,6 +55,29 @@ def get_args_parser() -> ArgumentParser:
         type=float_in(0, 16, low_open=True),
         help="slide: rescale images by this first (default 1, or the training --base-size)",
     )
+
+
+def get_args_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input_dir", "--input-dir", type=Path, required=True, help="folder of images to segment")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--checkpoint", type=Path, help="default: best.pt of the most recently written run in runs/")
+    model.add_argument("--onnx", type=Path, help="an export.py file, run by onnxruntime on the CPU, instead")
+    p.add_argument(
+        "--output_dir",
+        "--output-dir",
+        type=Path,
+        help="default: <run>/predictions/<input folder name>; never inside --input_dir",
+    )
+    p.add_argument("--recursive", action="store_true", help="also segment images in subfolders")
+    p.add_argument(
+        "--masks_dir",
+        "--masks-dir",
+        type=Path,
+        help="ground-truth masks (same file stems): also score the predictions (mIoU, per-class report.csv/.json, "
+        "confusion matrix)",
+    )
+    add_sampling_flags(p)
     p.add_argument("--tta", action="store_true", help="average the softmax of the image and its horizontal flip")
     add_ema_flag(p)
     add_channel_flags(p)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,9 +177,39 @@ class FolderResult:
     matrix: ConfusionMatrix | None = None
 
 
-# Images waiting for the writer threads: small ones are written while the model works on the next, a large one
-# before the next is segmented (the overlay's memory and the stitching's would add up).
-WRITE_QUEUE_BYTES = 64 << 20
+WRITE_QUEUE_BYTES = 64 << 20  # images whose files the writer threads have yet to write
+
+
+class WriteQueue:
+    """Files written by two threads while the model works on the next images. At most WRITE_QUEUE_BYTES of
+    images wait: small ones are written while the next are segmented, a large one before the next (the
+    overlay's memory and the stitching's would add up), its freed heap handed back before the next decode."""
+
+    def __init__(self, writer: ThreadPoolExecutor, device: torch.device):
+        self.writer, self.device = writer, device
+        self.pending: deque[tuple[Future, int]] = deque()
+
+    def submit(self, nbytes: int, write: Callable, *args) -> None:
+        self.pending.append((self.writer.submit(write, *args), nbytes))
+        while sum(size for _, size in self.pending) > WRITE_QUEUE_BYTES:
+            self.pending.popleft()[0].result()
+            release_freed_cpu_memory(self.device)
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.popleft()[0].result()
+
+
+def segment_to_files(predictor: Predictor, images: list[torch.Tensor], probs: list[Path | None]) -> list[torch.Tensor]:
+    """predictor.segment, with each image's probabilities written band by band to its path in probs (None: not)."""
+    with ProbabilityFiles() as probs_files:
+        for key, (image, path) in enumerate(zip(images, probs, strict=True)):
+            if path is not None:
+                probs_files.open(key, path, (predictor.mapping.num_classes, *image.shape[-2:]))
+        labels = predictor.segment(images, on_band=probs_files.write)
+    if predictor.sampling.mode == "slide":
+        release_freed_cpu_memory(predictor.runtime.device)  # the stitching's freed heap, before the writers need it
+    return labels
 
 
 def segment_folder(
@@ -210,35 +241,29 @@ def segment_folder(
         worker_init_fn=init_worker,
         pin_memory=device.type == "cuda",
     )
-    pending: deque[tuple[Future, int]] = deque()
     with ThreadPoolExecutor(max_workers=2) as writer:
+        queue = WriteQueue(writer, device)
         for indices, images, bad in tqdm(loader, desc="segmenting", dynamic_ncols=True):
             for _, message in bad:
                 log.warning("skipped: %s", message)
             result.unreadable += len(bad)
-            writes = [overwrite or not done[todo[index]] for index in indices]
-            with ProbabilityFiles() as probs_files:
-                for key, (index, image, write) in enumerate(zip(indices, images, writes, strict=True)):
-                    if write and outputs.save_probs:
-                        shape = (predictor.mapping.num_classes, *image.shape[-2:])
-                        probs_files.open(key, outputs.paths(relative[todo[index]])["probs"], shape)
-                labels = predictor.segment(images, on_band=probs_files.write)
-            if predictor.sampling.mode == "slide":
-                release_freed_cpu_memory(device)  # the stitching's freed heap, before the writer threads need it
-            for index, image, image_labels, write in zip(indices, images, labels, writes, strict=True):
-                item, image_labels = todo[index], image_labels.numpy()
+            items = [todo[index] for index in indices]
+            writes = [overwrite or not done[item] for item in items]
+            probs = [
+                outputs.paths(relative[item])["probs"] if write and outputs.save_probs else None
+                for item, write in zip(items, writes, strict=True)
+            ]
+            labels = segment_to_files(predictor, images, probs)
+            for item, image, image_labels, write in zip(items, images, labels, writes, strict=True):
+                image_labels = image_labels.numpy()
                 if true_masks and inputs[item].stem in true_masks:
                     true_mask = true_masks[inputs[item].stem]
                     result.evaluated += evaluate_against(
                         true_mask, image_labels, lut, result.matrix, max_pixels=max_pixels
                     )
                 if write:
-                    job = writer.submit(outputs.write, image, relative[item], image_labels, predictor.mapping)
-                    pending.append((job, image.numel() * image.element_size() + image_labels.nbytes))
+                    nbytes = image.numel() * image.element_size() + image_labels.nbytes
+                    queue.submit(nbytes, outputs.write, image, relative[item], image_labels, predictor.mapping)
                     result.written += 1
-                while sum(size for _, size in pending) > WRITE_QUEUE_BYTES:
-                    pending.popleft()[0].result()
-                    release_freed_cpu_memory(device)  # the overlay's, before the next image is decoded
-        while pending:
-            pending.popleft()[0].result()
+        queue.drain()
     return result

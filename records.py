@@ -37,15 +37,15 @@ def epoch_record(
     lr: float,
     seconds: tuple,
     images: int,
-    val_loss: float | None = None,
-    metrics: dict | None = None,
+    validation=None,
 ) -> dict:
     """One row of the run's history (results.csv, TensorBoard): seconds = (training, the whole epoch); the
-    validation's loss and scores where the epoch was validated (metrics None: it was not)."""
+    validation's (trainer.Validation) loss and scores where the epoch was validated (None: it was not)."""
     record = dict(epoch=epoch, train_loss=train_loss, lr=lr, seconds=seconds[1], images_per_s=images / seconds[0])
-    if metrics is None:
+    if validation is None:
         return record | dict(validated=0)
-    return record | dict(val_loss=val_loss, **{key: metrics[key] for key in VALIDATION_KEYS[1:]}, validated=1)
+    scores = {key: validation.metrics[key] for key in VALIDATION_KEYS[1:]}
+    return record | dict(val_loss=validation.loss, **scores, validated=1)
 
 
 def write_results(history: list[dict], path: Path) -> None:

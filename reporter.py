@@ -178,6 +178,9 @@ class Reporter:
             self.writer.close()
         return stop.exit_code
 
+    def early_stopped(self, best_miou: float, patience: int) -> None:
+        self.print(f"early stop: no better val mIoU in {patience} validations (best {best_miou:.4f})")
+
     def non_finite(self, err: Exception) -> int:
         """A diverged run: nothing of the epoch is saved; returns the exit status 1."""
         print(

@@ -85,7 +85,11 @@ def fit(
     train_loader, val_loader = loaders
     optim, samples = settings.optim, settings.samples
     plan = Plan(optim.epochs, settings.run.val_every)
-    validate = partial(training.validate, val_loader, rules=rules, sampling=validation_sampling(samples))
+    sampling, out_of_time = validation_sampling(samples), budget.out_of_time if budget else None
+    validate = partial(training.validate, val_loader, rules=rules, sampling=sampling, runtime=runtime)
+    train_epoch = partial(training.train_epoch, train_loader, runtime=runtime, out_of_time=out_of_time)
+    images = len(train_loader) * samples.batch_size * runtime.ddp.world_size  # an epoch's, for images/s
+    replan = partial(replanned, report=report, runtime=runtime)
     discovered = dict(in_channels=rules.reading.channels, normalize=rules.normalization.name)
     record_flags = partial(recorded_flags, settings, **discovered)
     epoch = start_epoch = history[-1]["epoch"] if history else 0
@@ -96,29 +100,19 @@ def fit(
             training.set_lr(lr)
             train_loader.sampler.set_epoch(epoch)
             try:
-                train_loss, skipped = training.train_epoch(
-                    train_loader,
-                    runtime=runtime,
-                    epoch=epoch,
-                    stop=stop,
-                    first=epoch == start_epoch + 1,
-                    out_of_time=budget.out_of_time if budget else None,
-                )
+                train_loss, skipped = train_epoch(epoch=epoch, stop=stop, first=epoch == start_epoch + 1)
             except NonFiniteLoss as err:
                 return report.non_finite(err)
             train_seconds = time.monotonic() - started
             if stop.requested:
                 return report.stopped(stop, report.during_epoch(epoch))
-            validation = validate(runtime=runtime, epoch=epoch) if plan.validates(epoch) else None
-            plan = replanned(
-                plan, budget, epoch, train_seconds, validation, report=report, runtime=runtime, cut=stop.out_of_time
-            )
+            validation = validate(epoch=epoch) if plan.validates(epoch) else None
+            plan = replan(plan, budget, epoch, train_seconds, validation, cut=stop.out_of_time)
             if validation is None and epoch == plan.epochs:  # a time budget made this epoch the last
-                validation = validate(runtime=runtime, epoch=epoch)
-            images = len(train_loader) * samples.batch_size * runtime.ddp.world_size
+                validation = validate(epoch=epoch)
             seconds = (train_seconds, time.monotonic() - started)
-            scores = dict(val_loss=validation.loss, metrics=validation.metrics) if validation else {}
-            history.append(epoch_record(epoch, train_loss=train_loss, lr=lr, seconds=seconds, images=images, **scores))
+            record = dict(train_loss=train_loss, lr=lr, seconds=seconds, images=images, validation=validation)
+            history.append(epoch_record(epoch, **record))
             improved = validation is not None and early.update(validation.metrics["miou"])
             best_confusion = validation.matrix.matrix.cpu().tolist() if improved else best_confusion
             numbered = epoch % settings.run.save_every == 0 or epoch == plan.epochs or early.should_stop
@@ -127,13 +121,13 @@ def fit(
             report.save(training.state(epoch=epoch, flags=flags, **progress), improved=improved, numbered=numbered)
             report.epoch(history, validation, skipped, figures=numbered)
             if budget is not None:
-                budget.bookkeeping = time.monotonic() - started - seconds[0] - (validation.seconds if validation else 0)
+                budget.bookkeeping = (
+                    time.monotonic() - started - train_seconds - (validation.seconds if validation else 0)
+                )
             if stop.requested:
                 return report.stopped(stop, f"after epoch {epoch}")
             if early.should_stop:
-                report.print(
-                    f"early stop: no better val mIoU in {optim.early_stop} validations (best {early.best:.4f})"
-                )
+                report.early_stopped(early.best, optim.early_stop)
                 break
     report.class_report(best_confusion, history, early.best)
     return None

@@ -224,3 +224,49 @@ def test_bf16_predictor_agrees_with_fp32(trained_run, tiny_demo):
     low = bf16.batch_probabilities(images)
     assert (low - reference).abs().max() < 0.02
     assert (low.max(1).indices == reference.max(1).indices).float().mean() > 0.99
+
+
+def test_resize_decodes_a_pass_of_images_at_a_time_and_slide_one(tmp_path, monkeypatch):
+    from predictions import Outputs, segment_folder
+    from predictor import Predictor, Sampling
+
+    for k in range(5):
+        Image.fromarray(np.full((20, 30, 3), 40 * k, np.uint8)).save(tmp_path / f"{k}.png")
+    mapping = LabelMapping([0, 1], ["background", "thing"], 255, False)
+    seen = []
+    original = Predictor.segment
+
+    def counting(self, images, on_band=None):
+        seen.append(len(images))
+        return original(self, images, on_band)
+
+    monkeypatch.setattr(Predictor, "segment", counting)
+    inputs = sorted(tmp_path.glob("*.png"))
+    for mode, expected in (("resize", [2, 2, 1]), ("slide", [1] * 5)):
+        seen.clear()
+        predictor = Predictor(
+            torch.nn.Conv2d(3, 2, 1), mapping, Sampling(mode, 16, tile=16), Runtime(torch.device("cpu"))
+        )
+        result = segment_folder(predictor, inputs, tmp_path, Outputs(tmp_path / f"out-{mode}"))
+        assert seen == expected and result.written == 5  # the CPU's default pass: 2 images
+        assert len(list((tmp_path / f"out-{mode}" / "masks").glob("*.png"))) == 5
+
+
+def test_the_write_queue_waits_only_while_its_images_pass_the_byte_limit(monkeypatch):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import predictions
+
+    monkeypatch.setattr(predictions, "WRITE_QUEUE_BYTES", 100)
+    release, written = threading.Event(), []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        queue = predictions.WriteQueue(pool, torch.device("cpu"))
+        queue.submit(60, lambda: (release.wait(10), written.append("first")))
+        assert written == []  # under the limit: the write goes on while the caller segments the next image
+        release.set()
+        queue.submit(60, written.append, "second")  # 120 bytes waiting: the first is waited for
+        assert written[0] == "first"
+        queue.submit(150, written.append, "large")  # alone over the limit: written before submit returns
+        assert written == ["first", "second", "large"] and not queue.pending
+        queue.drain()
