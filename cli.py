@@ -214,6 +214,6 @@ def add_hardware_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup
     parser.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="NHWC memory format (faster convolutions on CPU and CUDA)",
+        help="NHWC memory format (faster convolutions on CPU and CUDA); default on, except for training in fp32 on "
+        "the CPU, where its backward pass is slower",
     )

@@ -23,6 +23,8 @@ def replayable_flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Acti
 def config_value_tokens(action: argparse.Action, value, where: str) -> list[str]:
     """One key of a config file as the command-line tokens that set it, each checked as the flag checks it."""
     flag = action.option_strings[0]
+    if value is None and action.default is None:  # a flag whose default is chosen at run time (--channels-last)
+        return []
     if isinstance(action, argparse.BooleanOptionalAction | argparse._StoreTrueAction):
         if not isinstance(value, bool):
             raise UserError(f"{where}: {value!r} is not true or false")

@@ -96,7 +96,7 @@ class RunSettings:
     config: Path | None
     device: str
     precision: str
-    channels_last: bool
+    channels_last: bool | None  # None: utils.resolve_channels_last
     dist_timeout: int
     seed: int
     run_dir: Path

@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     settings, checkpoint = parse_args(argv)
     run = settings.run
-    runtime = Runtime.from_flags(run.device, run.precision, run.channels_last, dist_timeout=run.dist_timeout)
+    runtime = Runtime.from_flags(
+        run.device, run.precision, run.channels_last, dist_timeout=run.dist_timeout, training=True
+    )
     try:
         # a timestamped run folder must be the same on every rank
         settings = replace(settings, run=replace(run, run_dir=runtime.ddp.broadcast(run.run_dir)))

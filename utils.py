@@ -159,6 +159,12 @@ def release_freed_cpu_memory(device: torch.device) -> None:
         libc.malloc_trim(0)
 
 
+def resolve_channels_last(device: torch.device, precision: str, training: bool) -> bool:
+    """--channels-last's default: NHWC, except for training in fp32 on the CPU, where oneDNN's NHWC backward
+    made a training step slower than NCHW (docs/performance.md); the forward pass is faster in NHWC there too."""
+    return not (training and device.type == "cpu" and precision == "fp32")
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """auto: bf16 where the hardware runs it natively, fp32 elsewhere; fp16 only on CUDA."""
     if name == "auto":
@@ -189,13 +195,24 @@ class Runtime:
     ddp: Distributed = Distributed()
 
     @classmethod
-    def from_flags(cls, device: str, precision: str, channels_last: bool, dist_timeout: float | None = None):
-        """Resolves auto choices; with dist_timeout, joins the torchrun job when one is running."""
+    def from_flags(
+        cls,
+        device: str,
+        precision: str,
+        channels_last: bool | None,
+        dist_timeout: float | None = None,
+        training: bool = False,
+    ):
+        """Resolves auto choices (channels_last None: resolve_channels_last); with dist_timeout, joins the torchrun
+        job when one is running."""
         if dist_timeout is None:
             resolved, ddp = resolve_device(device), Distributed()
         else:
             ddp, resolved = init_distributed(device, dist_timeout)
-        return cls(resolved, resolve_precision(precision, resolved), channels_last, ddp)
+        precision = resolve_precision(precision, resolved)
+        if channels_last is None:
+            channels_last = resolve_channels_last(resolved, precision, training)
+        return cls(resolved, precision, channels_last, ddp)
 
     @property
     def memory_format(self) -> torch.memory_format:
