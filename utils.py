@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import random
 import signal
@@ -126,8 +127,10 @@ def cpu_has_native_bf16() -> bool:
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt() parameters, from malloc.h
 
 
+@functools.cache
 def glibc() -> ctypes.CDLL | None:
-    """The C library where it is glibc (whose malloc the two functions below tune), else None."""
+    """The C library where it is glibc (whose malloc the two functions below tune), else None. Looked up once:
+    find_library runs ldconfig, and release_freed_cpu_memory is called after every large image."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
     except (OSError, TypeError):
