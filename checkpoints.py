@@ -61,8 +61,8 @@ def training_state(
     history: list[dict],
 ) -> dict:
     """Plain tensors, numbers, strings, lists and dicts only, so it loads with weights_only=True. flags: the run's
-    recorded flags (settings.recorded_flags), plain values. The learning rate is a function of the epoch
-    (engine.scheduled_lr), so no scheduler state is needed to resume."""
+    recorded flags (settings.recorded_flags), plain values. The learning rate is a function of the epochs
+    done (optimizer.scheduled_lr), so no scheduler state is needed to resume."""
     extra = {} if ema is None else {"ema": ema.module.state_dict(), "ema_updates": int(ema.n_averaged)}
     return {
         "format_version": FORMAT_VERSION,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -19,6 +19,9 @@ from optimizer import ONE_UPDATE_PER_BATCH, UpdateRule
 from predictor import Predictor
 from stopping import GracefulStop, NonFiniteLoss
 from utils import Runtime
+
+if TYPE_CHECKING:
+    from trainer import EpochPace
 
 PANEL_SAMPLES = 4  # validation images kept for the sample panel
 
@@ -108,14 +111,14 @@ def train_one_epoch(
     epoch: int,
     stop: GracefulStop,
     updates: UpdateRule = ONE_UPDATE_PER_BATCH,
-    out_of_time: Callable[[float, int], bool] | None = None,
+    pace: EpochPace | None = None,
     time_first_step: bool = False,
     report_data_wait: bool = False,
 ) -> tuple[float, list[str]]:
     """One pass over the sampler; returns the mean loss and the bad samples that were skipped.
 
-    out_of_time(seconds so far, steps so far): a time budget's TimeBudget.out_of_time; the epoch ends early when
-    it says so (stop.out_of_time tells the caller).
+    pace: each step's learning rate, and whether the epoch ends before the loader's end (the schedule's horizon or
+    a time budget: stop.out_of_time tells the caller); None keeps the optimiser's rate for the whole epoch.
 
     time_first_step: say how long the first step took, which with --compile holds the compilation.
     report_data_wait: say how much of the epoch waited for the loader (see DataWait).
@@ -135,6 +138,9 @@ def train_one_epoch(
         data_wait.batch_arrived()
         skipped.extend(line for s in skipped_here for line in s.splitlines())
         images, masks = finish_batch(pixels, masks, draws, colour=colour, runtime=runtime)
+        if pace is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = pace.lr(steps - 1)
         step_started = time.perf_counter()
         update = steps % updates.accumulate == 0 or steps == len(loader)  # a short last group still steps
         loss = step(images, masks, update=update)
@@ -149,7 +155,7 @@ def train_one_epoch(
             if first_bad_step.item():
                 raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {first_bad_step.item()}")
             bar.set_postfix(loss=f"{total_loss.item() / steps:.4f}")  # a host sync point
-        cut = out_of_time is not None and steps < len(loader) and out_of_time(time.monotonic() - epoch_started, steps)
+        cut = pace is not None and steps < len(loader) and pace.ends(time.monotonic() - epoch_started, steps)
         if stop.agreed(runtime, cut):
             break
     if report_data_wait and runtime.ddp.is_main:

@@ -1,4 +1,4 @@
-"""The optimiser, its learning-rate schedule (a pure function of the epoch) and the moving average of the
+"""The optimiser, its learning-rate schedule (a pure function of the epochs done) and the moving average of the
 weights: how gradients become weight updates."""
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ def build_optimizer(
     return OPTIMIZERS[name](groups, lr=lr, fused=device.type in ("cuda", "cpu"))
 
 
-def scheduled_lr(epoch: int, *, base: float, epochs: int, warmup: int = 0, schedule: str = "cosine") -> float:
-    """The learning rate of a (1-based) epoch, a function of the epoch alone so a resumed run needs nothing
-    else: linear warmup to base over the warmup epochs, then cosine (to 0 after the last epoch, as
-    CosineAnnealingLR) or poly decay over the rest."""
-    if epoch <= warmup:
-        return base * epoch / (warmup + 1)
-    progress = (epoch - 1 - warmup) / max(epochs - warmup, 1)
+def scheduled_lr(done: float, *, base: float, epochs: float, warmup: int = 0, schedule: str = "cosine") -> float:
+    """The learning rate of the step taken after `done` epochs (fractional: it changes every step, as in
+    torchvision's segmentation reference), a function of that alone so a resumed run needs nothing else: linear
+    warmup to base over the warmup epochs, then cosine (to 0 at `epochs`, as CosineAnnealingLR) or poly decay
+    over the rest. epochs may be fractional: a time budget can end the run partway through an epoch."""
+    if done < warmup:
+        return base * (done + 1) / (warmup + 1)
+    progress = min((done - warmup) / max(epochs - warmup, 1e-9), 1.0)
     if schedule == "poly":
         return base * (1 - progress) ** POLY_POWER
     return base * (1 + math.cos(math.pi * progress)) / 2

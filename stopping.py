@@ -26,13 +26,15 @@ def validation_interval(train_seconds: float, validation_seconds: float) -> int:
 
 @dataclass
 class TimeBudget:
-    """--time-budget: the epochs that fit in a wall-clock budget, planned again after every epoch at the pace of
-    the recent epochs (the slower of the last two, so epochs that slow down are caught after one). The run ends
-    within the budget, and the schedule, a function of the epoch and of the planned epochs, still reaches its
-    end: the last epoch is always planned as the last."""
+    """--time-budget: how far the run's schedule reaches in a wall-clock budget, in epochs to the step, planned
+    once a few steps of the first epoch are timed and again after every epoch at the pace of the recent epochs
+    (the slower of the last two, so epochs that slow down are caught after one). The run ends within the budget,
+    and the schedule, a function of the epochs done and of that horizon, still reaches its end: a last epoch that
+    does not fit whole is planned as far as it fits."""
 
     seconds: float
     started: float  # time.monotonic() when the run started: data scans and model building count too
+    steps_per_epoch: int = 1
     validation_steps: float = 0.0  # a validation's cost in training steps, estimated until one has been timed
     recent: list[float] = field(default_factory=list)  # the last epochs' training seconds
     validation: float = 0.0  # the last validation's seconds (0: none timed yet)
@@ -53,21 +55,32 @@ class TimeBudget:
         """During an epoch, after `steps` steps: True once one more step and the last validation would end past
         the budget, so an epoch longer than the whole budget (slow hardware, large epochs) is cut short."""
         step = epoch_seconds / max(steps, 1)
-        validation = self.validation or self.validation_steps * step
-        return time.monotonic() + step + validation + self.bookkeeping > self.finish
+        return time.monotonic() + step + self._validation(step) + self.bookkeeping > self.finish
 
     def epochs_that_fit(
         self, epochs_done: int, train_seconds: float, validation_seconds: float | None = None, val_every: int = 1
-    ) -> int:
-        """The run's epochs: those done and as many more as fit in what is left of the budget, each with its
-        share of the validations (every val_every epochs) and one more validation kept for the last epoch.
+    ) -> float:
+        """After an epoch: the horizon, those done and as many more as fit in what is left of the budget, each
+        with its share of the validations (every val_every epochs) and one more validation kept for the last.
         validation_seconds: this epoch's validation, None where it was not validated."""
         self.recent = [*self.recent[-1:], train_seconds]
         self.validation = self.validation if validation_seconds is None else validation_seconds
-        last = self.validation + self.bookkeeping  # what the last epoch adds after its training
-        left = self.finish - time.monotonic() - last
-        per_epoch = max(*self.recent, 1e-3) + self.validation / val_every + self.bookkeeping
-        return epochs_done + max(0, int(left // per_epoch))
+        return self._fit(epochs_done, max(*self.recent, 1e-3), val_every)
+
+    def first_plan(self, steps_done: int, step_seconds: float, val_every: int = 1) -> float:
+        """During the first epoch: the horizon at the pace of its steps so far (step_seconds, timed after the
+        first step, which may hold compilation), so the schedule spans the run from its start."""
+        return self._fit(steps_done / self.steps_per_epoch, step_seconds * self.steps_per_epoch, val_every)
+
+    def _validation(self, step_seconds: float) -> float:
+        return self.validation or self.validation_steps * step_seconds
+
+    def _fit(self, done: float, epoch_seconds: float, val_every: int) -> float:
+        validation = self._validation(epoch_seconds / self.steps_per_epoch)
+        left = self.finish - time.monotonic() - validation - self.bookkeeping  # the last epoch's are kept
+        per_epoch = epoch_seconds + validation / val_every + self.bookkeeping
+        steps = round(done * self.steps_per_epoch) + math.floor(max(0.0, left / per_epoch) * self.steps_per_epoch)
+        return steps / self.steps_per_epoch
 
 
 class NonFiniteLoss(RuntimeError):

@@ -7,6 +7,7 @@ and trains on that.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from dataclasses import replace
@@ -18,19 +19,22 @@ from checkpoints import DataSpec
 from cli import run_cli
 from config import parse_args, replay_values
 from model import count_parameters
-from optimizer import scheduled_lr
 from records import epoch_record
 from reporter import Reporter, batch_text, input_text
-from settings import OptimSettings, TrainSettings, recorded_flags
+from settings import TrainSettings, recorded_flags
 from stopping import EarlyStopping, GracefulStop, NonFiniteLoss, TimeBudget, validation_interval
-from trainer import Plan, Training, Validation, build_training, check_memory, time_budget, validation_sampling
+from trainer import (
+    EpochPace,
+    Plan,
+    Training,
+    Validation,
+    build_training,
+    check_memory,
+    time_budget,
+    validation_sampling,
+)
 from training_data import data_spec, prepare_data, training_loaders
 from utils import Runtime, keep_freed_cpu_memory, seed_everything
-
-
-def learning_rate(optim: OptimSettings, epochs: int, epoch: int) -> float:
-    """epochs: the run's, which a time budget plans again after every epoch."""
-    return scheduled_lr(epoch, base=optim.lr, epochs=epochs, warmup=optim.warmup_epochs, schedule=optim.schedule)
 
 
 def replanned(
@@ -44,10 +48,10 @@ def replanned(
     runtime: Runtime,
     cut: bool = False,
 ) -> Plan:
-    """After an epoch: the validation interval (--val-every auto, from the first validation's cost) and the epochs
-    a --time-budget fits now, each the same on every rank and said when it changes. cut: the budget ended this
-    epoch early (GracefulStop.out_of_time, agreed by every rank), which makes it the last."""
-    val_every, epochs = plan.val_every, plan.epochs
+    """After an epoch: the validation interval (--val-every auto, from the first validation's cost) and the
+    horizon a --time-budget fits now, each the same on every rank and said when it changes. cut: this epoch ended
+    before the loader's end (the horizon or the budget's clock, agreed by every rank), which makes it the last."""
+    val_every, horizon = plan.val_every, plan.horizon
     if val_every == "auto":
         val_every = runtime.ddp.broadcast(validation_interval(train_seconds, validation.seconds))
         report.print(
@@ -55,17 +59,18 @@ def replanned(
             f"(training {train_seconds:.1f} s, validation {validation.seconds:.1f} s an epoch)"
         )
     if budget is not None and cut:
-        report.epochs = epochs = epoch
+        report.epochs = epoch
         report.print(f"--time-budget {budget.seconds / 60:g} min: epoch {epoch} cut short, the last")
-    elif budget is not None:
+        return Plan(epoch, val_every)
+    if budget is not None:
         seconds = validation.seconds if validation else None
-        epochs = runtime.ddp.broadcast(budget.epochs_that_fit(epoch, train_seconds, seconds, val_every))
-        if epoch == 1 or epochs != plan.epochs:
-            report.epochs = epochs
+        horizon = runtime.ddp.broadcast(budget.epochs_that_fit(epoch, train_seconds, seconds, val_every))
+        if epoch == 1 or horizon != plan.horizon:
+            report.epochs = math.ceil(horizon - 1e-9)
             report.print(
-                f"--time-budget {budget.seconds / 60:g} min: {epochs} epochs fit (planned after epoch {epoch})"
+                f"--time-budget {budget.seconds / 60:g} min: {horizon:.4g} epochs fit (planned after epoch {epoch})"
             )
-    return Plan(epochs, val_every)
+    return Plan(horizon, val_every)
 
 
 def fit(
@@ -84,10 +89,12 @@ def fit(
     """The epoch loop: train, validate (see Plan), save, report. An exit status if it ends early, None when done."""
     train_loader, val_loader = loaders
     optim, samples = settings.optim, settings.samples
-    plan = Plan(optim.epochs, settings.run.val_every)
-    sampling, out_of_time = validation_sampling(samples), budget.out_of_time if budget else None
-    validate = partial(training.validate, val_loader, rules=rules, sampling=sampling, runtime=runtime)
-    train_epoch = partial(training.train_epoch, train_loader, runtime=runtime, out_of_time=out_of_time)
+    plan = Plan(float(optim.epochs), settings.run.val_every)
+    validate = partial(
+        training.validate, val_loader, rules=rules, sampling=validation_sampling(samples), runtime=runtime
+    )
+    train_epoch = partial(training.train_epoch, train_loader, runtime=runtime)
+    pace = partial(EpochPace, steps=len(train_loader), optim=optim, runtime=runtime, budget=budget)
     images = len(train_loader) * samples.batch_size * runtime.ddp.world_size  # an epoch's, for images/s
     replan = partial(replanned, report=report, runtime=runtime)
     discovered = dict(in_channels=rules.reading.channels, normalize=rules.normalization.name)
@@ -96,22 +103,25 @@ def fit(
     with GracefulStop() as stop:
         while epoch < plan.epochs:
             epoch += 1
-            started, lr = time.monotonic(), learning_rate(optim, plan.epochs, epoch)
-            training.set_lr(lr)
+            started, epoch_pace = time.monotonic(), pace(plan, epoch)
             train_loader.sampler.set_epoch(epoch)
             try:
-                train_loss, skipped = train_epoch(epoch=epoch, stop=stop, first=epoch == start_epoch + 1)
+                train_loss, skipped = train_epoch(
+                    epoch=epoch, stop=stop, first=epoch == start_epoch + 1, pace=epoch_pace
+                )
             except NonFiniteLoss as err:
                 return report.non_finite(err)
             train_seconds = time.monotonic() - started
             if stop.requested:
                 return report.stopped(stop, report.during_epoch(epoch))
             validation = validate(epoch=epoch) if plan.validates(epoch) else None
-            plan = replan(plan, budget, epoch, train_seconds, validation, cut=stop.out_of_time)
+            plan = replan(epoch_pace.plan, budget, epoch, train_seconds, validation, cut=stop.out_of_time)
             if validation is None and epoch == plan.epochs:  # a time budget made this epoch the last
                 validation = validate(epoch=epoch)
             seconds = (train_seconds, time.monotonic() - started)
-            record = dict(train_loss=train_loss, lr=lr, seconds=seconds, images=images, validation=validation)
+            record = dict(
+                train_loss=train_loss, lr=epoch_pace.lr(0), seconds=seconds, images=images, validation=validation
+            )
             history.append(epoch_record(epoch, **record))
             improved = validation is not None and early.update(validation.metrics["miou"])
             best_confusion = validation.matrix.matrix.cpu().tolist() if improved else best_confusion
@@ -194,7 +204,9 @@ def train(settings: TrainSettings, checkpoint: dict | None, runtime: Runtime, *,
         history=history,
         early=early,
         best_confusion=best_confusion,
-        budget=time_budget(settings, val_set, started) if optim.time_budget and not checkpoint else None,
+        budget=time_budget(settings, val_set, len(loaders[0]), started)
+        if optim.time_budget and not checkpoint
+        else None,
         runtime=runtime,
     )
     if status is not None:

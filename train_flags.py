@@ -186,8 +186,8 @@ def add_model_flags(p: ArgumentParser) -> None:
         "--time-budget",
         type=float_in(0, low_open=True),
         metavar="MINUTES",
-        help="train for this wall-clock time instead of --epochs: after every epoch the epochs that fit are planned "
-        "again at the pace of the last two (validation included), and the schedule spans them",
+        help="train for this wall-clock time instead of --epochs: the epochs that fit (to the step) are planned a few "
+        "steps into the first epoch and again after every epoch (validation included), and the schedule spans them",
     )
     model.add_argument("--batch-size", type=positive_int, default=4)
     model.add_argument(

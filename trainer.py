@@ -3,6 +3,7 @@ settings: the optimiser, loss, weight average and colour stage; one validation p
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 
@@ -19,11 +20,13 @@ from losses import build_loss
 from memory import check_training_memory
 from metrics import ConfusionMatrix
 from model import ResidualAttnUNet
-from optimizer import UpdateRule, build_optimizer, ema_model
+from optimizer import UpdateRule, build_optimizer, ema_model, scheduled_lr
 from predictor import Predictor, Sampling
-from settings import ModelSettings, SampleSettings, TrainSettings
+from settings import ModelSettings, OptimSettings, SampleSettings, TrainSettings
 from stopping import GracefulStop, TimeBudget
 from utils import Runtime
+
+FIRST_PLAN_STEP = 4  # a time budget's first plan: after this many steps of the first epoch (the first is not timed)
 
 
 @dataclass
@@ -41,15 +44,62 @@ class Validation:
 
 @dataclass(frozen=True)
 class Plan:
-    """What a run decides as it goes, recorded beside its settings: the epochs (planned again after every epoch
-    under a --time-budget) and the validation interval (--val-every auto: chosen after the first validation)."""
+    """What a run decides as it goes, recorded beside its settings: the horizon, the epochs the learning-rate
+    schedule spans (planned again as a --time-budget's clock runs, and fractional where the budget ends the run
+    partway through an epoch), and the validation interval (--val-every auto: chosen after the first validation)."""
 
-    epochs: int
+    horizon: float
     val_every: int | str
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.horizon - 1e-9)
+
+    def steps(self, epoch: int, steps_per_epoch: int) -> int:
+        """The epoch's steps: all of them but in a last epoch that the horizon ends partway through."""
+        return min(steps_per_epoch, round((self.horizon - (epoch - 1)) * steps_per_epoch))
 
     def validates(self, epoch: int) -> bool:
         """The first validation (auto), every val_every-th epoch and the last."""
         return self.val_every == "auto" or epoch % self.val_every == 0 or epoch == self.epochs
+
+
+@dataclass
+class EpochPace:
+    """One epoch's steps under the run's plan: each step's learning rate (the schedule spans plan.horizon), where
+    the epoch ends (the horizon, or a time budget running out) and, in a budgeted run's first epoch, the first
+    plan once a few steps are timed, so that the schedule spans the run from its start."""
+
+    plan: Plan
+    epoch: int
+    steps: int  # a whole epoch's
+    optim: OptimSettings
+    runtime: Runtime
+    budget: TimeBudget | None = None
+    first_step_seconds: float = 0.0
+
+    def lr(self, done: int) -> float:
+        """The learning rate of the step after `done` steps of this epoch."""
+        optim = self.optim
+        done_epochs = self.epoch - 1 + done / self.steps
+        return scheduled_lr(
+            done_epochs, base=optim.lr, epochs=self.plan.horizon, warmup=optim.warmup_epochs, schedule=optim.schedule
+        )
+
+    def ends(self, seconds: float, done: int) -> bool:
+        """After `done` steps, `seconds` into the epoch: whether the epoch ends here. The same on every rank: the
+        first plan is rank 0's, and the budget's clock is agreed by GracefulStop.agreed."""
+        if self.budget is not None and self.epoch == 1:
+            if done == 1:
+                self.first_step_seconds = seconds
+            elif done == FIRST_PLAN_STEP:
+                step = (seconds - self.first_step_seconds) / (done - 1)
+                val_every = 1 if self.plan.val_every == "auto" else self.plan.val_every
+                horizon = self.runtime.ddp.broadcast(self.budget.first_plan(done, step, val_every))
+                self.plan = replace(self.plan, horizon=horizon)
+        if done >= self.plan.steps(self.epoch, self.steps):
+            return True
+        return self.budget is not None and self.budget.out_of_time(seconds, done)
 
 
 @dataclass
@@ -71,13 +121,9 @@ class Training:
             model=self.model, optimizer=self.optimizer, scaler=self.scaler, ema=self.updates.ema, **progress
         )
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-    def train_epoch(self, loader, *, runtime: Runtime, epoch: int, stop: GracefulStop, first: bool, out_of_time=None):
+    def train_epoch(self, loader, *, runtime: Runtime, epoch: int, stop: GracefulStop, first: bool, pace=None):
         """first: the first epoch of this process, which says what the first step cost (with compile) and how
-        much of the epoch waited for data. out_of_time: see engine.train_one_epoch."""
+        much of the epoch waited for data. pace: an EpochPace, see engine.train_one_epoch."""
         return train_one_epoch(
             self.step_model,
             loader,
@@ -89,7 +135,7 @@ class Training:
             epoch=epoch,
             stop=stop,
             updates=self.updates,
-            out_of_time=out_of_time,
+            pace=pace,
             time_first_step=first and self.compiled,
             report_data_wait=first,
         )
@@ -182,7 +228,9 @@ def validation_sampling(samples: SampleSettings) -> Sampling:
     return replace(sampling, mode=samples.val_mode) if samples.val_mode else sampling
 
 
-def time_budget(settings: TrainSettings, val_set: SegmentationFolder, started: float) -> TimeBudget:
+def time_budget(
+    settings: TrainSettings, val_set: SegmentationFolder, steps_per_epoch: int, started: float
+) -> TimeBudget:
     """--time-budget's plan, with a validation's cost estimated from its pixels until the first is timed."""
     samples = settings.samples
     side = samples.crop_size or samples.image_size
@@ -191,4 +239,4 @@ def time_budget(settings: TrainSettings, val_set: SegmentationFolder, started: f
     else:
         pixels = float(val_set.class_counts.sum())  # labelled pixels: about every pixel of the images
     steps = TimeBudget.validation_cost(pixels, samples.batch_size * side**2)
-    return TimeBudget(settings.optim.time_budget * 60, started, validation_steps=steps)
+    return TimeBudget(settings.optim.time_budget * 60, started, steps_per_epoch, validation_steps=steps)

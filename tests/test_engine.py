@@ -12,20 +12,23 @@ from utils import Runtime
 CPU = Runtime(torch.device("cpu"))
 
 
-def torch_schedule(epochs, warmup, schedule, base=0.1):
-    """The learning rate of each epoch from torch.optim.lr_scheduler, stepped once per epoch."""
+def torch_schedule(epochs, warmup, schedule, steps_per_epoch=1, base=0.1):
+    """The learning rate of each step from torch.optim.lr_scheduler, stepped once per step."""
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
     lr_scheduler = torch.optim.lr_scheduler
+    decay_steps, warmup_steps = (epochs - warmup) * steps_per_epoch, warmup * steps_per_epoch
     decay = (
-        lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs - warmup)
+        lr_scheduler.CosineAnnealingLR(optimizer, T_max=decay_steps)
         if schedule == "cosine"
-        else lr_scheduler.PolynomialLR(optimizer, total_iters=epochs - warmup, power=0.9)
+        else lr_scheduler.PolynomialLR(optimizer, total_iters=decay_steps, power=0.9)
     )
     if warmup:
-        ramp = lr_scheduler.LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1, total_iters=warmup)
-        decay = lr_scheduler.SequentialLR(optimizer, [ramp, decay], milestones=[warmup])
+        ramp = lr_scheduler.LinearLR(
+            optimizer, start_factor=1 / (warmup + 1), end_factor=1, total_iters=warmup_steps
+        )
+        decay = lr_scheduler.SequentialLR(optimizer, [ramp, decay], milestones=[warmup_steps])
     lrs = []
-    for _ in range(epochs):
+    for _ in range(epochs * steps_per_epoch):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         decay.step()
@@ -34,9 +37,21 @@ def torch_schedule(epochs, warmup, schedule, base=0.1):
 
 @pytest.mark.parametrize("schedule", ["cosine", "poly"])
 @pytest.mark.parametrize(("epochs", "warmup"), [(10, 0), (10, 3), (7, 1)])
-def test_schedules_equal_torch_schedulers(epochs, warmup, schedule):
-    ours = [scheduled_lr(e, base=0.1, epochs=epochs, warmup=warmup, schedule=schedule) for e in range(1, epochs + 1)]
-    assert ours == pytest.approx(torch_schedule(epochs, warmup, schedule), rel=1e-9, abs=1e-12)
+@pytest.mark.parametrize("steps_per_epoch", [1, 5])
+def test_schedules_equal_torch_schedulers_stepped_every_step(epochs, warmup, schedule, steps_per_epoch):
+    steps = range(epochs * steps_per_epoch)
+    kind = dict(base=0.1, epochs=epochs, warmup=warmup, schedule=schedule)
+    ours = [scheduled_lr(step / steps_per_epoch, **kind) for step in steps]
+    expected = torch_schedule(epochs, warmup, schedule, steps_per_epoch)
+    assert ours == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_a_fractional_horizon_ends_the_schedule_partway_through_an_epoch():
+    """A time budget that fits 2.5 epochs: the cosine over 2.5 epochs of 4 steps is CosineAnnealingLR over 10
+    steps, and a step past the horizon stays at its end rather than rising again."""
+    ours = [scheduled_lr(step / 4, base=0.1, epochs=2.5) for step in range(10)]
+    assert ours == pytest.approx(torch_schedule(10, 0, "cosine"), rel=1e-9, abs=1e-12)
+    assert scheduled_lr(2.75, base=0.1, epochs=2.5) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_weight_decay_reaches_convolution_weights_only():
@@ -128,3 +143,18 @@ def test_a_time_budget_counts_the_start_up_and_plans_again_at_the_pace_of_the_la
     assert budget.epochs_that_fit(3, 10.0) == 3 + int((100 - reserve - 42) // 20)
     monkeypatch.setattr(stopping.time, "monotonic", lambda: 1150.0)  # an epoch overran the budget: stop here
     assert budget.epochs_that_fit(4, 108.0) == 4
+
+
+def test_a_time_budget_plans_to_the_step_and_first_from_the_first_epochs_steps(monkeypatch):
+    import stopping
+
+    budget = stopping.TimeBudget(seconds=100, started=1000.0, steps_per_epoch=10, validation_steps=5)
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: 1010.0)  # start-up 6 s, then four steps of 1 s
+    left = budget.finish - 1010.0 - 5  # the last validation (5 steps of 1 s until one is timed) is kept
+    steps_that_fit = int(left / (10 + 5) * 10)  # epochs of 10 steps and a validation each
+    assert budget.first_plan(4, step_seconds=1.0) == pytest.approx((4 + steps_that_fit) / 10)
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: 1080.0)  # after the fourth epoch
+    budget.bookkeeping = 1.0
+    left = budget.finish - 1080.0 - 3 - 1  # the timed validation of 3 s and the bookkeeping are kept
+    assert budget.epochs_that_fit(4, 12.0, 3.0) == pytest.approx(4 + int(left / (12 + 3 + 1) * 10) / 10)
+    assert budget.epochs_that_fit(4, 12.0, 3.0) % 1 != 0  # the last epoch planned in part

@@ -244,7 +244,7 @@ def test_a_time_budget_plans_the_epochs_and_a_resume_keeps_them(tiny_demo, tmp_p
     assert train.main([*flags, "--run-dir", str(whole)]) == 0
     last = load_checkpoint(whole / "checkpoints/last.pt")
     assert last["epoch"] == 3 and last["args"]["epochs"] == 3 and last["args"]["time_budget"] == 0.5
-    cosine_over_3 = [scheduled_lr(e, base=3e-3, epochs=3) for e in (1, 2, 3)]
+    cosine_over_3 = [scheduled_lr(done, base=3e-3, epochs=3) for done in (0, 1, 2)]  # each epoch's first step
     assert [h["lr"] for h in last["history"]] == pytest.approx(cosine_over_3)
     assert "epochs" not in yaml.safe_load((whole / "config.yaml").read_text())  # a replay fits its own epochs
     monkeypatch.setattr(TimeBudget, "epochs_that_fit", lambda self, done, *timings: 8)
@@ -319,8 +319,36 @@ def test_a_time_budget_holds_when_later_epochs_run_slower(tiny_demo, tmp_path, m
     last = load_checkpoint(run_dir / "checkpoints/last.pt")
     epochs = last["args"]["epochs"]
     assert last["epoch"] == epochs >= 4  # planned again after the slow epochs, not fixed from the first
-    final_lr = scheduled_lr(epochs, base=3e-3, epochs=epochs)
-    assert last["history"][-1]["lr"] == pytest.approx(final_lr)  # the schedule reached its end
+    assert last["optimizer"]["param_groups"][0]["lr"] < 0.02 * 3e-3  # the last step's: the schedule reached its end
+
+
+def test_a_time_budget_spends_what_is_left_on_part_of_an_epoch(tiny_demo, tmp_path, monkeypatch, capsys):
+    """Every step takes 10 s (on a clock the test moves): a 90 s budget fits one epoch of six steps and part of a
+    second, which is planned to the step (first a few steps into the first epoch, so the cosine spans the run)
+    rather than left unused, and the schedule ends where the run does."""
+    import time
+
+    import engine
+
+    real_monotonic, moved = time.monotonic, [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() + moved[0])
+    real_step = engine.train_step
+
+    def slow_step(*args, **kwargs):
+        moved[0] += 10.0
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", slow_step)
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    flags = ["--data-root", str(tiny_demo), *TINY_TRAIN_FLAGS, "--time-budget", "1.5", "--run-dir", str(run_dir)]
+    assert train.main(flags) == 0
+    assert time.monotonic() - started <= 90 * 1.03
+    last = load_checkpoint(run_dir / "checkpoints/last.pt")
+    assert last["epoch"] == last["args"]["epochs"] == 2 and last["history"][-1]["validated"] == 1
+    assert last["history"][1]["lr"] < 0.5 * 3e-3  # the first plan, not 50 epochs, set the first epoch's cosine
+    assert last["optimizer"]["param_groups"][0]["lr"] < 0.1 * 3e-3  # the last step's: near the schedule's end
+    assert "epoch 2 cut short, the last" in capsys.readouterr().out
 
 
 def test_a_time_budget_cuts_an_epoch_longer_than_the_whole_budget(tiny_demo, tmp_path, monkeypatch, capsys):
