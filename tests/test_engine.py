@@ -23,9 +23,7 @@ def torch_schedule(epochs, warmup, schedule, steps_per_epoch=1, base=0.1):
         else lr_scheduler.PolynomialLR(optimizer, total_iters=decay_steps, power=0.9)
     )
     if warmup:
-        ramp = lr_scheduler.LinearLR(
-            optimizer, start_factor=1 / (warmup + 1), end_factor=1, total_iters=warmup_steps
-        )
+        ramp = lr_scheduler.LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1, total_iters=warmup_steps)
         decay = lr_scheduler.SequentialLR(optimizer, [ramp, decay], milestones=[warmup_steps])
     lrs = []
     for _ in range(epochs * steps_per_epoch):

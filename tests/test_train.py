@@ -300,8 +300,6 @@ def test_a_time_budget_holds_when_later_epochs_run_slower(tiny_demo, tmp_path, m
     run plans again after each epoch, ends within the budget plus 3%, and its last epoch ends the schedule."""
     import time
 
-    from optimizer import scheduled_lr
-
     real_monotonic, slowed = time.monotonic, [0.0]
     monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() + slowed[0])
     real_epoch = train.Training.train_epoch
