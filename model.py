@@ -73,7 +73,7 @@ class Up(nn.Module):
         return self.block(torch.cat([self.up(x), skip], dim=1))
 
 
-DEFAULT_WIDTHS = (32, 64, 128, 256)  # channels per encoder level: the model's and train.py's default
+DEFAULT_WIDTHS = (16, 32, 64, 128)  # channels per encoder level: the model's and train.py's default (docs/results.md)
 
 
 class ResidualAttnUNet(nn.Module):

@@ -4,7 +4,7 @@ design's recipe that this repo's first defaults followed (one flag away: --prese
 from __future__ import annotations
 
 REFERENCE_WIDTHS = (64, 128, 256, 512)  # the reference design's encoder widths
-DEMO_SETTINGS = {"image_size": 96, "crop_size": 0, "widths": (16, 32, 64, 128), "epochs": 30, "batch_size": 16}
+DEMO_SETTINGS = {"image_size": 96, "crop_size": 0, "epochs": 10, "batch_size": 16}
 
 PRESETS = {
     "reference": {  # whole images squashed to 256 x 256, plain cross-entropy, Adam 1e-4 + cosine over 50 epochs

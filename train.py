@@ -7,7 +7,6 @@ and trains on that.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from dataclasses import replace
@@ -66,7 +65,7 @@ def replanned(
         seconds = validation.seconds if validation else None
         horizon = runtime.ddp.broadcast(budget.epochs_that_fit(epoch, train_seconds, seconds, val_every))
         if epoch == 1 or horizon != plan.horizon:
-            report.epochs = math.ceil(horizon - 1e-9)
+            report.epochs = Plan(horizon, val_every).epochs
             report.print(
                 f"--time-budget {budget.seconds / 60:g} min: {horizon:.4g} epochs fit (planned after epoch {epoch})"
             )

@@ -193,7 +193,7 @@ def add_model_flags(p: ArgumentParser) -> None:
     model.add_argument(
         "--lr",
         type=float_in(0, low_open=True),
-        default=1e-4,
+        default=1e-3,
         help="initial learning rate (reached after --warmup-epochs), then annealed by --schedule",
     )
     model.add_argument(
