@@ -169,9 +169,10 @@ def test_config_yaml_replays_the_run_and_typed_flags_override_it(trained_run, tm
     config = yaml.safe_load((trained_run / "config.yaml").read_text())
     assert config["epochs"] == 2 and config["widths"] == [4, 8, 16, 32] and "run_dir" not in config
     run_dir = tmp_path / "replay"
-    assert train.main(["--config", str(trained_run / "config.yaml"), "--run-dir", str(run_dir), "--epochs", "1"]) == 0
+    typed = ["--dist-timeout", "300"]  # typed over the file; (--epochs would change the schedule of every step)
+    assert train.main(["--config", str(trained_run / "config.yaml"), "--run-dir", str(run_dir), *typed]) == 0
     replayed = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert replayed == {**config, "epochs": 1}
+    assert replayed == {**config, "dist_timeout": 300} and config["dist_timeout"] != 300
     first, again = (load_checkpoint(d / "checkpoints" / "epoch_001.pt") for d in (trained_run, run_dir))
     assert again["history"][0]["train_loss"] == pytest.approx(first["history"][0]["train_loss"], rel=1e-6)
 
