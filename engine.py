@@ -119,7 +119,6 @@ def train_one_epoch(
 
     pace: each step's learning rate, and whether the epoch ends before the loader's end (the schedule's horizon or
     a time budget: stop.out_of_time tells the caller); None keeps the optimiser's rate for the whole epoch.
-
     time_first_step: say how long the first step took, which with --compile holds the compilation.
     report_data_wait: say how much of the epoch waited for the loader (see DataWait).
     """
@@ -139,8 +138,7 @@ def train_one_epoch(
         skipped.extend(line for s in skipped_here for line in s.splitlines())
         images, masks = finish_batch(pixels, masks, draws, colour=colour, runtime=runtime)
         if pace is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = pace.lr(steps - 1)
+            pace.set_lr(optimizer, steps - 1)
         step_started = time.perf_counter()
         update = steps % updates.accumulate == 0 or steps == len(loader)  # a short last group still steps
         loss = step(images, masks, update=update)

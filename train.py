@@ -64,12 +64,41 @@ def replanned(
     if budget is not None:
         seconds = validation.seconds if validation else None
         horizon = runtime.ddp.broadcast(budget.epochs_that_fit(epoch, train_seconds, seconds, val_every))
-        if epoch == 1 or horizon != plan.horizon:
-            report.epochs = Plan(horizon, val_every).epochs
-            report.print(
-                f"--time-budget {budget.seconds / 60:g} min: {horizon:.4g} epochs fit (planned after epoch {epoch})"
-            )
-    return Plan(horizon, val_every)
+    new_plan = Plan(horizon, val_every)
+    if budget is not None and (epoch == 1 or horizon != plan.horizon):
+        report.epochs = new_plan.epochs
+        report.print(
+            f"--time-budget {budget.seconds / 60:g} min: {horizon:.4g} epochs fit (planned after epoch {epoch})"
+        )
+    return new_plan
+
+
+def save_epoch(
+    training: Training,
+    report: Reporter,
+    early: EarlyStopping,
+    plan: Plan,
+    validation: Validation | None,
+    skipped: list[str],
+    *,
+    best_confusion: list[list[int]] | None,
+    history: list[dict],
+    settings: TrainSettings,
+    rules: DataSpec,
+) -> list[list[int]] | None:
+    """After an epoch (history[-1]): the best mIoU so far, the checkpoints (last.pt; best.pt where it improved; a
+    numbered one every --save-every epochs and at the end) with the flags as planned so far, the console line,
+    TensorBoard and results.csv. Returns the best validation's confusion matrix."""
+    epoch = history[-1]["epoch"]
+    improved = validation is not None and early.update(validation.metrics["miou"])
+    best_confusion = validation.matrix.matrix.cpu().tolist() if improved else best_confusion
+    numbered = epoch % settings.run.save_every == 0 or epoch == plan.epochs or early.should_stop
+    discovered = dict(in_channels=rules.reading.channels, normalize=rules.normalization.name)
+    flags = recorded_flags(settings, **discovered, epochs=plan.epochs, val_every=plan.val_every)
+    progress = dict(rules=rules, best_miou=early.best, best_confusion=best_confusion, history=history)
+    report.save(training.state(epoch=epoch, flags=flags, **progress), improved=improved, numbered=numbered)
+    report.epoch(history, validation, skipped, figures=numbered)
+    return best_confusion
 
 
 def fit(
@@ -96,8 +125,7 @@ def fit(
     pace = partial(EpochPace, steps=len(train_loader), optim=optim, runtime=runtime, budget=budget)
     images = len(train_loader) * samples.batch_size * runtime.ddp.world_size  # an epoch's, for images/s
     replan = partial(replanned, report=report, runtime=runtime)
-    discovered = dict(in_channels=rules.reading.channels, normalize=rules.normalization.name)
-    record_flags = partial(recorded_flags, settings, **discovered)
+    save = partial(save_epoch, training, report, early, history=history, settings=settings, rules=rules)
     epoch = start_epoch = history[-1]["epoch"] if history else 0
     with GracefulStop() as stop:
         while epoch < plan.epochs:
@@ -113,26 +141,17 @@ def fit(
             train_seconds = time.monotonic() - started
             if stop.requested:
                 return report.stopped(stop, report.during_epoch(epoch))
-            validation = validate(epoch=epoch) if plan.validates(epoch) else None
+            validation = validate(epoch=epoch) if epoch_pace.plan.validates(epoch) else None
             plan = replan(epoch_pace.plan, budget, epoch, train_seconds, validation, cut=stop.out_of_time)
             if validation is None and epoch == plan.epochs:  # a time budget made this epoch the last
                 validation = validate(epoch=epoch)
-            seconds = (train_seconds, time.monotonic() - started)
-            record = dict(
-                train_loss=train_loss, lr=epoch_pace.lr(0), seconds=seconds, images=images, validation=validation
+            pace_record = dict(seconds=(train_seconds, time.monotonic() - started), images=images)
+            history.append(
+                epoch_record(epoch, train_loss=train_loss, lr=epoch_pace.lr(0), validation=validation, **pace_record)
             )
-            history.append(epoch_record(epoch, **record))
-            improved = validation is not None and early.update(validation.metrics["miou"])
-            best_confusion = validation.matrix.matrix.cpu().tolist() if improved else best_confusion
-            numbered = epoch % settings.run.save_every == 0 or epoch == plan.epochs or early.should_stop
-            flags = record_flags(epochs=plan.epochs, val_every=plan.val_every)
-            progress = dict(rules=rules, best_miou=early.best, best_confusion=best_confusion, history=history)
-            report.save(training.state(epoch=epoch, flags=flags, **progress), improved=improved, numbered=numbered)
-            report.epoch(history, validation, skipped, figures=numbered)
-            if budget is not None:
-                budget.bookkeeping = (
-                    time.monotonic() - started - train_seconds - (validation.seconds if validation else 0)
-                )
+            best_confusion = save(plan, validation, skipped, best_confusion=best_confusion)
+            if budget is not None:  # what the epoch spent neither training nor validating: checkpoints, figures
+                budget.bookkeeping = time.monotonic() - started - train_seconds - getattr(validation, "seconds", 0)
             if stop.requested:
                 return report.stopped(stop, f"after epoch {epoch}")
             if early.should_stop:

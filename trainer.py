@@ -86,6 +86,10 @@ class EpochPace:
             done_epochs, base=optim.lr, epochs=self.plan.horizon, warmup=optim.warmup_epochs, schedule=optim.schedule
         )
 
+    def set_lr(self, optimizer: torch.optim.Optimizer, done: int) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr(done)
+
     def ends(self, seconds: float, done: int) -> bool:
         """After `done` steps, `seconds` into the epoch: whether the epoch ends here. The same on every rank: the
         first plan is rank 0's, and the budget's clock is agreed by GracefulStop.agreed."""
