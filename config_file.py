@@ -69,7 +69,9 @@ def config_file_argv(path: Path, parser: argparse.ArgumentParser) -> list[str]:
     return argv
 
 
-def write_config(values: dict, path: Path) -> None:
-    """A run's replayable flags (config.replay_values) as YAML, where --config reads them back."""
+def write_config(values: dict, path: Path, notes: list[str] = ()) -> None:
+    """A run's replayable flags (config.replay_values) as YAML, where --config reads them back; notes go above them
+    as comments, which a replay does not read."""
+    comments = "".join(f"# {line}\n" for line in notes)
     with replace_atomically(path) as tmp:
-        tmp.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+        tmp.write_text(comments + yaml.safe_dump(values, sort_keys=False), encoding="utf-8")

@@ -77,10 +77,11 @@ class Reporter:
         if self.active:
             print(*args, **kwargs)
 
-    def config(self, values: dict) -> None:
-        """config.yaml: the resolved flags (config.replay_values); `train.py --config` replays the run."""
+    def config(self, values: dict, chosen: list[str]) -> None:
+        """config.yaml: the resolved flags (config.replay_values), which `train.py --config` replays, under what
+        start-up chose and why (planner.startup_choices) as comments."""
         if self.active:
-            write_config(values, self.run_dir / "config.yaml")
+            write_config(values, self.run_dir / "config.yaml", ["start-up chose:", *chosen] if chosen else [])
 
     def epoch(self, history: list[dict], validation: Validation | None, skipped: list[str], *, figures: bool) -> None:
         """The console line, TensorBoard scalars and results.csv of the epoch just finished (history[-1]), and with

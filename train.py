@@ -18,6 +18,7 @@ from checkpoints import DataSpec
 from cli import run_cli
 from config import parse_args, replay_values
 from model import count_parameters
+from planner import startup_choices
 from records import epoch_record
 from reporter import Reporter, batch_text, input_text
 from settings import TrainSettings, recorded_flags
@@ -209,8 +210,11 @@ def train(settings: TrainSettings, checkpoint: dict | None, runtime: Runtime, *,
         f"{count_parameters(training.model) / 1e6:.2f} M parameters; "
         f"{runtime.describe()}; {batch}; {memory_note}"
     )
+    chosen = startup_choices(settings, rules, runtime, workers=loaders[0].num_workers)
+    if chosen:
+        report.print(f"start-up chose: {'; '.join(chosen)}")
     flags = recorded_flags(settings, in_channels=rules.reading.channels, normalize=rules.normalization.name)
-    report.config(replay_values(flags))
+    report.config(replay_values(flags), chosen)
     early = EarlyStopping(optim.early_stop, best=checkpoint["best_miou"] if checkpoint else -1.0)
     best_confusion = checkpoint.get("best_confusion") if checkpoint else None
     status = fit(

@@ -177,6 +177,24 @@ def test_config_yaml_replays_the_run_and_typed_flags_override_it(trained_run, tm
     assert again["history"][0]["train_loss"] == pytest.approx(first["history"][0]["train_loss"], rel=1e-6)
 
 
+def test_config_yaml_says_what_start_up_chose_and_why_above_the_values_it_chose(trained_run, tiny_demo, tmp_path):
+    import yaml
+
+    text = (trained_run / "config.yaml").read_text()
+    notes = [line[2:] for line in text.splitlines() if line.startswith("# ")]
+    config = yaml.safe_load(text)
+    assert notes[0] == "start-up chose:" and text.startswith("# start-up chose:\n")
+    assert f"in_channels {config['in_channels']} (the first training image's)" in notes
+    assert f"normalize {config['normalize']} (8-bit RGB photos)" in notes  # the tiny demo's PNGs are 8-bit RGB
+    assert sum(note.startswith(("device ", "precision ", "layout ")) for note in notes) == 3
+    assert not any(note.startswith(("workers ", "val_every ")) for note in notes)  # TINY_TRAIN_FLAGS type them
+    typed = ["--in-channels", "3", "--normalize", "imagenet", "--precision", "fp32", "--no-channels-last"]
+    typed += ["--device", "cpu", "--epochs", "1"]
+    run_dir = tmp_path / "typed"
+    assert train.main(["--data-root", str(tiny_demo), *TINY_TRAIN_FLAGS, *typed, "--run-dir", str(run_dir)]) == 0
+    assert not (run_dir / "config.yaml").read_text().startswith("#")  # nothing was left to start-up
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -248,6 +266,7 @@ def test_a_time_budget_plans_the_epochs_and_a_resume_keeps_them(tiny_demo, tmp_p
     cosine_over_3 = [scheduled_lr(done, base=3e-3, epochs=3) for done in (0, 1, 2)]  # each epoch's first step
     assert [h["lr"] for h in last["history"]] == pytest.approx(cosine_over_3)
     assert "epochs" not in yaml.safe_load((whole / "config.yaml").read_text())  # a replay fits its own epochs
+    assert "\n# epochs as many as fit in 0.5 min, to the step" in (whole / "config.yaml").read_text()
     monkeypatch.setattr(TimeBudget, "epochs_that_fit", lambda self, done, *timings: 8)
     resumed = tmp_path / "resumed"
     assert train.main(["--resume", str(whole / "checkpoints/epoch_001.pt"), "--run-dir", str(resumed)]) == 0

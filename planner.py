@@ -1,0 +1,53 @@
+"""What start-up chose for the settings left to it (auto, or no flag) and why: one printed line, and the same
+words as comments at the top of config.yaml, beside the values they chose (comments: a replay reads the values)."""
+
+from __future__ import annotations
+
+from checkpoints import DataSpec
+from settings import TrainSettings
+from stopping import VALIDATION_SHARE
+from trainer import FIRST_PLAN_STEP
+from utils import Runtime
+
+
+def precision_reason(runtime: Runtime) -> str:
+    if runtime.device.type == "cuda":
+        return "this GPU runs bf16" if runtime.precision == "bf16" else "this GPU has no bf16"
+    if runtime.precision == "bf16":
+        return "this CPU has native bf16 (AVX-512 BF16 or AMX)"
+    return "this CPU has no native bf16 (AVX-512 BF16 or AMX), where emulated bf16 is slower than fp32"
+
+
+def layout_reason(runtime: Runtime) -> str:
+    if runtime.channels_last:
+        return "channels_last (NHWC): the faster convolutions here"
+    return "NCHW: fp32 training on the CPU, where oneDNN's NHWC backward is slower"
+
+
+def startup_choices(settings: TrainSettings, rules: DataSpec, runtime: Runtime, workers: int) -> list[str]:
+    """One entry per setting that start-up chose, "name value (why)", in the order they were chosen."""
+    data, samples, optim, run = settings.data, settings.samples, settings.optim, settings.run
+    chosen = []
+    if run.device == "auto":
+        chosen.append(f"device {runtime.device.type} (a CUDA GPU where there is one, else Apple MPS, else the CPU)")
+    if run.precision == "auto":
+        chosen.append(f"precision {runtime.precision} ({precision_reason(runtime)})")
+    if run.channels_last is None:
+        chosen.append(f"layout {layout_reason(runtime)}")
+    if samples.workers == "auto":
+        why = "the training step fills every CPU core" if runtime.device.type != "cuda" else "one per free core"
+        chosen.append(f"workers {workers} ({why})")
+    if data.in_channels == "auto":
+        chosen.append(f"in_channels {rules.reading.channels} (the first training image's)")
+    if data.normalize == "auto":
+        name = rules.normalization.name
+        why = "8-bit RGB photos" if name == "imagenet" else "not 8-bit RGB: the training images' own mean and std"
+        chosen.append(f"normalize {name} ({why})")
+    if run.val_every == "auto":
+        chosen.append(f"val_every after the first validation (at most {VALIDATION_SHARE:.0%} of the run)")
+    if optim.time_budget:
+        chosen.append(
+            f"epochs as many as fit in {optim.time_budget:g} min, to the step (planned after {FIRST_PLAN_STEP} "
+            "steps, again after every epoch; the learning-rate schedule spans them)"
+        )
+    return chosen
