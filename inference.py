@@ -78,7 +78,7 @@ def get_args_parser() -> ArgumentParser:
         "confusion matrix)",
     )
     add_sampling_flags(p)
-    p.add_argument("--tta", action="store_true", help="average the softmax of the image and its horizontal flip")
+    p.add_argument("--tta", action="store_true", help="average the logits of the image and its horizontal flip")
     add_ema_flag(p)
     add_channel_flags(p)
     p.add_argument("--save-probs", action="store_true", help="also write per-class probabilities as float16 .npy")

@@ -1,5 +1,7 @@
 """A trained network as a function of whole images: uint8 images of any size -> labels (and class
 probabilities) at that size, computed in bands of rows so memory never grows with height x width x classes.
+Tiles, flips and resampling combine logits, as nnU-Net's sliding window does: labels are their argmax, and the
+softmax is computed only for a caller that asks for probabilities.
 
 Two ways to show an image to the network (MMSegmentation's test modes, nnU-Net's sliding window):
 - resize: squashed to the training square, as square-resize models were trained;
@@ -28,7 +30,7 @@ from onnx_model import OnnxModel
 from utils import PRECISION_DTYPES, Runtime
 
 MODES = ("resize", "slide")
-BAND_BYTES = 32 << 20  # float32 class probabilities held at the output size at once
+BAND_BYTES = 32 << 20  # float32 class logits held at the output size at once
 TILE_FACTOR = 2  # slide: tiles up to this many times the training crop wide; the network is fully convolutional
 TILE_OVERLAP = 1 / 16  # slide: at least this share of a tile side computed twice (nnU-Net: 1/2, MMSegmentation: 1/3)
 
@@ -159,10 +161,10 @@ def stack_pixels(images: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(images)
 
 
-def softmax_(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over classes (dim 1) in place: a pass's probabilities take no second copy of its logits."""
-    logits.sub_(logits.amax(1, keepdim=True)).exp_()
-    return logits.div_(logits.sum(1, keepdim=True))
+def softmax_(logits: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Softmax over classes (dim: 0 for a band, 1 for a batch) in place: no second copy of the logits."""
+    logits.sub_(logits.amax(dim, keepdim=True)).exp_()
+    return logits.div_(logits.sum(dim, keepdim=True))
 
 
 def band_rows(num_classes: int, width: int) -> int:
@@ -176,7 +178,7 @@ class Predictor:
     sampling: Sampling
     runtime: Runtime
     input_dtype: torch.dtype = torch.float32
-    tta: bool = False  # also average the horizontal flip's probabilities
+    tta: bool = False  # also average the horizontal flip's logits
     batch_size: int | None = None  # images per pass (resize), or tiles as many crops' pixels (slide); None: default
     normalize: Normalization = IMAGENET  # on the device, a batch at a time
     reading: ImageReading = RGB  # how files and arrays become the network's channels
@@ -272,14 +274,15 @@ class Predictor:
         return torch.from_numpy(input_array(image, self.reading)).permute(2, 0, 1)
 
     @torch.inference_mode()
-    def batch_probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, channels, h, w) pixels (uint8 or float) -> float32 softmax (B, classes, h, w) on the device."""
+    def batch_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, channels, h, w) pixels (uint8 or float) -> float32 logits (B, classes, h, w) on the device; with tta,
+        the mean of the image's and its horizontal flip's."""
         images = self.normalize(images.to(self.runtime.device, non_blocking=True))  # uint8: a quarter of float
         images = images.to(self.input_dtype, memory_format=self.runtime.memory_format)
-        probs = softmax_(self.network(images).float())
+        logits = self.network(images).float()
         if self.tta:
-            probs = probs.add_(softmax_(self.network(images.flip(-1)).flip(-1).float())).div_(2)
-        return probs
+            logits = logits.add_(self.network(images.flip(-1)).flip(-1).float()).mul_(0.5)
+        return logits
 
     @torch.inference_mode()
     def segment(
@@ -288,7 +291,8 @@ class Predictor:
         """(channels, H, W) images (uint8 or float pixels, image_io) -> (H, W) label indices on the CPU, each at its
         image's size.
 
-        on_band(image index, first row, probabilities (C, rows, W)) sees every band, for files or losses.
+        on_band(image index, first row, probabilities (C, rows, W)) sees every band, for files or losses; only then
+        is the softmax computed.
         """
         if not images:
             return []
@@ -304,18 +308,18 @@ class Predictor:
                 for top, band in resampler.push(chunk):
                     out[top : top + band.shape[1]] = band.max(0).indices.to(torch.uint8)  # max: argmax is slow
                     if on_band is not None:
-                        on_band(index, top, band)
+                        on_band(index, top, softmax_(band))  # in place: the band is not read again
             labels.append(out)
         return labels
 
     def _working_rows(self, images: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[Iterator]:
-        """Each image's probabilities at its working size, as chunks of rows in order (lazily when sliding)."""
+        """Each image's logits at its working size, as chunks of rows in order (lazily when sliding)."""
         scaled = [
             image if tuple(image.shape[-2:]) == size else TF.resize(image, list(size), antialias=True)
             for image, size in zip((im.to(self.runtime.device) for im in images), sizes, strict=True)
         ]
         if self.sampling.mode == "resize":
-            return [iter([probs]) for probs in self.batch_probabilities(stack_pixels(scaled))]
+            return [iter([logits]) for logits in self.batch_logits(stack_pixels(scaled))]
         return [self._slide(image) for image in scaled]
 
     def _slide(self, image: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -325,19 +329,19 @@ class Predictor:
         height, width = image.shape[-2:]
         tops, tile_h, lefts, tile_w = self.sampling.tile_grid(height, width)
         weight = gaussian_weights(tile_h, tile_w, image.device)
-        probs_sum = torch.zeros(self.mapping.num_classes, tile_h, width, device=image.device)
+        logits_sum = torch.zeros(self.mapping.num_classes, tile_h, width, device=image.device)
         weight_sum = torch.zeros(tile_h, width, device=image.device)
         per_pass = max(1, self.pass_size * self.sampling.image_size**2 // (tile_h * tile_w))
         for row, top in enumerate(tops):
             for start in range(0, len(lefts), per_pass):
                 chunk = lefts[start : start + per_pass]
                 tiles = torch.stack([image[:, top : top + tile_h, x : x + tile_w] for x in chunk])
-                for x, probs in zip(chunk, self.batch_probabilities(tiles).mul_(weight), strict=True):
-                    probs_sum[:, :, x : x + tile_w] += probs
+                for x, logits in zip(chunk, self.batch_logits(tiles).mul_(weight), strict=True):
+                    logits_sum[:, :, x : x + tile_w] += logits
                     weight_sum[:, x : x + tile_w] += weight
             done = (tops[row + 1] if row + 1 < len(tops) else height) - top
-            yield probs_sum[:, :done].div_(weight_sum[:done])
+            yield logits_sum[:, :done].div_(weight_sum[:done])
             kept = tile_h - done  # rows the next row of tiles adds to
-            probs_sum[:, :kept] = probs_sum[:, done:].clone() if kept > done else probs_sum[:, done:]
+            logits_sum[:, :kept] = logits_sum[:, done:].clone() if kept > done else logits_sum[:, done:]
             weight_sum[:kept] = weight_sum[done:].clone()
-            probs_sum[:, kept:], weight_sum[kept:] = 0, 0
+            logits_sum[:, kept:], weight_sum[kept:] = 0, 0

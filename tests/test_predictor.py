@@ -81,7 +81,7 @@ def test_slide_equals_the_whole_image_prediction_of_a_translation_equivariant_mo
     sampling = Sampling("slide", image_size=height, tile=tile, overlap=overlap)
     predictor = Predictor(pointwise_model(), MAPPING, sampling, CPU, batch_size=3)
     labels, probs = segment_with_probs(predictor, image)
-    whole = predictor.batch_probabilities(image[None])[0]
+    whole = F.softmax(predictor.batch_logits(image[None])[0], 0)
     torch.testing.assert_close(probs, whole, rtol=0, atol=1e-6)
     assert torch.equal(labels.long(), whole.argmax(0))
 
@@ -109,9 +109,28 @@ def test_the_in_place_softmax_equals_torch_softmax_and_uses_no_second_buffer():
     logits = torch.randn(3, 7, 5, 6, generator=torch.Generator().manual_seed(2)) * 30
     reference = F.softmax(logits, 1)
     address = logits.data_ptr()
-    probs = predictor_module.softmax_(logits)
+    probs = predictor_module.softmax_(logits, dim=1)
     torch.testing.assert_close(probs, reference, rtol=1e-6, atol=1e-7)
     assert probs.data_ptr() == address
+
+
+@pytest.mark.parametrize("mode", ["resize", "slide"])
+def test_labels_alone_take_no_softmax_and_probabilities_are_the_softmax_of_the_combined_logits(monkeypatch, mode):
+    """Tiles and flips combine logits: the labels are their argmax, so a caller that wants labels only (inference.py
+    without --save-probs) skips the softmax over every class of every pixel."""
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 4, 3, padding=1)
+    image = random_image(40, 64, seed=4)
+    predictor = Predictor(model, MAPPING, Sampling(mode, image_size=16, tile=16), CPU, tta=True)
+    labels, probs = segment_with_probs(predictor, image)
+    torch.testing.assert_close(probs.sum(0), torch.ones(40, 64))
+    assert torch.equal(labels.long(), probs.argmax(0))
+
+    def no_softmax(*args, **kwargs):
+        raise AssertionError("softmax computed for labels alone")
+
+    monkeypatch.setattr(predictor_module, "softmax_", no_softmax)
+    assert torch.equal(predictor.segment([image])[0], labels)
 
 
 def test_slide_differs_from_resize_where_the_model_sees_context():
