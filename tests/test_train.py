@@ -38,7 +38,7 @@ def test_training_writes_checkpoints_events_and_figures(trained_run):
 
 def test_the_logged_val_miou_equals_a_fresh_evaluation_of_the_checkpoint(trained_run, tiny_demo):
     """The metric in the logs is what the saved weights score at each image's original size: the model on the
-    resized image, its softmax upsampled whole with F.interpolate (not band by band), compared with the mask."""
+    resized image, its logits upsampled whole with F.interpolate (not band by band), compared with the mask."""
     import torch.nn.functional as F
     from torchvision.transforms.v2 import functional as TF
 
@@ -63,8 +63,8 @@ def test_the_logged_val_miou_equals_a_fresh_evaluation_of_the_checkpoint(trained
             image, mask = val[i]
             assert image.shape[-2:] == mask.shape == (48, 48)  # the original size, not the training square
             x = normalize(TF.resize(image, size, antialias=True))[None]
-            probs = model(x.contiguous(memory_format=torch.channels_last)).float().softmax(1)
-            full = F.interpolate(probs, size=mask.shape, mode="bilinear", align_corners=False)
+            logits = model(x.contiguous(memory_format=torch.channels_last)).float()
+            full = F.interpolate(logits, size=mask.shape, mode="bilinear", align_corners=False)
             matrix.update(full.argmax(1)[0], mask)
     assert matrix.compute()["miou"] == pytest.approx(state["history"][-1]["miou"], abs=1e-4)
 
@@ -184,15 +184,17 @@ def test_config_yaml_says_what_start_up_chose_and_why_above_the_values_it_chose(
     notes = [line[2:] for line in text.splitlines() if line.startswith("# ")]
     config = yaml.safe_load(text)
     assert notes[0] == "start-up chose:" and text.startswith("# start-up chose:\n")
-    assert f"in_channels {config['in_channels']} (the first training image's)" in notes
     assert f"normalize {config['normalize']} (8-bit RGB photos)" in notes  # the tiny demo's PNGs are 8-bit RGB
     assert sum(note.startswith(("device ", "precision ", "layout ")) for note in notes) == 3
-    assert not any(note.startswith(("workers ", "val_every ")) for note in notes)  # TINY_TRAIN_FLAGS type them
-    typed = ["--in-channels", "3", "--normalize", "imagenet", "--precision", "fp32", "--no-channels-last"]
-    typed += ["--device", "cpu", "--epochs", "1"]
+    assert not any(note.startswith(("workers ", "val_every ", "in_channels ")) for note in notes)  # typed, default
+    typed = ["--normalize", "imagenet", "--precision", "fp32", "--no-channels-last", "--device", "cpu"]
     run_dir = tmp_path / "typed"
-    assert train.main(["--data-root", str(tiny_demo), *TINY_TRAIN_FLAGS, *typed, "--run-dir", str(run_dir)]) == 0
-    assert not (run_dir / "config.yaml").read_text().startswith("#")  # nothing was left to start-up
+    flags = ["--data-root", str(tiny_demo), *TINY_TRAIN_FLAGS, *typed, "--epochs", "1", "--run-dir", str(run_dir)]
+    assert train.main([*flags, "--in-channels", "auto"]) == 0
+    text = (run_dir / "config.yaml").read_text()
+    comments = [line for line in text.splitlines() if line.startswith("#")]
+    assert comments == ["# start-up chose:", "# in_channels 3 (the first training image's)"]  # the rest was typed
+    assert yaml.safe_load(text)["in_channels"] == 3
 
 
 @pytest.mark.parametrize(
