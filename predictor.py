@@ -336,8 +336,8 @@ class Predictor:
             for start in range(0, len(lefts), per_pass):
                 chunk = lefts[start : start + per_pass]
                 tiles = torch.stack([image[:, top : top + tile_h, x : x + tile_w] for x in chunk])
-                for x, logits in zip(chunk, self.batch_logits(tiles).mul_(weight), strict=True):
-                    logits_sum[:, :, x : x + tile_w] += logits
+                for x, logits in zip(chunk, self.batch_logits(tiles), strict=True):
+                    logits_sum[:, :, x : x + tile_w].addcmul_(logits, weight)  # weighted and added in one pass
                     weight_sum[:, x : x + tile_w] += weight
             done = (tops[row + 1] if row + 1 < len(tops) else height) - top
             yield logits_sum[:, :done].div_(weight_sum[:done])
