@@ -296,7 +296,7 @@ def test_crop_geometry_is_torchvision_scale_crop_flips_and_rotation_pixel_for_pi
             steps += [v2.RandomRotation(15, fill=FILL)]
         torch.manual_seed(seed)
         expected = v2.Compose(steps)(image, mask)
-        ours = build_transforms(64, augment, crop=Crop(crop, base_size=base)).geometry
+        ours = build_transforms(64, augment, crop=Crop(crop, (0.5, 2.0), base_size=base)).geometry
         torch.manual_seed(seed)
         found = ours(image, mask)
         assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1]), (seed, height, width, crop)
