@@ -118,6 +118,13 @@ def loader_workers(requested: int | str, runtime: Runtime) -> int:
     return max(1, min(MAX_WORKERS_PER_GPU, cores - 1))
 
 
+def workers_reason(runtime: Runtime) -> str:
+    """Why loader_workers' auto chose what it did, for the start-up line."""
+    if runtime.device.type != "cuda":
+        return "the training step fills every CPU core"
+    return f"one per free core, at most {MAX_WORKERS_PER_GPU}"
+
+
 def as_lists(batch: list[tuple]) -> tuple[list, ...]:
     """Validation images keep their own sizes: a batch is lists, not stacked tensors."""
     return tuple(list(column) for column in zip(*batch, strict=True))

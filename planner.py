@@ -4,24 +4,11 @@ words as comments at the top of config.yaml, beside the values they chose (comme
 from __future__ import annotations
 
 from checkpoints import DataSpec
+from loaders import workers_reason
 from settings import TrainSettings
 from stopping import VALIDATION_SHARE
 from trainer import FIRST_PLAN_STEP
-from utils import Runtime
-
-
-def precision_reason(runtime: Runtime) -> str:
-    if runtime.device.type == "cuda":
-        return "this GPU runs bf16" if runtime.precision == "bf16" else "this GPU has no bf16"
-    if runtime.precision == "bf16":
-        return "this CPU has native bf16 (AVX-512 BF16 or AMX)"
-    return "this CPU has no native bf16 (AVX-512 BF16 or AMX), where emulated bf16 is slower than fp32"
-
-
-def layout_reason(runtime: Runtime) -> str:
-    if runtime.channels_last:
-        return "channels_last (NHWC): the faster convolutions here"
-    return "NCHW: fp32 training on the CPU, where oneDNN's NHWC backward is slower"
+from utils import Runtime, channels_last_reason, precision_reason
 
 
 def startup_choices(settings: TrainSettings, rules: DataSpec, runtime: Runtime, workers: int) -> list[str]:
@@ -31,12 +18,11 @@ def startup_choices(settings: TrainSettings, rules: DataSpec, runtime: Runtime, 
     if run.device == "auto":
         chosen.append(f"device {runtime.device.type} (a CUDA GPU where there is one, else Apple MPS, else the CPU)")
     if run.precision == "auto":
-        chosen.append(f"precision {runtime.precision} ({precision_reason(runtime)})")
+        chosen.append(f"precision {runtime.precision} ({precision_reason(runtime.precision, runtime.device)})")
     if run.channels_last is None:
-        chosen.append(f"layout {layout_reason(runtime)}")
+        chosen.append(f"layout {channels_last_reason(runtime.channels_last)}")
     if samples.workers == "auto":
-        why = "the training step fills every CPU core" if runtime.device.type != "cuda" else "one per free core"
-        chosen.append(f"workers {workers} ({why})")
+        chosen.append(f"workers {workers} ({workers_reason(runtime)})")
     if data.in_channels == "auto":
         chosen.append(f"in_channels {rules.reading.channels} (the first training image's)")
     if data.normalize == "auto":

@@ -161,10 +161,10 @@ def stack_pixels(images: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(images)
 
 
-def softmax_(logits: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Softmax over classes (dim: 0 for a band, 1 for a batch) in place: no second copy of the logits."""
-    logits.sub_(logits.amax(dim, keepdim=True)).exp_()
-    return logits.div_(logits.sum(dim, keepdim=True))
+def softmax_(band: torch.Tensor) -> torch.Tensor:
+    """Softmax over a band's classes (dim 0) in place: no second copy of the logits."""
+    band.sub_(band.amax(0, keepdim=True)).exp_()
+    return band.div_(band.sum(0, keepdim=True))
 
 
 def band_rows(num_classes: int, width: int) -> int:

@@ -168,6 +168,13 @@ def resolve_channels_last(device: torch.device, precision: str, training: bool) 
     return not (training and device.type == "cpu" and precision == "fp32")
 
 
+def channels_last_reason(channels_last: bool) -> str:
+    """Why resolve_channels_last chose what it did, for the start-up line."""
+    if channels_last:
+        return "channels_last (NHWC): the faster convolutions here"
+    return "NCHW: fp32 training on the CPU, where oneDNN's NHWC backward is slower"
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """auto: bf16 where the hardware runs it natively, fp32 elsewhere; fp16 only on CUDA."""
     if name == "auto":
@@ -177,6 +184,15 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA GPU (it relies on a GradScaler); use bf16 or fp32")
     return name
+
+
+def precision_reason(precision: str, device: torch.device) -> str:
+    """Why resolve_precision's auto chose what it did, for the start-up line."""
+    if device.type == "cuda":
+        return "this GPU runs bf16" if precision == "bf16" else "this GPU has no bf16"
+    if precision == "bf16":
+        return "this CPU has native bf16 (AVX-512 BF16 or AMX)"
+    return "this CPU has no native bf16 (AVX-512 BF16 or AMX), where emulated bf16 is slower than fp32"
 
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -2,7 +2,7 @@
 scored at full size by score_masks.py (foreground against background: any value > 0 is foreground).
 
     python peers/compare.py --sets data/real/phc data/real/bbbc007 data/real/gravel \\
-        --methods ours,smp,nnunet --seeds 0,1,2 --minutes 5 --out runs/peers
+        --methods ours,smp,nnunet,pytorch-unet --seeds 0,1,2 --minutes 5 --out runs/peers
 
 One run at a time, each in its own process: the 2-core machines this is run on slow down 10-40x when two torch
 jobs share them. Every run appends a row to OUT/results.csv (so an interrupted table keeps its rows); the table
@@ -49,7 +49,12 @@ def nnunet(data: Path, pred: Path, seed: int, minutes: float, extra: list[str]) 
     return [["bash", ROOT / "peers/nnunet_2d.sh", data, pred / "masks", minutes * 60]]
 
 
-METHODS = {"ours": ours, "smp": smp, "nnunet": nnunet}
+def pytorch_unet(data: Path, pred: Path, seed: int, minutes: float, extra: list[str]) -> list[list[str]]:
+    """Pytorch-UNet has no seed flag either (its split is seeded, its weights are not)."""
+    return [["bash", ROOT / "peers/pytorch_unet.sh", data, pred / "masks", round(minutes * 60)]]
+
+
+METHODS = {"ours": ours, "smp": smp, "nnunet": nnunet, "pytorch-unet": pytorch_unet}
 
 
 def run_one(method: str, data: Path, seed: int, minutes: float, out: Path, extra: list[str]) -> dict:

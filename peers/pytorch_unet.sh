@@ -1,0 +1,32 @@
+#!/bin/bash
+# A peer: milesial/Pytorch-UNet (commit 21d7850) with its own scripts and defaults (RMSprop 1e-5, batch 1, images
+# scaled by 0.5, cross-entropy + Dice, fp32, 10% of the training images held out for its own validation). It has no
+# time budget: its train.py runs under `timeout SECONDS` and the last epoch it saved predicts DATA_DIR/images/val
+# with its predict.py, as PRED_DIR/<stem>.png for score_masks.py. Its model takes 3 channels: it gets RGB copies.
+# usage: pytorch_unet.sh DATA_DIR PRED_DIR SECONDS
+# env: PEER_PU_REPO (default /tmp/pytorch-unet: a clone of https://github.com/milesial/Pytorch-UNet at 21d7850),
+#      PEER_PU_PYTHON (default /tmp/pu-venv/bin/python: peers/requirements-pytorch-unet.txt over the project's torch)
+set -o pipefail
+H=$(cd "$(dirname "$0")" && pwd)
+[ $# -eq 3 ] || { echo "usage: $0 DATA_DIR PRED_DIR SECONDS"; exit 2; }
+DATA=$(cd "$1" && pwd) || exit 2; mkdir -p "$2" || exit 2; PRED=$(cd "$2" && pwd); BUDGET=${3%.*}
+REPO=${PEER_PU_REPO:-/tmp/pytorch-unet}; PY=${PEER_PU_PYTHON:-/tmp/pu-venv/bin/python}
+[ "$(git -C "$REPO" rev-parse --short=7 HEAD 2>/dev/null)" = 21d7850 ] \
+  || { echo "peer Pytorch-UNet: $REPO is not a checkout of 21d7850 (see peers/README.md)"; exit 1; }
+
+# its scripts read ./data/imgs, ./data/masks and write ./checkpoints: a fresh folder per run, beside PRED_DIR
+W="$(dirname "$PRED")/pytorch-unet-work"; rm -rf "$W" && mkdir -p "$W" || exit 1
+cp -r "$REPO"/{train.py,predict.py,evaluate.py,unet,utils} "$W/" || exit 1
+python -c "import sys; sys.path.insert(0, '$H/..'); from pathlib import Path; from fetch_real_data import plain_unet_layout; plain_unet_layout(Path('$DATA'), Path('$W/data'))" \
+  || { echo "peer Pytorch-UNet: conversion failed"; exit 1; }
+
+cd "$W" || exit 1
+WANDB_MODE=disabled timeout "$BUDGET" "$PY" train.py --epochs 1000 > train.log 2>&1
+status=$?; [ $status -eq 124 ] || [ $status -eq 0 ] || { tail -5 train.log; echo "peer Pytorch-UNet: train.py failed"; exit 1; }
+last=$(ls checkpoints/*.pth 2>/dev/null | sort -V | tail -1)
+[ -n "$last" ] || { echo "peer Pytorch-UNet: no epoch finished in ${BUDGET} s"; exit 1; }
+inputs=(data/val/*); outputs=()
+for f in "${inputs[@]}"; do outputs+=("$PRED/$(basename "${f%.*}").png"); done
+"$PY" predict.py -m "$last" -i "${inputs[@]}" -o "${outputs[@]}" > predict.log 2>&1 \
+  || { tail -5 predict.log; echo "peer Pytorch-UNet: predict.py failed"; exit 1; }
+echo "peer Pytorch-UNet: predicted with $(basename "$last") ($(ls checkpoints | wc -l) epochs saved in $BUDGET s)"
