@@ -51,7 +51,7 @@ def nnunet(data: Path, pred: Path, seed: int, minutes: float, extra: list[str]) 
 
 def pytorch_unet(data: Path, pred: Path, seed: int, minutes: float, extra: list[str]) -> list[list[str]]:
     """Pytorch-UNet has no seed flag either (its split is seeded, its weights are not)."""
-    return [["bash", ROOT / "peers/pytorch_unet.sh", data, pred / "masks", round(minutes * 60)]]
+    return [["bash", ROOT / "peers/pytorch_unet.sh", data, pred / "masks", minutes * 60]]
 
 
 METHODS = {"ours": ours, "smp": smp, "nnunet": nnunet, "pytorch-unet": pytorch_unet}

@@ -9,7 +9,7 @@
 set -o pipefail
 H=$(cd "$(dirname "$0")" && pwd)
 [ $# -eq 3 ] || { echo "usage: $0 DATA_DIR PRED_DIR SECONDS"; exit 2; }
-DATA=$(cd "$1" && pwd) || exit 2; mkdir -p "$2" || exit 2; PRED=$(cd "$2" && pwd); BUDGET=${3%.*}
+DATA=$(cd "$1" && pwd) || exit 2; mkdir -p "$2" || exit 2; PRED=$(cd "$2" && pwd); BUDGET=$3
 REPO=${PEER_PU_REPO:-/tmp/pytorch-unet}; PY=${PEER_PU_PYTHON:-/tmp/pu-venv/bin/python}
 [ "$(git -C "$REPO" rev-parse --short=7 HEAD 2>/dev/null)" = 21d7850 ] \
   || { echo "peer Pytorch-UNet: $REPO is not a checkout of 21d7850 (see peers/README.md)"; exit 1; }
