@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+# sgd: nnU-Net's (Nesterov momentum 0.99; its recipe pairs it with --lr 1e-2 --schedule poly)
+OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": partial(torch.optim.SGD, momentum=0.99, nesterov=True),
+}
 
 
 SCHEDULES = ("cosine", "poly")
@@ -22,7 +28,7 @@ def build_optimizer(
     model: torch.nn.Module, lr: float, device: torch.device, *, name: str = "adam", weight_decay: float = 0.0
 ) -> torch.optim.Optimizer:
     """The reference design's Adam by default; the fused kernel where PyTorch has one. Weight decay (L2 for
-    adam, decoupled for adamw) applies to convolution weights only, never to biases, norms or the attention
+    adam and sgd, decoupled for adamw) applies to convolution weights only, never to biases, norms or the attention
     gate, as in timm and MMSegmentation."""
     params = list(model.parameters())
     groups = [{"params": params, "weight_decay": 0.0}]  # one group, as checkpoints of the reference recipe hold

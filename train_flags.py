@@ -207,12 +207,17 @@ def add_model_flags(p: ArgumentParser) -> None:
 def add_recipe_flags(p: ArgumentParser) -> None:
     """The knobs segmentation papers turn; each off by default, so the reference recipe (Adam, cosine) stays."""
     recipe = p.add_argument_group("training recipe (defaults: the reference design's Adam + cosine)")
-    recipe.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adam")
+    recipe.add_argument(
+        "--optimizer",
+        choices=tuple(OPTIMIZERS),
+        default="adam",
+        help="sgd: nnU-Net's, Nesterov momentum 0.99 (its recipe: --lr 1e-2 --schedule poly)",
+    )
     recipe.add_argument(
         "--weight-decay",
         type=float_in(0),
         default=0.0,
-        help="on convolution weights only (adam: L2, adamw: decoupled)",
+        help="on convolution weights only (adam, sgd: L2; adamw: decoupled)",
     )
     recipe.add_argument("--warmup-epochs", type=non_negative_int, default=0, help="linear warmup to --lr over N epochs")
     recipe.add_argument(

@@ -62,6 +62,24 @@ def test_weight_decay_reaches_convolution_weights_only():
     assert len(build_optimizer(model, 1e-3, torch.device("cpu")).param_groups) == 1  # the reference recipe's
 
 
+def test_sgd_is_nnunets_nesterov_momentum_and_steps_as_torchs_sgd_does():
+    """Two steps of build_optimizer's sgd against torch.optim.SGD(momentum=0.99, nesterov=True) on a copy."""
+    ours, reference = conv_model(), conv_model()
+    optimizer = build_optimizer(ours, 1e-2, torch.device("cpu"), name="sgd", weight_decay=3e-5)
+    decay = [p for p in reference.parameters() if p.ndim > 1], [p for p in reference.parameters() if p.ndim <= 1]
+    groups = [{"params": decay[0], "weight_decay": 3e-5}, {"params": decay[1], "weight_decay": 0.0}]
+    expected = torch.optim.SGD(groups, lr=1e-2, momentum=0.99, nesterov=True)
+    images, masks = batch()
+    for model, opt in ((ours, optimizer), (reference, expected)):
+        for _ in range(2):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(images), masks).backward()
+            opt.step()
+    assert isinstance(optimizer, torch.optim.SGD)
+    for mine, theirs in zip(ours.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs)
+
+
 def conv_model(seed=0):
     """No BatchNorm: batch statistics would make micro-batches differ from the whole batch."""
     torch.manual_seed(seed)

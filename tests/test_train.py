@@ -203,7 +203,7 @@ def test_config_yaml_says_what_start_up_chose_and_why_above_the_values_it_chose(
         ("epoch: 3\n", "unknown key 'epoch'"),
         ("epochs: many\n", "epochs: 'many' is not a positive integer"),
         ("compile: 1\n", "compile: 1 is not true or false"),
-        ("optimizer: sgd\n", "optimizer: 'sgd' is not one of adam, adamw"),
+        ("optimizer: rmsprop\n", "optimizer: 'rmsprop' is not one of adam, adamw, sgd"),
         ("scale_range: 0.5\n", "scale_range: 0.5 is not what --scale-range takes"),
         ("- epochs\n", "expected flag names and values"),
         ("epochs: [1\n", "not a YAML file"),
