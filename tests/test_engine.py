@@ -66,8 +66,9 @@ def test_sgd_is_nnunets_nesterov_momentum_and_steps_as_torchs_sgd_does():
     """Two steps of build_optimizer's sgd against torch.optim.SGD(momentum=0.99, nesterov=True) on a copy."""
     ours, reference = conv_model(), conv_model()
     optimizer = build_optimizer(ours, 1e-2, torch.device("cpu"), name="sgd", weight_decay=3e-5)
-    decay = [p for p in reference.parameters() if p.ndim > 1], [p for p in reference.parameters() if p.ndim <= 1]
-    groups = [{"params": decay[0], "weight_decay": 3e-5}, {"params": decay[1], "weight_decay": 0.0}]
+    convolutions = [p for p in reference.parameters() if p.ndim > 1]
+    biases = [p for p in reference.parameters() if p.ndim <= 1]
+    groups = [{"params": convolutions, "weight_decay": 3e-5}, {"params": biases, "weight_decay": 0.0}]
     expected = torch.optim.SGD(groups, lr=1e-2, momentum=0.99, nesterov=True)
     images, masks = batch()
     for model, opt in ((ours, optimizer), (reference, expected)):
