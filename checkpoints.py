@@ -10,7 +10,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from errors import CheckpointError, MissingCheckpoint
-from files import replace_atomically
+from files import replace_atomically, require_file
 from image_io import ImageReading
 from intensity import Normalization
 from labels import LabelMapping
@@ -91,8 +91,7 @@ def save_checkpoint(state: dict, path: Path) -> None:
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
     """weights_only=True: a checkpoint from elsewhere can hold tensors and plain data, never code."""
-    if not path.is_file():
-        raise MissingCheckpoint(f"{path}: no such checkpoint file")
+    require_file(path, "checkpoint file", CheckpointError, MissingCheckpoint)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for truncated, foreign or unsafe files

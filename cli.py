@@ -8,7 +8,7 @@ import math
 import sys
 from collections.abc import Callable
 
-from errors import UserError
+from errors import UserError, one_line
 from image_io import MAX_MASK_VALUE
 
 
@@ -41,15 +41,16 @@ def printable_output() -> None:
 
 
 def run_cli(main: Callable[[], int | None]) -> int:
-    """Run a script's main(); user mistakes become one line on stderr and exit status 2."""
+    """Run a script's main(); user mistakes, and what the file system refuses (OSError: a link loop, a full disk),
+    become one line on stderr and exit status 2."""
     printable_output()
     try:
         return main() or 0
-    except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as err:
+    except (UserError, OSError) as err:
         message = str(err).strip()
         if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep its last line
             message = message.splitlines()[-1].split(": ", 1)[-1]
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(message)}", file=sys.stderr)
         return 2
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from coco_groups import CATEGORY_GROUP, GROUP_MEMBERS, GROUP_PRIORITY
 from errors import CocoError
-from files import refuse_inside, replace_atomically, require_folder
+from files import not_a_file, refuse_inside, replace_atomically, require_file, require_folder
 from image_io import DEFAULT_MAX_PIXELS
 from labels import IGNORE_INDEX
 from utils import PALETTE
@@ -70,8 +71,7 @@ class Summary:
 
 
 def load_coco(path: Path) -> dict:
-    if not path.is_file():
-        raise CocoError(f"{path}: no such annotations file" if not path.exists() else f"{path}: is not a file")
+    require_file(path, "annotations file", CocoError, CocoError)
     try:
         data = json.loads(path.read_text())
     except (UnicodeDecodeError, ValueError) as err:
@@ -268,6 +268,8 @@ def _render_one(task: RenderTask) -> tuple[str, int, Counter, str | None]:
     if task.height * task.width > task.max_pixels:
         return task.image_path.name, 0, Counter(), "oversized"
     try:
+        if not_a_file(task.image_path):  # a FIFO or device would block the header's read
+            raise OSError(task.image_path)
         Image.open(task.image_path).close()  # reads the header only: the image is checked, never decoded
     except (OSError, SyntaxError):
         return task.image_path.name, 0, Counter(), "missing"
@@ -294,8 +296,8 @@ def prepare_masks(
     refuse_inside(output_dir, images_dir, f"{output_dir}: must not be inside the images folder {images_dir}")
     coco = load_coco(annotations_file)
     table = class_table(coco["categories"], mode, categories)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "classes.json").write_text(json.dumps(table.to_json(mode), indent=1))
+    with replace_atomically(output_dir / "classes.json") as tmp:
+        tmp.write_text(json.dumps(table.to_json(mode), indent=1))
     by_image: dict[int, list[dict]] = {}
     summary = Summary()
     for ann in coco["annotations"]:
@@ -344,7 +346,7 @@ def cached_masks(annotations: Path, images: Path, mode: str, *, max_pixels: int 
     """Masks rendered from a COCO file once, under COCO_CACHE, keyed on the file, its images and the mode."""
     stat = annotations.stat() if annotations.is_file() else None
     key = hashlib.sha256(
-        f"{annotations.resolve()}|{images.resolve()}|{mode}|"
+        f"{os.path.realpath(annotations)}|{os.path.realpath(images)}|{mode}|"
         f"{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode()
     ).hexdigest()[:12]
     masks = COCO_CACHE / f"{annotations.stem}-{mode}-{key}"

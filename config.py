@@ -5,6 +5,7 @@ parser's defaults."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -132,7 +133,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainSettings, dict | Non
         raise UserError("--epochs and --time-budget: give one (a time budget sets the epochs)")
     check_crop_flags(args, parser)
     if args.run_dir is None:
-        name = DEMO_ROOTS[args.demo_style].name if args.demo else (args.data_root or args.train_images).resolve().name
+        data = DEMO_ROOTS[args.demo_style] if args.demo else Path(os.path.realpath(args.data_root or args.train_images))
+        name = data.name
         args.run_dir = Path("runs") / f"{printable(name)}-{time.strftime('%Y%m%d-%H%M%S')}"
     if printable(str(args.run_dir)) != str(args.run_dir):
         raise UserError(f"--run-dir {args.run_dir}: not a UTF-8 name, which TensorBoard's event files need")

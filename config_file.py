@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from errors import UserError
-from files import replace_atomically
+from files import not_a_file, replace_atomically
 from utils import first_line
 
 NOT_REPLAYED = ("config", "resume", "run_dir")  # a replayed config starts a new run in a new folder
@@ -51,6 +51,9 @@ def config_value_tokens(action: argparse.Action, value, where: str) -> list[str]
 def config_file_argv(path: Path, parser: argparse.ArgumentParser) -> list[str]:
     """A YAML file of flags (a run's config.yaml) as the command line that sets them; unknown keys and values
     of the wrong type are one-line errors naming the file and the key."""
+    problem = not_a_file(path)
+    if problem:
+        raise UserError(f"{path}: {problem}, not a regular file (--config)")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as err:

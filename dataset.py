@@ -19,6 +19,7 @@ from image_io import (
     align_mask,
     conversion_for,
     first_readable,
+    image_listing,
     list_images,
     probe_image,
     read_image,
@@ -54,7 +55,7 @@ def choose_reading(
 ) -> tuple[ImageReading, str]:
     """--in-channels auto and --normalize auto resolved from the first image's header, which must fit the model:
     one line now rather than every sample skipped later. Returns the reading rule and the normalisation's name."""
-    images = list_images(images_dir)
+    images = image_listing(images_dir).files  # pair_files names what is left out
     first = first_readable(images, page)  # None for an empty folder: the dataset will say so
     if first is None and images:
         probe_image(images[0], page)  # nothing readable (say, a --tiff-page past every file's end): say why

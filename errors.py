@@ -3,9 +3,21 @@ with status 2 (cli.run_cli). Each is also the standard type a Python caller catc
 shapes and files whose content cannot be used, OSError for files that cannot be read or written,
 FileNotFoundError for paths that do not exist."""
 
+# Control characters (a newline in a file name, say) shown as escapes, so a message naming any file stays one line.
+_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+def one_line(text: str) -> str:
+    """text with its control characters escaped (a file may be named "a\\nb.png"): one line however it was built."""
+    return text.translate(_ESCAPES)
+
 
 class UserError(Exception):
-    """A mistake in flags, paths or files: reported as one line on stderr with exit status 2."""
+    """A mistake in flags, paths or files: reported as one line on stderr with exit status 2. The message is one
+    line whatever the names in it hold (one_line)."""
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class WriteError(UserError, OSError):

@@ -18,7 +18,7 @@ from checkpoints import DataSpec, default_checkpoint, inference_network, load_ch
 from cli import ArgumentParser, add_ema_flag, positive_int, run_cli
 from demo import DEMO_ROOTS
 from errors import BadSampleError, OnnxError, UserError
-from files import replace_atomically, require_folder
+from files import check_writable_folder, replace_atomically, require_folder
 from image_io import ImageReading, list_images, read_image
 from onnx_model import OnnxModel, compare_networks, export_metadata, export_network
 from predictor import Sampling, stack_pixels
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or checkpoint.with_suffix(".onnx")
     if output.exists() and not args.overwrite:
         raise UserError(f"{output}: already exists; pass --overwrite to replace it")
+    check_writable_folder(output.parent, "--output")
     state = load_checkpoint(checkpoint)
     model = inference_network(state, checkpoint, ema=args.ema)
     flags, rules = training_flags(state), DataSpec.from_state(state)

@@ -28,6 +28,7 @@ import tifffile
 from PIL import Image
 
 from cli import ArgumentParser, run_cli
+from files import check_writable_folder, replace_atomically
 from image_io import list_images
 
 PACKAGES = {
@@ -88,10 +89,11 @@ def convert(files: list[Path], name: str, out: Path) -> int:
         foreground = (tifffile.imread(labels[image.stem]) > 0).astype(np.uint8)
         stem = image.stem.replace(" ", "_")
         for kind, array in (("images", pixels), ("masks", foreground)):
-            (out / name / kind / split).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(array).save(out / name / kind / split / f"{stem}.png")
+            with replace_atomically(out / name / kind / split / f"{stem}.png") as tmp:
+                Image.fromarray(array).save(tmp, format="PNG")
         pairs += 1
-    (out / name / "masks" / "train" / "classes.json").write_text('{"0": "background", "1": "foreground"}\n')
+    with replace_atomically(out / name / "masks" / "train" / "classes.json") as tmp:
+        tmp.write_text('{"0": "background", "1": "foreground"}\n')
     return pairs
 
 
@@ -103,7 +105,8 @@ def plain_unet_layout(folder: Path, dest: Path) -> None:
         (dest / target).mkdir(parents=True, exist_ok=True)
         for path in list_images(folder / kind / split):
             image = Image.open(path)
-            (image.convert("RGB") if kind == "images" else image).save(dest / target / path.name)
+            with replace_atomically(dest / target / path.name) as tmp:
+                (image.convert("RGB") if kind == "images" else image).save(tmp, format="PNG")
 
 
 def get_args_parser() -> ArgumentParser:
@@ -120,6 +123,9 @@ def get_args_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    check_writable_folder(args.out, "--out")
+    if args.plain_unet:
+        check_writable_folder(args.plain_unet, "--plain-unet")
     with tempfile.TemporaryDirectory() as tmp:
         for name, (requirement, prefix) in PACKAGES.items():
             archive = download(requirement, Path(tmp) / name)

@@ -3,7 +3,9 @@ PIL mode; TIFF stacks of any channel count and type through tifffile), masks as 
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,6 +15,9 @@ from PIL import Image
 
 from errors import BadSampleError, ChannelMismatch, MissingFile, UnreadableFile
 from fast_decode import fast_pixels
+from files import not_a_file
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 TIFF_EXTENSIONS = {".tif", ".tiff"}
@@ -65,16 +70,80 @@ class ImageInfo:
     width: int
 
 
+@dataclass(frozen=True)
+class Listing:
+    """A folder's image files, and the entries named like images that are no files (link loops, dangling links,
+    folders, FIFOs, devices), each with what it is: skipped, never opened."""
+
+    files: list[Path]
+    not_files: list[tuple[Path, str]]
+
+    def warn(self, folder: Path) -> None:
+        """One line for the entries left out, naming the first few."""
+        if self.not_files:
+            named = "; ".join(f"{path.name}: {why}" for path, why in self.not_files[:3])
+            count = len(self.not_files)
+            log.warning("%s: %d entries named like images are no files, skipped (%s)", folder, count, named)
+
+
+def image_listing(folder: Path, recursive: bool = False) -> Listing:
+    """The image files in folder (and its subfolders, each entered once however links loop), in Path order.
+    Directory entries know their type without a stat each, and names sort as strings: a COCO-size folder lists in
+    well under a second. Symbolic links are followed to what they name."""
+    files, not_files = [], []
+    for top, names in _folders(folder, recursive):
+        for name, mode in names:
+            path = os.path.join(top, name)
+            problem = not_a_file(path, mode)
+            if problem:
+                not_files.append((Path(path), problem))
+            else:
+                files.append(path)
+    files.sort(key=lambda name: name.split(os.sep))  # one folder: the names' order is Path's
+    return Listing([Path(name) for name in files], not_files)
+
+
+def _folders(folder: Path, recursive: bool):
+    """(folder, [(image name, st_mode or None)]) for folder and, if recursive, each folder below it once. A mode is
+    known without a stat for plain files (the entry's type); links and odd entries are left to not_a_file."""
+    seen, todo = set(), [str(folder)]
+    while todo:
+        top = todo.pop()
+        try:
+            found = os.stat(top)
+            identity = (found.st_dev, found.st_ino)
+            if identity in seen:
+                continue
+            seen.add(identity)
+            with os.scandir(top) as entries:
+                entries = list(entries)
+        except OSError as err:
+            if top == str(folder):
+                raise
+            log.warning("%s: folder not read (%s)", top, err.strerror or err)
+            continue
+        names = []
+        for entry in entries:
+            plain = entry.is_file(follow_symlinks=False)  # no stat: the entry's type
+            if recursive and not plain and _is_folder(entry):
+                todo.append(entry.path)
+            elif is_image_name(entry.name):
+                names.append((entry.name, stat.S_IFREG if plain else None))
+        yield top, names
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link loop
+        return False
+
+
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
-    """The image files in folder (and its subfolders), in Path order. Directory entries know their type without a
-    stat each, and names sort as strings: a COCO-size folder lists in well under a second."""
-    if recursive:
-        names = [os.path.join(top, name) for top, _, files in os.walk(folder, followlinks=True) for name in files]
-        images = [name for name in names if os.path.isfile(name) and is_image_name(name)]
-        return [Path(name) for name in sorted(images, key=lambda name: name.split(os.sep))]
-    with os.scandir(folder) as entries:
-        images = sorted(entry.name for entry in entries if entry.is_file() and is_image_name(entry.name))
-    return [folder / name for name in images]  # one folder: the names' order is Path's
+    """image_listing's files; the entries that are no files are named in one warning."""
+    listing = image_listing(folder, recursive)
+    listing.warn(folder)
+    return listing.files
 
 
 def is_image_name(name: str) -> bool:
@@ -96,9 +165,18 @@ def unreadable(path: Path, kind: str, err: Exception | str) -> UnreadableFile:
     return UnreadableFile(f"{path}: unreadable {kind} ({err})")
 
 
+def require_file(path: Path, kind: str) -> None:
+    """An UnreadableFile for a path that is no file (files.not_a_file) before anything opens it: a FIFO or a device
+    named like an image would block a reader or never end."""
+    problem = not_a_file(path)
+    if problem:
+        raise unreadable(path, kind, problem)
+
+
 def _decode(path: Path, max_pixels: int, kind: str) -> tuple[Image.Image, np.ndarray | None]:
     """Opens the file, checks the size its header gives, and only then decodes the pixels: with TorchCodec where it
     can (the pixels are returned beside the image's header), else into the PIL image (None beside it)."""
+    require_file(path, kind)
     try:
         with Image.open(path) as image:
             check_pixels(path, image.width, image.height, max_pixels, kind)
@@ -305,6 +383,7 @@ def _read_tiff(tif: tifffile.TiffFile, path: Path, reading: ImageReading, max_pi
 
 def _tiff_file(path: Path) -> tifffile.TiffFile | None:
     """The open file where tifffile should read it; None for colour models PIL reads as photos."""
+    require_file(path, "image")
     try:
         tif = tifffile.TiffFile(path)
     except TIFF_ERRORS as err:
@@ -350,6 +429,7 @@ def probe_image(path: Path, page: int = 0) -> ImageInfo:
     if tif is not None:
         with tif:
             return locate_tiff_image(tif, page, path).info
+    require_file(path, "image")
     try:
         with Image.open(path) as image:
             grey = image.mode in GREY_MODES

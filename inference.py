@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from cli import (
     run_cli,
 )
 from errors import UserError
-from files import refuse_inside, require_folder
+from files import check_writable_folder, refuse_inside, require_folder
 from image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, conversion_for, first_readable, list_images
 from predictions import Outputs, segment_folder
 from predictor import MODES, Predictor
@@ -113,9 +114,9 @@ def find_inputs(input_dir: Path, recursive: bool) -> list[Path]:
 
 def resolve_output_dir(args: argparse.Namespace, model_file: Path) -> Path:
     """Default: <run>/predictions/<input folder> for a model file in <run>/checkpoints, else beside the file."""
-    folder = model_file.resolve().parent
+    folder = Path(os.path.realpath(model_file)).parent
     run = folder.parent if folder.name == "checkpoints" else folder
-    output = args.output_dir or run / "predictions" / args.input_dir.resolve().name
+    output = args.output_dir or run / "predictions" / Path(os.path.realpath(args.input_dir)).name
     refuse_inside(
         output,
         args.input_dir,
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     model_file = args.onnx or args.checkpoint or default_checkpoint()
     predictor = load_predictor(args, model_file)
     check_channels(inputs, predictor, args.display_channel)
-    output_dir = resolve_output_dir(args, model_file)
+    output_dir = check_writable_folder(resolve_output_dir(args, model_file), "--output_dir")
     outputs = Outputs(output_dir, save_probs=args.save_probs, display_channel=args.display_channel)
     keep_freed_cpu_memory(predictor.runtime.device)
     sampling = predictor.sampling

@@ -13,6 +13,7 @@ import torch
 
 from checkpoints import DataSpec, format_problem, training_flags
 from errors import MissingOnnx, OnnxError
+from files import require_file
 from image_io import ImageReading
 from intensity import Normalization
 from labels import LabelMapping
@@ -71,8 +72,7 @@ class OnnxModel:
 
     @classmethod
     def open(cls, path: Path, providers: list[str] | None = None) -> OnnxModel:
-        if not path.is_file():
-            raise MissingOnnx(f"{path}: no such ONNX file")
+        require_file(path, "ONNX file", OnnxError, MissingOnnx)
         try:
             session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own types for truncated, foreign and invalid files

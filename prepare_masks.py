@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cli import ArgumentParser, non_negative_int, positive_int, run_cli
 from coco import MODES, prepare_masks
+from files import check_writable_folder
 from image_io import DEFAULT_MAX_PIXELS
 
 
@@ -51,6 +52,7 @@ def get_args_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    check_writable_folder(args.output_dir, "--output_dir")
     categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
     summary = prepare_masks(
         args.images_dir,

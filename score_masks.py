@@ -21,7 +21,7 @@ import torch
 from cli import ArgumentParser, mask_value_type, run_cli
 from errors import UserError
 from files import require_folder
-from image_io import list_images, read_mask
+from image_io import image_listing, list_images, read_mask
 from labels import IGNORE_INDEX
 from metrics import ConfusionMatrix
 from records import class_report, format_report
@@ -41,7 +41,11 @@ def get_args_parser() -> ArgumentParser:
 def paired_masks(pred_dir: Path, truth_dir: Path) -> list[tuple[Path, Path]]:
     """(prediction, truth) per true mask; a true mask without a prediction is an error, not a skipped image."""
     predictions = {p.stem: p for p in list_images(require_folder(pred_dir, "--pred"))}
-    truths = list_images(require_folder(truth_dir, "--truth"))
+    truths = image_listing(require_folder(truth_dir, "--truth"))
+    if truths.not_files:  # every true mask is scored or the score is refused
+        path, problem = truths.not_files[0]
+        raise UserError(f"{path}: {problem}, not a mask file (--truth)")
+    truths = truths.files
     if not truths:
         raise UserError(f"{truth_dir}: no masks to score against (--truth)")
     missing = [t.name for t in truths if t.stem not in predictions]

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from checkpoints import DataSpec
 from cli import run_cli
 from config import parse_args, replay_values
+from files import check_writable_folder
 from model import count_parameters
 from planner import startup_choices
 from records import epoch_record
@@ -183,6 +184,8 @@ def train(settings: TrainSettings, checkpoint: dict | None, runtime: Runtime, *,
     data, samples, optim, run = settings.data, settings.samples, settings.optim, settings.run
     if not runtime.ddp.is_main:
         logging.getLogger().setLevel(logging.ERROR)
+    else:
+        check_writable_folder(run.run_dir, "--run-dir")
     keep_freed_cpu_memory(runtime.device)
     seed_everything(run.seed)
     train_set, val_set = prepare_data(settings, checkpoint, runtime)

@@ -2,8 +2,12 @@
 of file (training, inference, export's self-check, the Python API for images; training, score_masks.py and
 prepare_masks.py for masks and COCO names), so a new reader cannot reopen a case an old one handles.
 
-Each case says what its file is: "read" (a usable file under an awkward name: used like any other) or "bad"
-(named in one line, skipped where a folder is read, raised as a standard exception type by the API).
+Each case says what its file is: "read" (a usable file under an awkward name: used like any other), "bad"
+(named in one line, skipped where a folder is read, raised as a standard exception type by the API) or "no file"
+(an entry named like an image that is no file: a link loop, a dangling link, a folder, a FIFO, a device; left out of
+a folder's listing with one warning that names it, never opened, raised as a bad file by the API). Every test runs
+under a timer, so an entry that blocks a reader (a FIFO opened for reading waits for ever) fails it instead of
+hanging the suite.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import json
 import os
 import re
 import shutil
+import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +32,7 @@ import prepare_masks
 import score_masks
 import train
 from conftest import TINY_TRAIN_FLAGS, run_in_process
+from errors import one_line
 from files import printable
 from predictor import Predictor
 from test_hostile_inputs import png_claiming
@@ -54,43 +61,104 @@ PHOTO = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
 MASK = np.zeros((48, 48), np.uint8)
 MASK[10:30, 12:40] = 1
 
-# name on disk (bytes: not every name is valid UTF-8) -> (the file's bytes, or None for a folder; what it is)
+
+def symlink_loop(path: Path) -> None:
+    path.symlink_to(path.name)
+
+
+def dangling_link(path: Path) -> None:
+    path.symlink_to("nothing-here")
+
+
+def link_to_folder(path: Path) -> None:
+    (path.parent / "a-folder").mkdir(exist_ok=True)
+    path.symlink_to("a-folder")
+
+
+def fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def link_to_a_device(path: Path) -> None:
+    path.symlink_to("/dev/zero")  # a reader that opened it would read zeros for ever
+
+
+# Entries that are no files, made by a function of their path.
+NO_FILES = {
+    "symlink_loop": (b"zz_loop.png", symlink_loop, "no file"),
+    "dangling_link": (b"zz_dangling.png", dangling_link, "no file"),
+    "link_to_a_folder": (b"zz_dirlink.png", link_to_folder, "no file"),
+    "fifo": (b"zz_fifo.png", fifo, "no file"),
+    "link_to_a_device": (b"zz_zero.png", link_to_a_device, "no file"),
+}
+
+# name on disk (bytes: not every name is valid UTF-8) -> (the file's bytes, None for a folder, or a function that
+# makes the entry; what it is)
 HOSTILE_IMAGES = {
     "latin1_name": (b"caf\xe9.png", png_bytes(PHOTO), "read"),
     "invalid_utf8_name": (b"bad\xff_y.jpg", jpeg_bytes(PHOTO), "read"),
+    "leading_dash_name": (b"-dash.png", png_bytes(PHOTO), "read"),
+    "newline_name": (b"new\nline.jpg", jpeg_bytes(PHOTO), "read"),
     "broken_under_latin1_name": (b"bro\xefken.jpg", b"not a jpeg", "bad"),
+    "broken_under_newline_name": (b"bro\nken.jpg", b"not a jpeg", "bad"),
     "empty_file": (b"zz_empty.png", b"", "bad"),
     "truncated_jpeg": (b"zz_cut.jpg", jpeg_bytes(PHOTO)[:300], "bad"),
     "text_named_png": (b"zz_text.png", b"hello, world\n", "bad"),
     "decompression_bomb": (b"zz_bomb.png", png_claiming(20000, 20000), "bad"),
     "nan_only_tiff": (b"zz_nan.tif", tiff_bytes(np.full((48, 48), np.nan, np.float32)), "bad"),
     "seven_channels": (b"zz_seven.tif", tiff_bytes(np.zeros((48, 48, 7), np.uint8)), "bad"),
-    "folder_named_png": (b"zz_folder.png", None, "bad"),
+    "folder_named_png": (b"zz_folder.png", None, "no file"),
+    **NO_FILES,
 }
 HOSTILE_MASKS = {
     "latin1_name": (b"caf\xe9.png", png_bytes(MASK), "read"),
     "invalid_utf8_name": (b"bad\xff_y.png", png_bytes(MASK), "read"),
+    "leading_dash_name": (b"-dash.png", png_bytes(MASK), "read"),
+    "newline_name": (b"new\nline.png", png_bytes(MASK), "read"),
     "broken_under_latin1_name": (b"bro\xefken.png", b"not a png", "bad"),
+    "broken_under_newline_name": (b"bro\nken.png", b"not a png", "bad"),
     "empty_file": (b"zz_empty.png", b"", "bad"),
     "colour_mask": (b"zz_colour.png", png_bytes(PHOTO), "bad"),
     "values_past_16_bits": (b"zz_wide.tif", tiff_bytes(np.full((48, 48), 2_000_000_000, np.int32)), "bad"),
     "decompression_bomb": (b"zz_bomb.png", png_claiming(20000, 20000), "bad"),
+    **NO_FILES,
 }
 
 
-def place(folder: Path, name: bytes, content: bytes | None) -> Path:
-    """Writes the hostile file into folder and returns its path (a str path holding the name's raw bytes)."""
+class Blocked(BaseException):
+    """Raised by the timer: a BaseException, so no handler of the code under test turns it into an error line."""
+
+
+@pytest.fixture(autouse=True)
+def never_blocks():
+    """Every test here fails, instead of hanging, if a reader blocks (a FIFO) or never ends (/dev/zero)."""
+
+    def blocked(signum, frame):
+        raise Blocked("a reader blocked on a hostile entry")
+
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.setitimer(signal.ITIMER_REAL, 120)
+    yield
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def place(folder: Path, name: bytes, content: bytes | Callable | None) -> Path:
+    """Makes the hostile entry in folder and returns its path (a str path holding the name's raw bytes)."""
     path = Path(os.fsdecode(os.fsencode(folder) + b"/" + name))
     if content is None:
         path.mkdir()
+    elif callable(content):
+        content(path)
     else:
         path.write_bytes(content)
     return path
 
 
 def named(path: Path, text: str) -> bool:
-    """Whether text names the file as a console shows it (what cannot be printed as U+FFFD)."""
-    return printable(path.name) in printable(text)
+    """Whether text names the file as a console shows it: what cannot be printed as U+FFFD, control characters (a
+    newline in the name) escaped, so the message stays one line."""
+    return one_line(printable(path.name)) in printable(text)
 
 
 @pytest.fixture
@@ -109,7 +177,7 @@ def train_on(root: Path, tmp_path: Path) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("case", HOSTILE_IMAGES)
-def test_hostile_image_through_training(case, demo_copy, tmp_path):
+def test_hostile_image_through_training(case, demo_copy, tmp_path, caplog):
     name, content, kind = HOSTILE_IMAGES[case]
     path = place(demo_copy / "images/train", name, content)
     (demo_copy / "masks/train" / f"{path.stem}.png").write_bytes(png_bytes(MASK))
@@ -118,8 +186,9 @@ def test_hostile_image_through_training(case, demo_copy, tmp_path):
     summary = next(line for line in out.splitlines() if line.startswith("epoch 1/1"))
     if kind == "read":
         assert "25 training" in out and "skipped" not in summary
-    elif content is None:  # a folder is not an image file: not listed, its mask has no image
+    elif kind == "no file":  # not listed (one warning names it); its mask has no image
         assert "24 training" in out and "skipped" not in summary
+        assert "1 entries named like images are no files" in caplog.text and named(path, caplog.text)
     else:
         assert "train skipped 1 bad samples" in summary and named(path, summary)
 
@@ -140,8 +209,9 @@ def test_hostile_image_through_inference(case, trained_run, tiny_demo, tmp_path,
     if kind == "read":
         assert "2 images segmented" in result.stdout and mask.is_file()
         assert np.asarray(Image.open(mask)).shape == (48, 48)
-    elif content is None:
+    elif kind == "no file":
         assert "1 images segmented" in result.stdout and "0 unreadable" in result.stdout
+        assert named(path, caplog.text) and not mask.exists()
     else:
         assert "1 images segmented" in result.stdout and "1 unreadable" in result.stdout
         assert named(path, caplog.text) and not mask.exists()
@@ -178,7 +248,7 @@ def test_hostile_image_through_the_python_api(case, predictor, tmp_path):
     with pytest.raises((ValueError, OSError)) as raised:
         predictor.predict(path)
     message = str(raised.value)
-    assert len(message.splitlines()) == 1 and str(path) in message
+    assert len(message.splitlines()) == 1 and one_line(str(path)) in message
 
 
 @pytest.mark.parametrize("case", HOSTILE_MASKS)
@@ -191,6 +261,9 @@ def test_hostile_mask_through_training(case, demo_copy, tmp_path, caplog):
     assert code == 0
     if kind == "read":
         assert "25 training" in out and "bad masks left out" not in caplog.text
+    elif kind == "no file":  # not listed (one warning names it); its image has no mask
+        assert "24 training" in out and "1 entries named like images are no files" in caplog.text
+        assert named(mask, caplog.text)
     else:
         assert "24 training" in out and "1 bad masks left out" in caplog.text and named(mask, caplog.text)
 
@@ -210,9 +283,11 @@ def test_hostile_mask_through_score_masks(case, side, tmp_path):
     assert "Traceback" not in result.stderr
     if kind == "read":
         assert result.returncode == 0 and "2 images: mIoU 1.0000" in result.stdout
-    else:
-        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
-        assert result.stderr.startswith("error: ") and named(path, result.stderr)
+        return
+    last = result.stderr.splitlines()[-1]  # a no-file prediction is also named in the listing's warning
+    assert result.returncode == 2 and last.startswith("error: ") and named(path, last)
+    if kind == "bad":
+        assert len(result.stderr.splitlines()) == 1
 
 
 @pytest.mark.parametrize("case", HOSTILE_IMAGES)

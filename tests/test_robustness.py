@@ -166,7 +166,7 @@ def test_user_mistakes_get_one_line_and_exit_2(case, demo_copy, trained_run, tmp
                 "--val-masks",
                 demo_copy / "masks/val",
             ],
-            ["is not a file"],
+            ["a folder, not a regular file"],
         ),
         "negative size": (["--image-size", "-3"], ["--image-size: '-3' is not a positive integer"]),
         "demo style with data": (["--data-root", demo_copy, "--demo-style", "texture"], ["--demo-style", "data flags"]),
