@@ -22,11 +22,11 @@ from PIL import Image
 from bench_data import write_photo
 from bench_measure import peak_memory_mb
 from config import parse_args
+from data_setup import data_spec, prepare_data, training_loaders, validation_sampling
 from engine import finish_batch, train_step
 from labels import SCAN_CACHE_NAME
-from stopping import validation_interval
-from trainer import build_training, check_memory, validation_sampling
-from training_data import data_spec, prepare_data, training_loaders
+from model_setup import build_training, check_memory
+from schedule import validation_interval
 from utils import Runtime, keep_freed_cpu_memory
 
 SCALE_PHOTO = (640, 480)  # COCO's size

@@ -1,29 +1,82 @@
-"""What the training loop does: one optimiser step, one pass over the training data, one validation pass."""
+"""What the training loop does: the state it steps (Training: what a checkpoint saves and --resume restores), one
+optimiser step, one pass over the training data, one validation pass."""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from functools import partial
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from checkpoints import DataSpec, load_model_weights, training_state
 from colour import BatchColour
+from errors import CheckpointError
 from labels import IGNORE_INDEX
 from metrics import ConfusionMatrix
 from optimizer import ONE_UPDATE_PER_BATCH, UpdateRule
-from predictor import Predictor
+from predictor import Predictor, Sampling
+from schedule import EpochPace
 from stopping import GracefulStop, NonFiniteLoss
 from utils import Runtime
 
-if TYPE_CHECKING:
-    from trainer import EpochPace
-
 PANEL_SAMPLES = 4  # validation images kept for the sample panel
+
+
+@dataclass
+class Validation:
+    """One validation pass: the loss and confusion matrix over the whole set, its scores, a few samples for the
+    panel, the files left out, and what it cost."""
+
+    loss: float
+    matrix: ConfusionMatrix
+    metrics: dict
+    panel: tuple
+    skipped: list[str]
+    seconds: float
+
+
+@dataclass
+class Training:
+    """The model and everything that steps it: what a checkpoint saves and --resume restores."""
+
+    model: torch.nn.Module  # plain: what is saved and validated
+    step_model: torch.nn.Module  # compiled and/or DDP-wrapped: what is trained
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: torch.nn.Module
+    updates: UpdateRule  # accumulation, clipping, the EMA
+    colour: BatchColour  # the training samples' colour stage, run per batch on the device
+    compiled: bool = False  # the first step's time (compilation included) is worth printing
+
+    def state(self, **progress) -> dict:
+        """progress: epoch, flags, rules, best_miou, best_confusion, history (see checkpoints.training_state)."""
+        return training_state(
+            model=self.model, optimizer=self.optimizer, scaler=self.scaler, ema=self.updates.ema, **progress
+        )
+
+    def restore(self, checkpoint: dict) -> None:
+        path, classes = checkpoint["path"], checkpoint["model_args"].get("num_classes")
+        if classes != self.model.config["num_classes"]:
+            raise CheckpointError(f"{path}: has {classes} classes, the data {self.model.config['num_classes']}")
+        load_model_weights(self.model, checkpoint, path)
+        parts = {
+            "optimizer": self.optimizer.load_state_dict,
+            "scaler": self.scaler.load_state_dict,
+            "rng": torch.set_rng_state,
+        }
+        for name, load in parts.items():
+            try:
+                load(checkpoint[name])
+            except (KeyError, TypeError, ValueError, RuntimeError) as err:
+                raise CheckpointError(f"{path}: its {name} state does not fit this run ({err})") from None
+        ema = self.updates.ema
+        if ema is not None and "ema" in checkpoint:  # else the average starts from the resumed weights
+            load_model_weights(ema.module, checkpoint, path, key="ema")
+            ema.n_averaged.fill_(int(checkpoint["ema_updates"]))
 
 
 def train_step(
@@ -100,49 +153,42 @@ def finish_batch(
 
 
 def train_one_epoch(
-    model: torch.nn.Module,
+    training: Training,
     loader: DataLoader,
     *,
-    loss_fn: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    colour: BatchColour,
     runtime: Runtime,
     epoch: int,
     stop: GracefulStop,
-    updates: UpdateRule = ONE_UPDATE_PER_BATCH,
     pace: EpochPace | None = None,
-    time_first_step: bool = False,
-    report_data_wait: bool = False,
+    first: bool = False,
 ) -> tuple[float, list[str]]:
     """One pass over the sampler; returns the mean loss and the bad samples that were skipped.
 
     pace: each step's learning rate, and whether the epoch ends before the loader's end (the schedule's horizon or
     a time budget: stop.out_of_time tells the caller); None keeps the optimiser's rate for the whole epoch.
-    time_first_step: say how long the first step took, which with --compile holds the compilation.
-    report_data_wait: say how much of the epoch waited for the loader (see DataWait).
+    first: the first epoch of this process, which says how much of the epoch waited for the loader (see DataWait)
+    and, with --compile, how long the first step (the compilation) took.
     """
+    model, optimizer = training.step_model, training.optimizer
     model.train()
     total_loss = torch.zeros((), device=runtime.device)
     first_bad_step = torch.zeros((), dtype=torch.long, device=runtime.device)
     skipped: list[str] = []
     steps = 0
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True, disable=not runtime.ddp.is_main)
-    data_wait = DataWait(runtime.device, sync=report_data_wait)
-    step = partial(
-        train_step, model, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler, runtime=runtime, updates=updates
-    )
+    data_wait = DataWait(runtime.device, sync=first)
+    step_parts = dict(loss_fn=training.loss_fn, optimizer=optimizer, scaler=training.scaler, runtime=runtime)
     epoch_started = time.monotonic()
     for steps, (pixels, masks, draws, skipped_here) in enumerate(bar, 1):
         data_wait.batch_arrived()
         skipped.extend(line for s in skipped_here for line in s.splitlines())
-        images, masks = finish_batch(pixels, masks, draws, colour=colour, runtime=runtime)
+        images, masks = finish_batch(pixels, masks, draws, colour=training.colour, runtime=runtime)
         if pace is not None:
             pace.set_lr(optimizer, steps - 1)
         step_started = time.perf_counter()
-        update = steps % updates.accumulate == 0 or steps == len(loader)  # a short last group still steps
-        loss = step(images, masks, update=update)
-        if time_first_step and steps == 1 and runtime.ddp.is_main:
+        update = steps % training.updates.accumulate == 0 or steps == len(loader)  # a short last group still steps
+        loss = train_step(model, images, masks, **step_parts, updates=training.updates, update=update)
+        if first and training.compiled and steps == 1 and runtime.ddp.is_main:
             loss.item()  # waits for the step: once per run
             tqdm.write(f"first step, torch.compile included: {time.perf_counter() - step_started:.1f} s")
         data_wait.step_done()
@@ -156,7 +202,7 @@ def train_one_epoch(
         cut = pace is not None and steps < len(loader) and pace.ends(time.monotonic() - epoch_started, steps)
         if stop.agreed(runtime, cut):
             break
-    if report_data_wait and runtime.ddp.is_main:
+    if first and runtime.ddp.is_main:
         tqdm.write(data_wait.describe(loader.num_workers))
     return total_loss.item() / max(steps, 1), skipped
 
@@ -201,3 +247,17 @@ def evaluate(
     runtime.ddp.all_reduce_sum(loss.total)
     runtime.ddp.all_reduce_sum(loss.pixels)
     return (loss.total / loss.pixels.clamp_min(1)).item(), matrix, samples, skipped
+
+
+def validate(
+    training: Training, loader: DataLoader, *, spec: DataSpec, sampling: Sampling, runtime: Runtime, epoch: int
+) -> Validation:
+    """evaluate() with the EMA's weights where there is one (what best.pt's users, inference and export, will run),
+    timed."""
+    started = time.monotonic()
+    model = training.model if training.updates.ema is None else training.updates.ema.module
+    model.eval()
+    predictor = Predictor.for_validation(model, spec.mapping, sampling, runtime, spec.normalization)
+    classes = spec.mapping.num_classes
+    loss, matrix, panel, skipped = evaluate(predictor, loader, num_classes=classes, runtime=runtime, epoch=epoch)
+    return Validation(loss, matrix, matrix.compute(), panel, skipped, time.monotonic() - started)

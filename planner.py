@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from checkpoints import DataSpec
 from loaders import workers_reason
+from schedule import budget_reason, validation_reason
 from settings import TrainSettings
-from stopping import VALIDATION_SHARE
-from trainer import FIRST_PLAN_STEP
 from utils import Runtime, channels_last_reason, precision_reason
 
 
@@ -30,10 +29,7 @@ def startup_choices(settings: TrainSettings, rules: DataSpec, runtime: Runtime, 
         why = "8-bit RGB photos" if name == "imagenet" else "not 8-bit RGB: the training images' own mean and std"
         chosen.append(f"normalize {name} ({why})")
     if run.val_every == "auto":
-        chosen.append(f"val_every after the first validation (at most {VALIDATION_SHARE:.0%} of the run)")
+        chosen.append(f"val_every {validation_reason()}")
     if optim.time_budget:
-        chosen.append(
-            f"epochs as many as fit in {optim.time_budget:g} min, to the step (planned after {FIRST_PLAN_STEP} "
-            "steps, again after every epoch; the learning-rate schedule spans them)"
-        )
+        chosen.append(f"epochs {budget_reason(optim.time_budget)}")
     return chosen

@@ -10,12 +10,13 @@ from torch.utils.tensorboard import SummaryWriter
 
 from checkpoints import DataSpec, save_checkpoint
 from config_file import write_config
+from engine import Validation
 from files import printable
 from metrics import ConfusionMatrix
 from plots import confusion_matrix_figure, curves_figure, sample_panel, save_figure
 from records import confusion_from, format_report, write_report, write_results
+from schedule import Plan
 from stopping import GracefulStop
-from trainer import Validation
 
 
 def batch_text(batch_size: int, accumulate: int, world_size: int) -> str:
@@ -76,6 +77,13 @@ class Reporter:
     def print(self, *args, **kwargs) -> None:
         if self.active:
             print(*args, **kwargs)
+
+    def replanned(self, plan: Plan, said: list[str]) -> Plan:
+        """A plan made after an epoch (schedule.next_plan): its lines said, the epochs it spans shown from now on."""
+        self.epochs = plan.epochs
+        for line in said:
+            self.print(line)
+        return plan
 
     def config(self, values: dict, chosen: list[str]) -> None:
         """config.yaml: the resolved flags (config.replay_values), which `train.py --config` replays, under what

@@ -9,157 +9,127 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import replace
-from functools import partial
+from dataclasses import dataclass, replace
 
 import torch.distributed as dist
 
 from checkpoints import DataSpec
 from cli import run_cli
 from config import parse_args, replay_values
+from data_setup import data_spec, prepare_data, training_loaders, validation_pixels, validation_sampling
+from engine import Training, Validation, train_one_epoch, validate
 from files import check_writable_folder
 from model import count_parameters
+from model_setup import build_training, check_memory
 from planner import startup_choices
 from records import epoch_record
 from reporter import Reporter, batch_text, input_text
+from schedule import EpochPace, Plan, TimeBudget, next_plan, time_budget
 from settings import TrainSettings, recorded_flags
-from stopping import EarlyStopping, GracefulStop, NonFiniteLoss, TimeBudget, validation_interval
-from trainer import (
-    EpochPace,
-    Plan,
-    Training,
-    Validation,
-    build_training,
-    check_memory,
-    time_budget,
-    validation_sampling,
-)
-from training_data import data_spec, prepare_data, training_loaders
+from stopping import EarlyStopping, GracefulStop, NonFiniteLoss
 from utils import Runtime, keep_freed_cpu_memory, seed_everything
 
 
-def replanned(
-    plan: Plan,
-    budget: TimeBudget | None,
-    epoch: int,
-    train_seconds: float,
-    validation: Validation | None,
-    *,
-    report: Reporter,
-    runtime: Runtime,
-    cut: bool = False,
-) -> Plan:
-    """After an epoch: the validation interval (--val-every auto, from the first validation's cost) and the
-    horizon a --time-budget fits now, each the same on every rank and said when it changes. cut: this epoch ended
-    before the loader's end (the horizon or the budget's clock, agreed by every rank), which makes it the last."""
-    val_every, horizon = plan.val_every, plan.horizon
-    if val_every == "auto":
-        val_every = runtime.ddp.broadcast(validation_interval(train_seconds, validation.seconds))
-        report.print(
-            f"--val-every auto: {f'every {val_every} epochs' if val_every > 1 else 'every epoch'} "
-            f"(training {train_seconds:.1f} s, validation {validation.seconds:.1f} s an epoch)"
-        )
-    if budget is not None and cut:
-        report.epochs = epoch
-        report.print(f"--time-budget {budget.seconds / 60:g} min: epoch {epoch} cut short, the last")
-        return Plan(epoch, val_every)
-    if budget is not None:
-        seconds = validation.seconds if validation else None
-        horizon = runtime.ddp.broadcast(budget.epochs_that_fit(epoch, train_seconds, seconds, val_every))
-    new_plan = Plan(horizon, val_every)
-    if budget is not None and (epoch == 1 or horizon != plan.horizon):
-        report.epochs = new_plan.epochs
-        report.print(
-            f"--time-budget {budget.seconds / 60:g} min: {horizon:.4g} epochs fit (planned after epoch {epoch})"
-        )
-    return new_plan
+@dataclass
+class Progress:
+    """What the epochs so far found, saved with every checkpoint: each epoch's record, early stopping (which holds
+    the best validation mIoU) and the best validation's confusion matrix (for the final per-class report)."""
+
+    history: list[dict]
+    early: EarlyStopping
+    best_confusion: list[list[int]] | None = None
+
+    @classmethod
+    def resumed(cls, checkpoint: dict | None, patience: int) -> Progress:
+        if checkpoint is None:
+            return cls([], EarlyStopping(patience))
+        early = EarlyStopping(patience, best=checkpoint["best_miou"])
+        return cls(checkpoint["history"], early, checkpoint.get("best_confusion"))
+
+    @property
+    def epoch(self) -> int:
+        return self.history[-1]["epoch"] if self.history else 0
 
 
 def save_epoch(
     training: Training,
-    report: Reporter,
-    early: EarlyStopping,
+    progress: Progress,
     plan: Plan,
     validation: Validation | None,
     skipped: list[str],
     *,
-    best_confusion: list[list[int]] | None,
-    history: list[dict],
+    report: Reporter,
     settings: TrainSettings,
     rules: DataSpec,
-) -> list[list[int]] | None:
-    """After an epoch (history[-1]): the best mIoU so far, the checkpoints (last.pt; best.pt where it improved; a
-    numbered one every --save-every epochs and at the end) with the flags as planned so far, the console line,
-    TensorBoard and results.csv. Returns the best validation's confusion matrix."""
-    epoch = history[-1]["epoch"]
+) -> None:
+    """After an epoch (progress.history[-1]): the best mIoU so far, the checkpoints (last.pt; best.pt where it
+    improved; a numbered one every --save-every epochs and at the end) with the flags as planned so far, the console
+    line, TensorBoard and results.csv."""
+    epoch, early = progress.epoch, progress.early
     improved = validation is not None and early.update(validation.metrics["miou"])
-    best_confusion = validation.matrix.matrix.cpu().tolist() if improved else best_confusion
+    if improved:
+        progress.best_confusion = validation.matrix.matrix.cpu().tolist()
     numbered = epoch % settings.run.save_every == 0 or epoch == plan.epochs or early.should_stop
     discovered = dict(in_channels=rules.reading.channels, normalize=rules.normalization.name)
     flags = recorded_flags(settings, **discovered, epochs=plan.epochs, val_every=plan.val_every)
-    progress = dict(rules=rules, best_miou=early.best, best_confusion=best_confusion, history=history)
-    report.save(training.state(epoch=epoch, flags=flags, **progress), improved=improved, numbered=numbered)
-    report.epoch(history, validation, skipped, figures=numbered)
-    return best_confusion
+    found = dict(history=progress.history, best_miou=early.best, best_confusion=progress.best_confusion)
+    report.save(training.state(epoch=epoch, flags=flags, rules=rules, **found), improved=improved, numbered=numbered)
+    report.epoch(progress.history, validation, skipped, figures=numbered)
 
 
 def fit(
     training: Training,
     loaders: tuple,
+    progress: Progress,
     *,
     settings: TrainSettings,
     rules: DataSpec,
     report: Reporter,
-    history: list[dict],
-    early: EarlyStopping,
-    best_confusion: list[list[int]] | None,
     budget: TimeBudget | None,
     runtime: Runtime,
 ) -> int | None:
     """The epoch loop: train, validate (see Plan), save, report. An exit status if it ends early, None when done."""
-    train_loader, val_loader = loaders
-    optim, samples = settings.optim, settings.samples
-    plan = Plan(float(optim.epochs), settings.run.val_every)
-    validate = partial(
-        training.validate, val_loader, rules=rules, sampling=validation_sampling(samples), runtime=runtime
-    )
-    train_epoch = partial(training.train_epoch, train_loader, runtime=runtime)
-    pace = partial(EpochPace, steps=len(train_loader), optim=optim, runtime=runtime, budget=budget)
+    (train_loader, val_loader), optim, samples = loaders, settings.optim, settings.samples
+    plan, sampling = Plan(float(optim.epochs), settings.run.val_every), validation_sampling(samples)
     images = len(train_loader) * samples.batch_size * runtime.ddp.world_size  # an epoch's, for images/s
-    replan = partial(replanned, report=report, runtime=runtime)
-    save = partial(save_epoch, training, report, early, history=history, settings=settings, rules=rules)
-    epoch = start_epoch = history[-1]["epoch"] if history else 0
+    epoch = start_epoch = progress.epoch
     with GracefulStop() as stop:
         while epoch < plan.epochs:
             epoch += 1
-            started, epoch_pace = time.monotonic(), pace(plan, epoch)
+            started, pace = time.monotonic(), EpochPace(plan, epoch, len(train_loader), optim, runtime, budget)
             train_loader.sampler.set_epoch(epoch)
             try:
-                train_loss, skipped = train_epoch(
-                    epoch=epoch, stop=stop, first=epoch == start_epoch + 1, pace=epoch_pace
+                first = epoch == start_epoch + 1
+                train_loss, skipped = train_one_epoch(
+                    training, train_loader, runtime=runtime, epoch=epoch, stop=stop, pace=pace, first=first
                 )
             except NonFiniteLoss as err:
                 return report.non_finite(err)
             train_seconds = time.monotonic() - started
             if stop.requested:
                 return report.stopped(stop, report.during_epoch(epoch))
-            validation = validate(epoch=epoch) if epoch_pace.plan.validates(epoch) else None
-            plan = replan(epoch_pace.plan, budget, epoch, train_seconds, validation, cut=stop.out_of_time)
-            if validation is None and epoch == plan.epochs:  # a time budget made this epoch the last
-                validation = validate(epoch=epoch)
-            pace_record = dict(seconds=(train_seconds, time.monotonic() - started), images=images)
-            history.append(
-                epoch_record(epoch, train_loss=train_loss, lr=epoch_pace.lr(0), validation=validation, **pace_record)
+            validation = None
+            if pace.plan.validates(epoch):
+                validation = validate(training, val_loader, spec=rules, sampling=sampling, runtime=runtime, epoch=epoch)
+            seconds = getattr(validation, "seconds", None)
+            plan = report.replanned(
+                *next_plan(pace.plan, budget, epoch, train_seconds, seconds, runtime=runtime, cut=stop.out_of_time)
             )
-            best_confusion = save(plan, validation, skipped, best_confusion=best_confusion)
+            if validation is None and epoch == plan.epochs:  # a time budget made this epoch the last
+                validation = validate(training, val_loader, spec=rules, sampling=sampling, runtime=runtime, epoch=epoch)
+            timing = dict(seconds=(train_seconds, time.monotonic() - started), images=images)
+            progress.history.append(
+                epoch_record(epoch, train_loss=train_loss, lr=pace.lr(0), validation=validation, **timing)
+            )
+            save_epoch(training, progress, plan, validation, skipped, report=report, settings=settings, rules=rules)
             if budget is not None:  # what the epoch spent neither training nor validating: checkpoints, figures
                 budget.bookkeeping = time.monotonic() - started - train_seconds - getattr(validation, "seconds", 0)
             if stop.requested:
                 return report.stopped(stop, f"after epoch {epoch}")
-            if early.should_stop:
-                report.early_stopped(early.best, optim.early_stop)
+            if progress.early.should_stop:
+                report.early_stopped(progress.early.best, optim.early_stop)
                 break
-    report.class_report(best_confusion, history, early.best)
+    report.class_report(progress.best_confusion, progress.history, progress.early.best)
     return None
 
 
@@ -195,17 +165,17 @@ def train(settings: TrainSettings, checkpoint: dict | None, runtime: Runtime, *,
     memory_note = check_memory(training, settings, runtime)
     if checkpoint:
         training.restore(checkpoint)
-    history, start_epoch = (checkpoint["history"], checkpoint["epoch"]) if checkpoint else ([], 0)
+    progress = Progress.resumed(checkpoint, optim.early_stop)
     report = Reporter(
         run.run_dir,
         active=runtime.ddp.is_main,
-        purge_step=start_epoch + 1 if checkpoint else None,
+        purge_step=progress.epoch + 1 if checkpoint else None,
         class_names=rules.mapping.names,
         epochs=optim.epochs,
         display_channel=data.display_channel,
     )
     if checkpoint:
-        report.print(f"resumed from {checkpoint['path']} at epoch {start_epoch}")
+        report.print(f"resumed from {checkpoint['path']} at epoch {progress.epoch}")
     batch = batch_text(samples.batch_size, optim.accumulate, runtime.ddp.world_size)
     report.print(
         f"{len(train_set)} training and {len(val_set)} validation images, {rules.mapping.num_classes} classes "
@@ -218,25 +188,18 @@ def train(settings: TrainSettings, checkpoint: dict | None, runtime: Runtime, *,
         report.print(f"start-up chose: {'; '.join(chosen)}")
     flags = recorded_flags(settings, in_channels=rules.reading.channels, normalize=rules.normalization.name)
     report.config(replay_values(flags), chosen)
-    early = EarlyStopping(optim.early_stop, best=checkpoint["best_miou"] if checkpoint else -1.0)
-    best_confusion = checkpoint.get("best_confusion") if checkpoint else None
+    budget = None
+    if optim.time_budget and not checkpoint:
+        validation_cost = dict(
+            validation_pixels=validation_pixels(samples, val_set), step_pixels=samples.batch_size * samples.side**2
+        )
+        budget = time_budget(optim.time_budget, started, len(loaders[0]), **validation_cost)
     status = fit(
-        training,
-        loaders,
-        settings=settings,
-        rules=rules,
-        report=report,
-        history=history,
-        early=early,
-        best_confusion=best_confusion,
-        budget=time_budget(settings, val_set, len(loaders[0]), started)
-        if optim.time_budget and not checkpoint
-        else None,
-        runtime=runtime,
+        training, loaders, progress, settings=settings, rules=rules, report=report, budget=budget, runtime=runtime
     )
     if status is not None:
         return status
-    report.finish(history, flags, early.best, val_set.images_dir)
+    report.finish(progress.history, flags, progress.early.best, val_set.images_dir)
     return 0
 
 

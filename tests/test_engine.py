@@ -148,29 +148,29 @@ def test_data_wait_counts_the_time_between_a_step_and_the_next_batch(monkeypatch
 
 
 def test_a_time_budget_counts_the_start_up_and_plans_again_at_the_pace_of_the_last_epochs(monkeypatch):
-    import stopping
+    import schedule
 
-    budget = stopping.TimeBudget(seconds=100, started=1000.0)
-    reserve = 100 * stopping.FINISH_RESERVE
-    monkeypatch.setattr(stopping.time, "monotonic", lambda: 1012.0)  # start-up and the first epoch took 12 s
+    budget = schedule.TimeBudget(seconds=100, started=1000.0)
+    reserve = 100 * schedule.FINISH_RESERVE
+    monkeypatch.setattr(schedule.time, "monotonic", lambda: 1012.0)  # start-up and the first epoch took 12 s
     assert budget.epochs_that_fit(1, 10.0) == 1 + int((100 - reserve - 12) // 10)
-    monkeypatch.setattr(stopping.time, "monotonic", lambda: 1032.0)  # the second epoch took twice as long
+    monkeypatch.setattr(schedule.time, "monotonic", lambda: 1032.0)  # the second epoch took twice as long
     assert budget.epochs_that_fit(2, 20.0) == 2 + int((100 - reserve - 32) // 20)
-    monkeypatch.setattr(stopping.time, "monotonic", lambda: 1042.0)  # fast again: the slower of the last two
+    monkeypatch.setattr(schedule.time, "monotonic", lambda: 1042.0)  # fast again: the slower of the last two
     assert budget.epochs_that_fit(3, 10.0) == 3 + int((100 - reserve - 42) // 20)
-    monkeypatch.setattr(stopping.time, "monotonic", lambda: 1150.0)  # an epoch overran the budget: stop here
+    monkeypatch.setattr(schedule.time, "monotonic", lambda: 1150.0)  # an epoch overran the budget: stop here
     assert budget.epochs_that_fit(4, 108.0) == 4
 
 
 def test_a_time_budget_plans_to_the_step_and_first_from_the_first_epochs_steps(monkeypatch):
-    import stopping
+    import schedule
 
-    budget = stopping.TimeBudget(seconds=100, started=1000.0, steps_per_epoch=10, validation_steps=5)
-    monkeypatch.setattr(stopping.time, "monotonic", lambda: 1010.0)  # start-up 6 s, then four steps of 1 s
+    budget = schedule.TimeBudget(seconds=100, started=1000.0, steps_per_epoch=10, validation_steps=5)
+    monkeypatch.setattr(schedule.time, "monotonic", lambda: 1010.0)  # start-up 6 s, then four steps of 1 s
     left = budget.finish - 1010.0 - 5  # the last validation (5 steps of 1 s until one is timed) is kept
     steps_that_fit = int(left / (10 + 5) * 10)  # epochs of 10 steps and a validation each
     assert budget.first_plan(4, step_seconds=1.0) == pytest.approx((4 + steps_that_fit) / 10)
-    monkeypatch.setattr(stopping.time, "monotonic", lambda: 1080.0)  # after the fourth epoch
+    monkeypatch.setattr(schedule.time, "monotonic", lambda: 1080.0)  # after the fourth epoch
     budget.bookkeeping = 1.0
     left = budget.finish - 1080.0 - 3 - 1  # the timed validation of 3 s and the bookkeeping are kept
     assert budget.epochs_that_fit(4, 12.0, 3.0) == pytest.approx(4 + int(left / (12 + 3 + 1) * 10) / 10)

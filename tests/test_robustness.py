@@ -269,9 +269,9 @@ def test_sigterm_saves_nothing_broken_and_resume_finishes_the_schedule(tiny_demo
 
 
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_demo, tmp_path, monkeypatch, capsys):
-    import trainer
+    import model_setup
 
-    real_build_loss = trainer.build_loss
+    real_build_loss = model_setup.build_loss
 
     class PoisonedAfterOneEpoch(torch.nn.Module):
         def __init__(self, loss):
@@ -286,7 +286,7 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_demo, t
     def poisoned_after_one_epoch(*args, **kwargs):
         return PoisonedAfterOneEpoch(real_build_loss(*args, **kwargs))
 
-    monkeypatch.setattr(trainer, "build_loss", poisoned_after_one_epoch)
+    monkeypatch.setattr(model_setup, "build_loss", poisoned_after_one_epoch)
     run_dir = tmp_path / "run"
     assert (
         train.main(["--data-root", str(tiny_demo), "--epochs", "3", "--run-dir", str(run_dir), *TINY_TRAIN_FLAGS]) == 1

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import schedule
 import train
 from checkpoints import load_checkpoint
 from conftest import ROOT, TINY_TRAIN_FLAGS, run_in_process
@@ -257,7 +258,7 @@ def test_a_time_budget_plans_the_epochs_and_a_resume_keeps_them(tiny_demo, tmp_p
     import yaml
 
     from optimizer import scheduled_lr
-    from stopping import TimeBudget
+    from schedule import TimeBudget
 
     monkeypatch.setattr(TimeBudget, "epochs_that_fit", lambda self, done, *timings: 3)
     whole = tmp_path / "whole"
@@ -324,13 +325,13 @@ def test_a_time_budget_holds_when_later_epochs_run_slower(tiny_demo, tmp_path, m
 
     real_monotonic, slowed = time.monotonic, [0.0]
     monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() + slowed[0])
-    real_epoch = train.Training.train_epoch
+    real_epoch = train.train_one_epoch
 
-    def slow_from_the_third(self, loader, *, epoch, **kwargs):
+    def slow_from_the_third(training, loader, *, epoch, **kwargs):
         slowed[0] += 4.0 if epoch >= 3 else 0.0
-        return real_epoch(self, loader, epoch=epoch, **kwargs)
+        return real_epoch(training, loader, epoch=epoch, **kwargs)
 
-    monkeypatch.setattr(train.Training, "train_epoch", slow_from_the_third)
+    monkeypatch.setattr(train, "train_one_epoch", slow_from_the_third)
     run_dir = tmp_path / "run"
     started = time.monotonic()
     flags = ["--data-root", str(tiny_demo), *TINY_TRAIN_FLAGS, "--time-budget", "0.75", "--run-dir", str(run_dir)]
@@ -417,7 +418,7 @@ def test_val_every_auto_is_chosen_after_the_first_validation_and_kept_on_resume(
     tiny_demo, tmp_path, monkeypatch, capsys
 ):
     chosen = []
-    monkeypatch.setattr(train, "validation_interval", lambda t, v: chosen.append((t, v)) or 3)
+    monkeypatch.setattr(schedule, "validation_interval", lambda t, v: chosen.append((t, v)) or 3)
     run_dir = tmp_path / "run"
     flags = ["--data-root", str(tiny_demo), *TINY_TRAIN_FLAGS, "--epochs", "4", "--save-every", "1", "--val-every"]
     assert train.main([*flags, "auto", "--run-dir", str(run_dir)]) == 0
@@ -429,7 +430,7 @@ def test_val_every_auto_is_chosen_after_the_first_validation_and_kept_on_resume(
 
 
 def test_the_automatic_validation_interval_keeps_validation_to_a_tenth():
-    from stopping import VALIDATION_SHARE, validation_interval
+    from schedule import VALIDATION_SHARE, validation_interval
 
     assert validation_interval(train_seconds=10.0, validation_seconds=1.0) == 1  # cheap: every epoch
     assert validation_interval(train_seconds=10.0, validation_seconds=1.2) == 2

@@ -4,7 +4,7 @@ labels scanned by rank 0 first, and the loaders."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -17,6 +17,7 @@ from errors import UserError
 from files import require_folder
 from intensity import check_display_channel
 from loaders import build_loaders
+from predictor import Sampling
 from settings import DataSettings, SampleSettings, TrainSettings
 from transforms import Crop
 from utils import Runtime
@@ -129,3 +130,16 @@ def training_loaders(
         runtime=runtime,
         min_epoch_samples=samples.min_epoch_samples,
     )
+
+
+def validation_sampling(samples: SampleSettings) -> Sampling:
+    """What inference.py will do with this model by default, unless --val-mode says otherwise."""
+    sampling = Sampling.for_training(samples.image_size, samples.crop_size, samples.base_size)
+    return replace(sampling, mode=samples.val_mode) if samples.val_mode else sampling
+
+
+def validation_pixels(samples: SampleSettings, val_set: SegmentationFolder) -> float:
+    """The pixels one validation shows the network, for a time budget's estimate of its cost."""
+    if validation_sampling(samples).mode == "resize":
+        return len(val_set) * samples.image_size**2
+    return float(val_set.class_counts.sum())  # labelled pixels: about every pixel of the images
