@@ -18,7 +18,7 @@ from model import ResidualAttnUNet
 from utils import first_line
 
 RUNS = Path("runs")
-# Raised when what a checkpoint holds changes meaning; a reader of version N reads N only (upgraded_state).
+# Raised when what a checkpoint holds changes meaning; a reader of version N reads N only (current_format).
 FORMAT_VERSION = 2
 
 
@@ -55,7 +55,7 @@ def training_state(
     ema: AveragedModel | None,
     epoch: int,
     flags: dict,
-    rules: DataSpec,
+    spec: DataSpec,
     best_miou: float,
     best_confusion: list[list[int]] | None,
     history: list[dict],
@@ -74,7 +74,7 @@ def training_state(
         "best_miou": best_miou,
         "best_confusion": best_confusion,  # the best epoch's validation confusion matrix, for the final report
         "history": history,
-        **rules.to_state(),
+        **spec.to_state(),
         "model_args": model.config,
         "args": flags,
         "rng": torch.get_rng_state(),  # dropout draws from it; sampling and augmentation are seeded per epoch
@@ -98,10 +98,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line(err)})") from None
     if not isinstance(state, dict) or "model" not in state or "model_args" not in state:
         raise CheckpointError(f"{path}: not a checkpoint written by train.py")
-    return upgraded_state(state, path)
+    return current_format(state, path)
 
 
-def upgraded_state(state: dict, path: Path) -> dict:
+def current_format(state: dict, path: Path) -> dict:
     """The one place where checkpoint formats are told apart: a state in today's format is returned as it is,
     any other is refused in one line naming its version (no earlier format reached a user)."""
     problem = format_problem(state.get("format_version", 1))

@@ -13,10 +13,27 @@ from image_io import MAX_MASK_VALUE
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error instead of the usage dump: the mistake is the whole message."""
+    """argparse with a one-line error instead of the usage dump, and one flag style for every script: each flag is
+    documented in one spelling (--input_dir, --data-root) and typed in either (--input-dir, --data_root)."""
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else [str(arg) for arg in args]
+        ended = args.index("--") if "--" in args else len(args)  # after a bare --, every token is a value
+        spelled = [self._known_spelling(arg) for arg in args[:ended]] + args[ended:]
+        return super().parse_known_args(spelled, namespace)
+
+    def _known_spelling(self, token: str) -> str:
+        """--name or --name=value in the spelling this parser knows, where only the other one is typed."""
+        name, equals, value = token.partition("=")
+        if not name.startswith("--") or name in self._option_string_actions:
+            return token
+        for other in (name.replace("_", "-"), "--" + name[2:].replace("-", "_")):
+            if other in self._option_string_actions:
+                return other + equals + value
+        return token
 
 
 def _replace_unprintable(err: UnicodeEncodeError) -> tuple[bytes, int]:

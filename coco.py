@@ -29,7 +29,7 @@ from labels import IGNORE_INDEX
 from utils import PALETTE
 
 COCO_CACHE = Path("data/coco_masks")  # where train.py keeps the masks it renders from COCO files
-MODES = ("categories", "groups", "binary")
+COCO_MODES = ("categories", "groups", "binary")
 
 
 @dataclass
@@ -112,7 +112,7 @@ def class_table(categories: list[dict], mode: str, selected: list[str] | None = 
         values = {cat_id: 1 for cat_id in by_id}
         priorities = {cat_id: 0.0 for cat_id in by_id}
     else:
-        raise CocoError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        raise CocoError(f"unknown mode {mode!r}; choose one of {', '.join(COCO_MODES)}")
     for cat_id, value in values.items():
         sources.setdefault(value, []).append(cat_id)
     return ClassTable(values, priorities, names, sources, {int(c["id"]) for c in categories})

@@ -52,7 +52,7 @@ def data_paths(data: DataSettings) -> DataPaths:
 
 
 def build_datasets(
-    data: DataSettings, samples: SampleSettings, rules: DataSpec | None
+    data: DataSettings, samples: SampleSettings, spec: DataSpec | None
 ) -> tuple[SegmentationFolder, SegmentationFolder]:
     """The training set finds the label mapping and normalisation (unless resuming); validation reuses them.
     The input channels and normalisation they chose are the training set's reading and normalization."""
@@ -68,8 +68,8 @@ def build_datasets(
         paths.train_masks,
         samples.image_size,
         crop=crop,
-        mapping=rules.mapping if rules else None,
-        normalization=rules.normalization if rules else None,
+        mapping=spec.mapping if spec else None,
+        normalization=spec.normalization if spec else None,
         normalize=normalize,
         augment=samples.augment,
         limit=data.train_subset,
@@ -92,7 +92,7 @@ def prepare_data(
 ) -> tuple[SegmentationFolder, SegmentationFolder]:
     """Rank 0 builds the demo, renders COCO masks and scans labels first; the others then read its caches."""
     data, samples = settings.data, settings.samples
-    rules = DataSpec.from_state(checkpoint) if checkpoint else None
+    spec = DataSpec.from_state(checkpoint) if checkpoint else None
     if data.demo and runtime.ddp.is_main:
         print(
             f"demo run: data {DEMO_ROOTS[data.demo_style]} ({DEMO_IMAGES['num_train']} train, "
@@ -104,7 +104,7 @@ def prepare_data(
         if (turn == "main") == runtime.ddp.is_main:
             if data.demo:
                 make_demo_data(DEMO_ROOTS[data.demo_style], **DEMO_IMAGES, style=data.demo_style)
-            datasets = build_datasets(data, samples, rules)
+            datasets = build_datasets(data, samples, spec)
         runtime.ddp.barrier()
     return datasets
 

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from checkpoints import DataSpec, load_model_weights, training_state
-from colour import BatchColour
+from colour import BatchColour, ColourDraws
 from errors import CheckpointError
 from labels import IGNORE_INDEX
 from metrics import ConfusionMatrix
@@ -53,7 +53,7 @@ class Training:
     compiled: bool = False  # the first step's time (compilation included) is worth printing
 
     def state(self, **progress) -> dict:
-        """progress: epoch, flags, rules, best_miou, best_confusion, history (see checkpoints.training_state)."""
+        """progress: epoch, flags, spec, best_miou, best_confusion, history (see checkpoints.training_state)."""
         return training_state(
             model=self.model, optimizer=self.optimizer, scaler=self.scaler, ema=self.updates.ema, **progress
         )
@@ -142,7 +142,7 @@ class DataWait:
 
 
 def finish_batch(
-    pixels: torch.Tensor, masks: torch.Tensor, draws: torch.Tensor, *, colour: BatchColour, runtime: Runtime
+    pixels: torch.Tensor, masks: torch.Tensor, draws: ColourDraws, *, colour: BatchColour, runtime: Runtime
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A training batch as the loader gives it (pixels before their colour stage, see SkipBadSamples' before_colour;
     uint8 masks) -> the model's input and int64 masks on the device: uint8 until here, a quarter and an eighth of

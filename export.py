@@ -88,15 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     check_writable_folder(output.parent, "--output")
     state = load_checkpoint(checkpoint)
     model = inference_network(state, checkpoint, ema=args.ema)
-    flags, rules = training_flags(state), DataSpec.from_state(state)
+    flags, spec = training_flags(state), DataSpec.from_state(state)
     sampling = Sampling.from_training_flags(flags)
     folder = require_folder(args.images, "--images") if args.images else validation_folder(flags)
-    images = read_check_images(folder, args.check_count, rules.reading)
+    images = read_check_images(folder, args.check_count, spec.reading)
     if not images:
         print("no real images found to check on (--images DIR): checking on random inputs only")
     side = sampling.image_size  # the training square or crop
     channels = model.config["in_channels"]
-    batches = check_batches(images, side, rules.normalization, channels=channels, stride=model.stride)
+    batches = check_batches(images, side, spec.normalization, channels=channels, stride=model.stride)
     with replace_atomically(output) as tmp:
         export_network(model, tmp, metadata=export_metadata(state), opset=args.opset)
         agreement = compare_networks(model, OnnxModel.open(tmp), batches)

@@ -28,7 +28,7 @@ from errors import UserError
 from files import check_writable_folder, refuse_inside, require_folder
 from image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, conversion_for, first_readable, list_images
 from predictions import Outputs, segment_folder
-from predictor import MODES, Predictor
+from predictor import SAMPLING_MODES, Predictor
 from records import format_report, write_report
 from utils import Runtime, keep_freed_cpu_memory
 
@@ -37,7 +37,7 @@ def add_sampling_flags(p: ArgumentParser) -> None:
     """How images are shown to the network; each default comes from the checkpoint (predictor.Sampling)."""
     p.add_argument(
         "--mode",
-        choices=MODES,
+        choices=SAMPLING_MODES,
         help="resize: the whole image squashed to the training square; slide: overlapping tiles at native "
         "resolution (default: slide for --crop-size models, resize otherwise)",
     )
@@ -60,20 +60,18 @@ def add_sampling_flags(p: ArgumentParser) -> None:
 
 def get_args_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input_dir", "--input-dir", type=Path, required=True, help="folder of images to segment")
+    p.add_argument("--input_dir", type=Path, required=True, help="folder of images to segment")
     model = p.add_mutually_exclusive_group()
     model.add_argument("--checkpoint", type=Path, help="default: best.pt of the most recently written run in runs/")
     model.add_argument("--onnx", type=Path, help="an export.py file, run by onnxruntime on the CPU, instead")
     p.add_argument(
         "--output_dir",
-        "--output-dir",
         type=Path,
         help="default: <run>/predictions/<input folder name>; never inside --input_dir",
     )
     p.add_argument("--recursive", action="store_true", help="also segment images in subfolders")
     p.add_argument(
         "--masks_dir",
-        "--masks-dir",
         type=Path,
         help="ground-truth masks (same file stems): also score the predictions (mIoU, per-class report.csv/.json, "
         "confusion matrix)",

@@ -26,12 +26,12 @@ SAMPLING_FLAGS = ("image_size", "crop_size", "base_size")  # what Sampling.from_
 
 def export_metadata(state: dict) -> dict[str, str]:
     """What inference needs from a checkpoint, as the JSON strings ONNX metadata_props hold."""
-    flags, rules = training_flags(state), DataSpec.from_state(state).to_state()
+    flags, spec = training_flags(state), DataSpec.from_state(state).to_state()
     values = {
         "format_version": state["format_version"],
-        "mapping": rules["mapping"],
-        "normalize": rules["normalization"],
-        "input": rules["reading"],
+        "mapping": spec["mapping"],
+        "normalize": spec["normalization"],
+        "input": spec["reading"],
         "training": {name: flags.get(name) for name in SAMPLING_FLAGS},
         "model_args": state["model_args"],
     }

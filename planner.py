@@ -10,7 +10,7 @@ from settings import TrainSettings
 from utils import Runtime, channels_last_reason, precision_reason
 
 
-def startup_choices(settings: TrainSettings, rules: DataSpec, runtime: Runtime, workers: int) -> list[str]:
+def startup_choices(settings: TrainSettings, spec: DataSpec, runtime: Runtime, workers: int) -> list[str]:
     """One entry per setting that start-up chose, "name value (why)", in the order they were chosen."""
     data, samples, optim, run = settings.data, settings.samples, settings.optim, settings.run
     chosen = []
@@ -23,9 +23,9 @@ def startup_choices(settings: TrainSettings, rules: DataSpec, runtime: Runtime, 
     if samples.workers == "auto":
         chosen.append(f"workers {workers} ({workers_reason(runtime)})")
     if data.in_channels == "auto":
-        chosen.append(f"in_channels {rules.reading.channels} (the first training image's)")
+        chosen.append(f"in_channels {spec.reading.channels} (the first training image's)")
     if data.normalize == "auto":
-        name = rules.normalization.name
+        name = spec.normalization.name
         why = "8-bit RGB photos" if name == "imagenet" else "not 8-bit RGB: the training images' own mean and std"
         chosen.append(f"normalize {name} ({why})")
     if run.val_every == "auto":

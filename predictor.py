@@ -29,7 +29,7 @@ from labels import LabelMapping
 from onnx_model import OnnxModel
 from utils import PRECISION_DTYPES, Runtime
 
-MODES = ("resize", "slide")
+SAMPLING_MODES = ("resize", "slide")
 BAND_BYTES = 32 << 20  # float32 class logits held at the output size at once
 TILE_FACTOR = 2  # slide: tiles up to this many times the training crop wide; the network is fully convolutional
 TILE_OVERLAP = 1 / 16  # slide: at least this share of a tile side computed twice (nnU-Net: 1/2, MMSegmentation: 1/3)
@@ -205,13 +205,13 @@ class Predictor:
             state, path, ema=ema, device=runtime.device, dtype=dtype, memory_format=runtime.memory_format
         )
         try:
-            rules = DataSpec.from_state(state)
+            spec = DataSpec.from_state(state)
             chosen = Sampling.for_model(training_flags(state), **sampling)
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: no usable label mapping, image size or input rule ({err!r})") from None
-        reading = replace(rules.reading, convert=rules.reading.convert or convert)
-        options = dict(input_dtype=dtype, tta=tta, batch_size=batch_size, normalize=rules.normalization)
-        return cls(model, rules.mapping, chosen, runtime, reading=reading, **options)
+        reading = replace(spec.reading, convert=spec.reading.convert or convert)
+        options = dict(input_dtype=dtype, tta=tta, batch_size=batch_size, normalize=spec.normalization)
+        return cls(model, spec.mapping, chosen, runtime, reading=reading, **options)
 
     @classmethod
     def from_onnx(

@@ -13,30 +13,29 @@ import sys
 from pathlib import Path
 
 from cli import ArgumentParser, non_negative_int, positive_int, run_cli
-from coco import MODES, prepare_masks
+from coco import COCO_MODES, prepare_masks
 from files import check_writable_folder
 from image_io import DEFAULT_MAX_PIXELS
 
 
 def get_args_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--images_dir", "--images-dir", type=Path, required=True)
+    p.add_argument("--images_dir", type=Path, required=True)
     p.add_argument(
         "--annotations_file",
-        "--annotations-file",
         type=Path,
         required=True,
         help="COCO instances_*.json (polygons, RLE or compressed RLE)",
     )
-    p.add_argument("--output_dir", "--output-dir", type=Path, required=True, help="mask folder to write")
+    p.add_argument("--output_dir", type=Path, required=True, help="mask folder to write")
     p.add_argument(
         "--mode",
-        choices=MODES,
+        choices=COCO_MODES,
         default="categories",
         help="categories: one value per COCO category; groups: the 9 super-groups; binary: any object",
     )
     p.add_argument("--categories", help="comma-separated category names to keep (categories and binary modes)")
-    p.add_argument("--max_images", "--max-images", type=positive_int, help="only the first N images (by id)")
+    p.add_argument("--max_images", type=positive_int, help="only the first N images (by id)")
     p.add_argument(
         "--workers", type=non_negative_int, default=os.cpu_count() or 1, help="processes rendering masks (0: inline)"
     )

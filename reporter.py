@@ -39,9 +39,9 @@ SCALARS = {
 }
 
 
-def input_text(rules: DataSpec) -> str:
+def input_text(spec: DataSpec) -> str:
     """The start-up line's words for the model's input: channels and normalisation."""
-    channels, normalization = rules.reading.channels, rules.normalization
+    channels, normalization = spec.reading.channels, spec.normalization
     clipped = ", clipped to the 0.5-99.5 percentiles" if normalization.low is not None else ""
     return f"{channels} input channel{'s' * (channels != 1)}, {normalization.name} normalisation{clipped}"
 

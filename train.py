@@ -60,7 +60,7 @@ def save_epoch(
     *,
     report: Reporter,
     settings: TrainSettings,
-    rules: DataSpec,
+    spec: DataSpec,
 ) -> None:
     """After an epoch (progress.history[-1]): the best mIoU so far, the checkpoints (last.pt; best.pt where it
     improved; a numbered one every --save-every epochs and at the end) with the flags as planned so far, the console
@@ -70,10 +70,10 @@ def save_epoch(
     if improved:
         progress.best_confusion = validation.matrix.matrix.cpu().tolist()
     numbered = epoch % settings.run.save_every == 0 or epoch == plan.epochs or early.should_stop
-    discovered = dict(in_channels=rules.reading.channels, normalize=rules.normalization.name)
+    discovered = dict(in_channels=spec.reading.channels, normalize=spec.normalization.name)
     flags = recorded_flags(settings, **discovered, epochs=plan.epochs, val_every=plan.val_every)
     found = dict(history=progress.history, best_miou=early.best, best_confusion=progress.best_confusion)
-    report.save(training.state(epoch=epoch, flags=flags, rules=rules, **found), improved=improved, numbered=numbered)
+    report.save(training.state(epoch=epoch, flags=flags, spec=spec, **found), improved=improved, numbered=numbered)
     report.epoch(progress.history, validation, skipped, figures=numbered)
 
 
@@ -83,7 +83,7 @@ def fit(
     progress: Progress,
     *,
     settings: TrainSettings,
-    rules: DataSpec,
+    spec: DataSpec,
     report: Reporter,
     budget: TimeBudget | None,
     runtime: Runtime,
@@ -110,18 +110,18 @@ def fit(
                 return report.stopped(stop, report.during_epoch(epoch))
             validation = None
             if pace.plan.validates(epoch):
-                validation = validate(training, val_loader, spec=rules, sampling=sampling, runtime=runtime, epoch=epoch)
+                validation = validate(training, val_loader, spec=spec, sampling=sampling, runtime=runtime, epoch=epoch)
             seconds = getattr(validation, "seconds", None)
             plan = report.replanned(
                 *next_plan(pace.plan, budget, epoch, train_seconds, seconds, runtime=runtime, cut=stop.out_of_time)
             )
             if validation is None and epoch == plan.epochs:  # a time budget made this epoch the last
-                validation = validate(training, val_loader, spec=rules, sampling=sampling, runtime=runtime, epoch=epoch)
+                validation = validate(training, val_loader, spec=spec, sampling=sampling, runtime=runtime, epoch=epoch)
             timing = dict(seconds=(train_seconds, time.monotonic() - started), images=images)
             progress.history.append(
                 epoch_record(epoch, train_loss=train_loss, lr=pace.lr(0), validation=validation, **timing)
             )
-            save_epoch(training, progress, plan, validation, skipped, report=report, settings=settings, rules=rules)
+            save_epoch(training, progress, plan, validation, skipped, report=report, settings=settings, spec=spec)
             if budget is not None:  # what the epoch spent neither training nor validating: checkpoints, figures
                 budget.bookkeeping = time.monotonic() - started - train_seconds - getattr(validation, "seconds", 0)
             if stop.requested:
@@ -159,7 +159,7 @@ def train(settings: TrainSettings, checkpoint: dict | None, runtime: Runtime, *,
     keep_freed_cpu_memory(runtime.device)
     seed_everything(run.seed)
     train_set, val_set = prepare_data(settings, checkpoint, runtime)
-    rules = data_spec(train_set)
+    spec = data_spec(train_set)
     loaders = training_loaders(settings, train_set, val_set, runtime)
     training = build_training(settings, train_set, runtime)
     memory_note = check_memory(training, settings, runtime)
@@ -170,7 +170,7 @@ def train(settings: TrainSettings, checkpoint: dict | None, runtime: Runtime, *,
         run.run_dir,
         active=runtime.ddp.is_main,
         purge_step=progress.epoch + 1 if checkpoint else None,
-        class_names=rules.mapping.names,
+        class_names=spec.mapping.names,
         epochs=optim.epochs,
         display_channel=data.display_channel,
     )
@@ -178,15 +178,15 @@ def train(settings: TrainSettings, checkpoint: dict | None, runtime: Runtime, *,
         report.print(f"resumed from {checkpoint['path']} at epoch {progress.epoch}")
     batch = batch_text(samples.batch_size, optim.accumulate, runtime.ddp.world_size)
     report.print(
-        f"{len(train_set)} training and {len(val_set)} validation images, {rules.mapping.num_classes} classes "
-        f"({', '.join(rules.mapping.names)}); {input_text(rules)}; "
+        f"{len(train_set)} training and {len(val_set)} validation images, {spec.mapping.num_classes} classes "
+        f"({', '.join(spec.mapping.names)}); {input_text(spec)}; "
         f"{count_parameters(training.model) / 1e6:.2f} M parameters; "
         f"{runtime.describe()}; {batch}; {memory_note}"
     )
-    chosen = startup_choices(settings, rules, runtime, workers=loaders[0].num_workers)
+    chosen = startup_choices(settings, spec, runtime, workers=loaders[0].num_workers)
     if chosen:
         report.print(f"start-up chose: {'; '.join(chosen)}")
-    flags = recorded_flags(settings, in_channels=rules.reading.channels, normalize=rules.normalization.name)
+    flags = recorded_flags(settings, in_channels=spec.reading.channels, normalize=spec.normalization.name)
     report.config(replay_values(flags), chosen)
     budget = None
     if optim.time_budget and not checkpoint:
@@ -195,7 +195,7 @@ def train(settings: TrainSettings, checkpoint: dict | None, runtime: Runtime, *,
         )
         budget = time_budget(optim.time_budget, started, len(loaders[0]), **validation_cost)
     status = fit(
-        training, loaders, progress, settings=settings, rules=rules, report=report, budget=budget, runtime=runtime
+        training, loaders, progress, settings=settings, spec=spec, report=report, budget=budget, runtime=runtime
     )
     if status is not None:
         return status

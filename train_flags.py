@@ -23,7 +23,8 @@ from cli import (
     widths_type,
     workers_type,
 )
-from coco import MODES
+from coco import COCO_MODES
+from colour import AUGMENT_LEVELS
 from demo import DEMO_STYLES
 from image_io import DEFAULT_MAX_PIXELS
 from intensity import NORMALIZE_CHOICES
@@ -52,7 +53,7 @@ def add_data_flags(p: ArgumentParser) -> None:
     data.add_argument("--val-coco", type=Path, help="COCO instances json for the validation images")
     data.add_argument(
         "--coco-mode",
-        choices=MODES,
+        choices=COCO_MODES,
         default="categories",
         help="classes rendered from COCO: one per category, the 9 super-groups, or binary",
     )
@@ -143,7 +144,7 @@ def add_input_flags(p: ArgumentParser) -> None:
     )
     inputs.add_argument(
         "--augment",
-        choices=("none", "basic", "strong"),
+        choices=tuple(AUGMENT_LEVELS),
         default="basic",
         help="joint image/mask augmentation of the training set",
     )

@@ -18,7 +18,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from colour import BatchColour
+from colour import AUGMENT_LEVELS, AugmentLevel, BatchColour, ColourDraws
 from intensity import IMAGENET, Normalization
 from labels import IGNORE_INDEX
 
@@ -271,18 +271,17 @@ class Crop:
 
 
 def build_geometry(
-    image_size: int, augment: str, crop: Crop | None, labels: torch.Tensor | None = None
+    image_size: int, level: AugmentLevel, crop: Crop | None, labels: torch.Tensor | None = None
 ) -> RandomGeometry:
     """Native-resolution crops or whole images (squashed, or a random resized crop), then the augmentation's flips
     and rotation. labels: see RandomGeometry."""
-    strong = augment == "strong"
-    motion = dict(hflip=augment != "none", vflip=strong, degrees=15.0 if augment != "none" else 0.0)
+    motion = dict(hflip=level.hflip, vflip=level.vflip, degrees=level.degrees)
     if crop is not None:
         steps = (RandomScale(crop.scale_range, crop.base_size), v2.RandomCrop(crop.size, pad_if_needed=True, fill=FILL))
         return RandomGeometry(crop.size, crop=steps, **motion, labels=labels)
-    if augment == "none":
+    if level.resized_crop_scale >= 1:
         return RandomGeometry(image_size, labels=labels)  # the whole image squashed, as v2.Resize
-    resized_crop = v2.RandomResizedCrop(image_size, scale=(0.25 if strong else 0.5, 1.0), antialias=True)
+    resized_crop = v2.RandomResizedCrop(image_size, scale=(level.resized_crop_scale, 1.0), antialias=True)
     return RandomGeometry(image_size, resized_crop=resized_crop, **motion, labels=labels)
 
 
@@ -294,7 +293,7 @@ class Augmentation:
     geometry: v2.Transform
     colour: BatchColour
 
-    def draw(self, image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def draw(self, image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple[torch.Tensor, torch.Tensor, ColourDraws]:
         """The placed pixels (as read: uint8 or float), the mask, and the colour stage's random numbers."""
         image, mask = self.geometry(image, mask)
         draws = self.colour.draw(image.shape[0])
@@ -302,7 +301,7 @@ class Augmentation:
 
     def __call__(self, image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple[torch.Tensor, torch.Tensor]:
         pixels, mask, draws = self.draw(image, mask)
-        return self.colour(pixels[None], draws[None])[0], mask
+        return self.colour(pixels[None], draws.one())[0], mask
 
 
 def build_transforms(
@@ -320,7 +319,8 @@ def build_transforms(
     photo: 8-bit RGB, whose colours ColorJitter may shift; other images get brightness and contrast per channel.
     labels: raw mask value -> class, applied by the geometry after its gather (masks then come in raw).
     """
-    if augment not in ("none", "basic", "strong"):
-        raise ValueError(f"unknown augmentation {augment!r}; choose none, basic or strong")
-    geometry = build_geometry(image_size, augment, crop, labels)
-    return Augmentation(geometry, BatchColour(augment, normalization, photo=photo))
+    if augment not in AUGMENT_LEVELS:
+        raise ValueError(f"unknown augmentation {augment!r}; choose {', '.join(AUGMENT_LEVELS)}")
+    level = AUGMENT_LEVELS[augment]
+    geometry = build_geometry(image_size, level, crop, labels)
+    return Augmentation(geometry, BatchColour(level, normalization, photo=photo))

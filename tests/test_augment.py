@@ -233,10 +233,11 @@ def test_the_mask_gather_reads_the_pixels_torchvision_nearest_resize_reads():
 def test_mask_positions_past_2_31_pixels_are_not_wrapped():
     """A 50,000 x 50,000 mask (2.5e9 pixels, as --max-pixels allows when raised): the flat positions of crops that
     reach past row 2**31 / 50,000 are the int64 row * width + column. Only the sizes are needed, not the pixels."""
+    from colour import AUGMENT_LEVELS
     from transforms import build_geometry, size_stand_in
 
     side, crop = 50_000, 32
-    geometry = build_geometry(crop, "none", Crop(crop, (1.0, 1.0)))
+    geometry = build_geometry(crop, AUGMENT_LEVELS["none"], Crop(crop, (1.0, 1.0)))
     torch.manual_seed(0)
     placed = [geometry.make_params(size_stand_in(side, side)) for _ in range(40)]
     assert any((params["offset"][0] + crop) * side > 2**31 for params in placed)
@@ -314,7 +315,7 @@ def test_training_samples_from_files_are_the_reference_pipelines_pixel_for_pixel
     from PIL import Image
     from torchvision.transforms import v2
 
-    from bench_data import write_photo
+    from benchmarks.data import write_photo
 
     rng = np.random.default_rng(2)
     for folder in ("images", "masks"):

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from bench_data import write_checkpoint, write_photo
+from benchmarks.data import write_checkpoint, write_photo
 from predictor import Predictor
 from utils import Runtime
 

@@ -54,6 +54,16 @@ def test_every_flag_has_one_row_on_its_page(module):
             assert flag in documented, f"{flag} of {module}.py has no row in docs/{page}"
 
 
+@pytest.mark.parametrize("module", sorted(SCRIPT_PAGES))
+def test_every_flag_takes_both_spellings(module):
+    """One flag style for every script: --input_dir and --input-dir, --data-root and --data_root, --x=1 too."""
+    parser = parser_of(module)
+    for action in parser._actions:
+        for flag in [s for s in action.option_strings if s.startswith("--") and ("-" in s[2:] or "_" in s[2:])]:
+            other = "--" + (flag[2:].replace("-", "_") if "-" in flag[2:] else flag[2:].replace("_", "-"))
+            assert parser._known_spelling(other) == flag and parser._known_spelling(f"{other}=1") == f"{flag}=1"
+
+
 def test_no_flag_is_documented_twice_on_a_page():
     for page in set(SCRIPT_PAGES.values()):
         seen = [flag for row in table_rows(page) for flag in flags_in_first_cell(row)]
@@ -118,3 +128,34 @@ def test_links_point_at_files_that_exist():
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
             if not target.startswith("http"):
                 assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+
+
+def change_map() -> list[str]:
+    """docs/development.md's "Where to change what" bullets, each joined into one line."""
+    text = (ROOT / "docs/development.md").read_text().split("### Where to change what", 1)[1]
+    return [" ".join(bullet.split()) for bullet in re.split(r"\n- ", text)[1:]]
+
+
+def test_the_change_map_names_files_and_functions_that_exist():
+    for bullet in change_map():
+        for token in re.findall(r"`([^`]+)`", bullet):
+            if token.endswith(".py"):
+                assert (ROOT / token).is_file(), f"{token} does not exist ({bullet[:40]})"
+            elif re.fullmatch(r"[a-z_]+(\.[A-Za-z_]+)+", token) and (ROOT / f"{token.split('.')[0]}.py").is_file():
+                module, *names = token.split(".")
+                found = importlib.import_module(module)
+                for name in names:
+                    found = getattr(found, name)  # fails where the map names what is not there
+        for module, names in re.findall(r"`([a-z_]+)\.py` \(([^)]*)\)", bullet):
+            for name in re.findall(r"`([A-Za-z_.]+)`", names):
+                found = importlib.import_module(module)
+                for part in name.split("."):
+                    found = getattr(found, part)
+
+
+def test_each_ordinary_change_touches_at_most_two_code_files():
+    """The four changes a newcomer makes most (docs/development.md), flags, settings and tests aside."""
+    aside = {"train_flags.py", "settings.py"}
+    for bullet in change_map()[:4]:
+        files = {f for f in re.findall(r"`([a-z_/]+\.py)`", bullet) if not f.startswith("tests/")} - aside
+        assert 1 <= len(files) <= 2, bullet[:60]

@@ -289,7 +289,7 @@ def test_coco_entries_that_are_not_objects_are_counted_or_named(tiny_demo, tmp_p
 
 @pytest.mark.parametrize("version", [1, 3, "x"])
 def test_a_checkpoint_of_another_format_version_is_one_line_everywhere(version, trained_run, tmp_path):
-    """Formats are told apart in one place (checkpoints.upgraded_state): inference, export and --resume all refuse."""
+    """Formats are told apart in one place (checkpoints.current_format): inference, export and --resume all refuse."""
     path = foreign_checkpoint(trained_run, tmp_path, lambda s: s.update(format_version=version))
     fragment = f"foreign.pt: checkpoint format version {version}; this version reads 2"
     folder = trained_run / "samples"

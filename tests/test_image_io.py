@@ -134,7 +134,7 @@ def test_jpegs_and_grey_png_masks_decode_to_the_pixels_pil_decodes(tmp_path, mon
     progressive, grey) and grey masks; a palette mask keeps its indices (PIL reads it). Without TorchCodec (fast
     False), PIL reads them all."""
     import fast_decode
-    from bench_data import write_photo
+    from benchmarks.data import write_photo
     from image_io import read_mask
 
     assert fast_decode.FAST_DECODERS  # the check can fail: TorchCodec is installed and loads here

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_data import write_checkpoint, write_photo
-from bench_measure import isolated, matmul_gflops, peak_memory_mb, timer
+from benchmarks.data import write_checkpoint, write_photo
+from benchmarks.measure import isolated, matmul_gflops, peak_memory_mb, timer
 from checkpoints import inference_network, load_checkpoint, training_flags
 from image_io import list_images
 from predictions import Outputs, segment_folder
@@ -80,3 +80,17 @@ def large_rows(
             "peak_mb": result["peak_mb"],
         }
     return precision, ceiling, rows
+
+
+def report_large(args, device: torch.device, root: Path) -> None:
+    width, height = args.large_size
+    size = dict(count=args.large_count, size=args.large_size, widths=args.widths, crop=args.image_size)
+    precision, ceiling, rows = large_rows(root, device, **size)
+    title = f"{args.large_count} photos {width}x{height}, {LARGE_CLASSES} classes, crop-trained at {args.image_size} px"
+    print(f"\n{title}")
+    print(f"{'':<56} {'s/image':>8} {'images/s':>9} {'passes':>7} {'GFLOP/s':>8} {'of ' + precision:>8} {'peak MB':>8}")
+    for label, row in rows.items():
+        print(
+            f"{label:<56} {row['seconds']:>8.2f} {1 / row['seconds']:>9.3f} {row['passes']:>7} {row['gflops']:>8.1f} "
+            f"{row['gflops'] / ceiling:>8.0%} {row['peak_mb']:>8.0f}"
+        )

@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from benchmarks.data import LOADER_PHOTOS, write_loader_data
+from benchmarks.measure import isolated
 from colour import BLUR, BatchColour
 from dataset import SegmentationFolder
 from image_io import pil_pixels, read_image
@@ -177,3 +179,23 @@ def loader_rates(items: dict[str, WorkerItems]) -> dict:
                 count = sum(len(batch[0]) for batch in columns[column])
                 rates[name][column] = max(rates[name][column], count / (time.perf_counter() - started))
     return rates
+
+
+def report_loader(args, device: torch.device, root: Path) -> None:
+    images, masks = write_loader_data(root)
+    width, height = LOADER_PHOTOS["size"]
+    print(f"\ndata loader: {LOADER_PHOTOS['count']} JPEGs {width}x{height} -> {args.image_size} px, ms per image")
+    columns = [*STAGES, "images/s", "1 worker", f"colour on {device.type}"]
+    print(f"{'augment':<40}" + "".join(f"{column:>19}" for column in columns))
+    for augment in ("none", "basic", "strong"):
+        for pipeline in LOADER_PIPELINES:
+            rows = isolated(loader_pair, images, masks, args.image_size, augment, pipeline, str(device))
+            for name, result in rows.items():
+                row = "".join(f"{result['ms'][stage]:>19.2f}" for stage in STAGES)
+                row += f"{result['images_per_s']:>19.1f}{result['worker_images_per_s']:>19.1f}"
+                on_device = f"{result['device_ms']:>19.2f}" if "device_ms" in result else ""
+                label = f"{augment}, {pipeline}" + (", torchvision" if name == "torchvision" else "")
+                print(f"{label:<40}{row}{on_device}")
+            rates = ("images_per_s", "worker_images_per_s")
+            speedups = [rows["ours"][rate] / rows["torchvision"][rate] for rate in rates]
+            print(f"{'':<40}ours vs torchvision: {speedups[0]:.2f}x in one process, {speedups[1]:.2f}x with one worker")

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench_data import write_photo
-from bench_measure import peak_memory_mb
+from benchmarks.data import write_photo
+from benchmarks.measure import isolated, peak_memory_mb
 from config import parse_args
 from data_setup import data_spec, prepare_data, training_loaders, validation_sampling
-from engine import finish_batch, train_step
+from engine import finish_batch, train_step, validate
 from labels import SCAN_CACHE_NAME
 from model_setup import build_training, check_memory
 from schedule import validation_interval
@@ -94,7 +94,7 @@ def start_up(root: Path, run_dir: Path) -> dict:
     val_set.pairs = val_set.pairs[:TIMED_VALIDATION_IMAGES]
     val_loader = training_loaders(settings, train_set, val_set, runtime)[1]
     sampling = validation_sampling(samples)
-    validated = training.validate(val_loader, rules=data_spec(train_set), sampling=sampling, runtime=runtime, epoch=1)
+    validated = validate(training, val_loader, spec=data_spec(train_set), sampling=sampling, runtime=runtime, epoch=1)
     image_seconds = validated.seconds / len(val_set.pairs)
     return {
         "scan_seconds": scanned - started,
@@ -155,7 +155,7 @@ def forget_scan_caches(root: Path) -> None:
         cache.unlink()
 
 
-def scale_rows(root: Path, isolated, *, val_images: int, coco_images: int) -> dict:
+def scale_rows(root: Path, *, val_images: int, coco_images: int) -> dict:
     """First and cached start-up (each in a fresh process), and prepare_masks on the first coco_images."""
     forget_scan_caches(root)
     rows = {"first": isolated(start_up, root, root / "run-first")}
@@ -167,3 +167,38 @@ def scale_rows(root: Path, isolated, *, val_images: int, coco_images: int) -> di
     for run in ("run-first", "run-cached", "coco-masks"):
         shutil.rmtree(root / run, ignore_errors=True)
     return rows
+
+
+def report_scale(args, root: Path) -> None:
+    """The reference design's workload shape: start-up at its size, validation's share of an epoch, COCO masks."""
+    started = time.perf_counter()
+    write_scale_data(root, args.scale_train, args.scale_val)
+    made = time.perf_counter() - started
+    masks = args.scale_train + args.scale_val
+    width, height = SCALE_PHOTO
+    print(
+        f"\nscale: {args.scale_train} training and {args.scale_val} validation pairs ({width}x{height} JPEG + "
+        f"{SCALE_CLASSES}-class PNG; hard links to {SCALE_DISTINCT} distinct files, made in {made:.0f} s)"
+    )
+    rows = scale_rows(root, val_images=args.scale_val, coco_images=min(args.scale_coco, args.scale_train))
+    print(f"{'train.py start-up':<30} {'label scan s':>13} {'masks/s':>9} {'first step s':>13} {'peak RSS MB':>12}")
+    for label in ("first", "cached"):
+        row = rows[label]
+        rate = masks / row["scan_seconds"]
+        print(
+            f"{label + (' (no caches)' if label == 'first' else ''):<30} {row['scan_seconds']:>13.1f} {rate:>9.0f} "
+            f"{row['first_step_seconds']:>13.1f} {row['startup_rss_mb']:>12.0f}"
+        )
+    share, first = rows["share"], rows["first"]
+    print(
+        f"an epoch with the defaults: {first['epoch_crops']} crops at {first['crop_seconds']:.3f} s "
+        f"({share['training_s']:.0f} s), {args.scale_val} validation images at {first['image_seconds']:.3f} s "
+        f"({share['validation_s']:.0f} s): validation is {share['every_epoch']:.0%} of the run validating every "
+        f"epoch, {share['auto']:.0%} with --val-every auto (every {share['auto_every']} epochs)"
+    )
+    if "coco" in rows:
+        coco = rows["coco"]
+        print(
+            f"prepare_masks.py: {coco['written']} masks in {coco['seconds']:.1f} s "
+            f"({coco['written'] / coco['seconds']:.0f} images/s), peak RSS {coco['peak_rss_mb']:.0f} MB"
+        )
