@@ -20,6 +20,7 @@ import torch
 from benchmarks.folder_inference import report_folder
 from benchmarks.large import report_large
 from benchmarks.loader import report_loader
+from benchmarks.objects import report_objects
 from benchmarks.scale import report_scale
 from benchmarks.training import report_training
 from cli import (
@@ -53,11 +54,12 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--rows", default="", help="comma-separated words: only the training rows whose label has one")
     p.add_argument(
         "--parts",
-        default="training,inference,onnx,large,loader,scale",
+        default="training,inference,onnx,large,loader,scale,objects",
         help="comma-separated parts to run (onnx: CPU only)",
     )
     p.add_argument("--large-count", type=positive_int, default=4, help="large: how many photos")
-    p.add_argument("--large-size", type=size_type, default=(6000, 4000), help="large: photo WIDTHxHEIGHT")
+    p.add_argument("--large-size", type=size_type, default=(6000, 4000), help="large, objects: photo WIDTHxHEIGHT")
+    p.add_argument("--object-spacing", type=positive_int, default=100, help="objects: px between disc centres")
     p.add_argument("--scale-train", type=positive_int, default=5000, help="scale: training image/mask pairs")
     p.add_argument("--scale-val", type=positive_int, default=2000, help="scale: validation image/mask pairs")
     p.add_argument(
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             report_loader(args, device, root)
         if "scale" in parts:
             report_scale(args, root / "scale")
+        if "objects" in parts:
+            report_objects(args)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

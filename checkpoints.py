@@ -12,6 +12,7 @@ from torch.optim.swa_utils import AveragedModel
 from errors import CheckpointError, MissingCheckpoint
 from files import replace_atomically, require_file
 from image_io import ImageReading
+from instances import ObjectRule
 from intensity import Normalization
 from labels import LabelMapping
 from model import ResidualAttnUNet
@@ -30,12 +31,15 @@ class DataSpec:
     mapping: LabelMapping
     reading: ImageReading
     normalization: Normalization
+    objects: ObjectRule | None = None  # a model trained on instance masks: how its maps become objects
 
     def to_state(self) -> dict:
+        objects = {} if self.objects is None else {"objects": self.objects.to_dict()}
         return {
             "mapping": self.mapping.to_dict(),
             "reading": self.reading.to_dict(),
             "normalization": self.normalization.to_dict(),
+            **objects,
         }
 
     @classmethod
@@ -44,6 +48,7 @@ class DataSpec:
             LabelMapping.from_dict(state["mapping"]),
             ImageReading.from_dict(state["reading"]),
             Normalization.from_dict(state["normalization"]),
+            ObjectRule.from_dict(state["objects"]) if state.get("objects") else None,
         )
 
 

@@ -25,6 +25,7 @@ from coco_groups import CATEGORY_GROUP, GROUP_MEMBERS, GROUP_PRIORITY
 from errors import CocoError
 from files import not_a_file, refuse_inside, replace_atomically, require_file, require_folder
 from image_io import DEFAULT_MAX_PIXELS
+from instances import write_instance_mask
 from labels import IGNORE_INDEX
 from utils import PALETTE
 
@@ -192,8 +193,9 @@ def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray | s
 
 def render_mask(
     height: int, width: int, annotations: list[dict], table: ClassTable, crowd_as_object: bool = False
-) -> tuple[np.ndarray, int, Counter]:
-    """One index mask from an image's annotations; returns it, annotations used, skipped reasons."""
+) -> tuple[np.ndarray, np.ndarray, int, Counter]:
+    """One index mask from an image's annotations, and its instance mask (each object painted its own id, 1, 2,
+    ... in painting order; crowds 0); returns both, annotations used, skipped reasons."""
     skipped: Counter = Counter()
     crowds, objects = [], []
     for ann in annotations:
@@ -214,13 +216,13 @@ def render_mask(
         else:
             cat = ann["category_id"]
             objects.append((table.priorities[cat], -int(binary.sum()), table.values[cat], binary))
-    mask = np.zeros((height, width), np.uint8)
+    mask, ids = np.zeros((height, width), np.uint8), np.zeros((height, width), np.int32)
     for binary in crowds:
         mask[binary] = IGNORE_INDEX
     # Painted in increasing priority, then decreasing area: the last painted wins a pixel.
-    for _, _, value, binary in sorted(objects, key=lambda o: (o[0], o[1])):
-        mask[binary] = value
-    return mask, len(crowds) + len(objects), skipped
+    for index, (_, _, value, binary) in enumerate(sorted(objects, key=lambda o: (o[0], o[1])), 1):
+        mask[binary], ids[binary] = value, index
+    return mask, ids, len(crowds) + len(objects), skipped
 
 
 def write_png_atomically(mask: np.ndarray, path: Path) -> None:
@@ -261,6 +263,7 @@ class RenderTask:
     table: ClassTable
     crowd_as_object: bool
     max_pixels: int
+    instances_path: Path | None = None  # also write the instance mask here
 
 
 def _render_one(task: RenderTask) -> tuple[str, int, Counter, str | None]:
@@ -273,8 +276,10 @@ def _render_one(task: RenderTask) -> tuple[str, int, Counter, str | None]:
         Image.open(task.image_path).close()  # reads the header only: the image is checked, never decoded
     except (OSError, SyntaxError):
         return task.image_path.name, 0, Counter(), "missing"
-    mask, used, skipped = render_mask(task.height, task.width, task.annotations, task.table, task.crowd_as_object)
+    mask, ids, used, skipped = render_mask(task.height, task.width, task.annotations, task.table, task.crowd_as_object)
     write_png_atomically(mask, task.out_path)
+    if task.instances_path is not None:
+        write_instance_mask(ids, task.instances_path)
     return task.image_path.name, used, skipped, None
 
 
@@ -290,8 +295,10 @@ def prepare_masks(
     overwrite: bool = False,
     crowd_as_object: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    instances_dir: Path | None = None,
 ) -> Summary:
-    """Render one index PNG per image into output_dir (plus classes.json); existing masks are kept."""
+    """Render one index PNG per image into output_dir (plus classes.json), and with instances_dir its instance mask
+    (one id per annotation) there; existing masks are kept."""
     require_folder(images_dir)
     refuse_inside(output_dir, images_dir, f"{output_dir}: must not be inside the images folder {images_dir}")
     coco = load_coco(annotations_file)
@@ -308,13 +315,15 @@ def prepare_masks(
     tasks = []
     for info in usable_image_entries(coco["images"], summary)[:max_images]:
         out_path = output_dir / f"{Path(info['file_name']).stem}.png"
-        if out_path.exists() and not overwrite:
+        instances = instances_dir / out_path.name if instances_dir is not None else None
+        if out_path.exists() and (instances is None or instances.exists()) and not overwrite:
             summary.existing += 1
             continue
         annotations = by_image.get(info["id"], [])
         image_path = images_dir / info["file_name"]
         size = info["height"], info["width"]
-        tasks.append(RenderTask(image_path, out_path, *size, annotations, table, crowd_as_object, max_pixels))
+        task = RenderTask(image_path, out_path, *size, annotations, table, crowd_as_object, max_pixels, instances)
+        tasks.append(task)
     for name, used, skipped, problem in tqdm(
         _render_all(tasks, workers),
         total=len(tasks),
@@ -342,14 +351,20 @@ def _render_all(tasks: list[RenderTask], workers: int):
         yield from pool.map(_render_one, tasks, chunksize=16)
 
 
-def cached_masks(annotations: Path, images: Path, mode: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
-    """Masks rendered from a COCO file once, under COCO_CACHE, keyed on the file, its images and the mode."""
+def cached_masks(
+    annotations: Path, images: Path, mode: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, instances: bool = False
+) -> tuple[Path, Path | None]:
+    """Masks rendered from a COCO file once, under COCO_CACHE, keyed on the file, its images and the mode; with
+    instances, each annotation's id too, in a folder beside them. Returns both folders (None: no instances)."""
     stat = annotations.stat() if annotations.is_file() else None
     key = hashlib.sha256(
         f"{os.path.realpath(annotations)}|{os.path.realpath(images)}|{mode}|"
         f"{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode()
     ).hexdigest()[:12]
     masks = COCO_CACHE / f"{annotations.stem}-{mode}-{key}"
-    summary = prepare_masks(images, annotations, masks, mode=mode, workers=0, max_pixels=max_pixels)
+    objects = masks.with_name(f"{masks.name}-instances") if instances else None
+    summary = prepare_masks(
+        images, annotations, masks, mode=mode, workers=0, max_pixels=max_pixels, instances_dir=objects
+    )
     print(f"{annotations}: {summary.line()} -> {masks}")
-    return masks
+    return masks, objects

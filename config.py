@@ -23,10 +23,11 @@ from settings import TrainSettings
 from train_flags import get_args_parser
 
 DATA_FLAGS = ("data_root", "train_images", "train_masks", "val_images", "val_masks", "train_coco", "val_coco")
+DATA_FLAGS += ("train_instances", "val_instances")
 RESUME_KEYS = ("args", "epoch", "history", "best_miou", "mapping", "optimizer", "scaler", "rng")
 # They fix the model, its classes or the shape of the optimiser's state.
 MUST_MATCH_CHECKPOINT = (
-    *("widths", "binary", "ignore_value", "coco_mode", "optimizer", "weight_decay"),
+    *("widths", "binary", "ignore_value", "coco_mode", "optimizer", "weight_decay", "separation"),
     *("in_channels", "normalize", "tiff_page"),
 )
 NEW_RUN_ONLY = {"preset", "time_budget"}  # a resumed run keeps its recipe and the epochs its budget fixed

@@ -15,6 +15,7 @@ from dataset import SegmentationFolder, choose_reading
 from demo import DEMO_IMAGES, DEMO_ROOTS, make_demo_data
 from errors import UserError
 from files import require_folder
+from instances import ObjectRule
 from intensity import check_display_channel
 from loaders import build_loaders
 from predictor import Sampling
@@ -29,6 +30,17 @@ class DataPaths:
     train_masks: Path
     val_images: Path
     val_masks: Path
+    train_instances: Path | None = None  # instance masks: the run learns objects where the training set has them
+    val_instances: Path | None = None
+
+
+def instance_folder(data: DataSettings, root: Path | None, split: str) -> Path | None:
+    """--{split}-instances, else ROOT/masks_instance/{split} where it exists; None with --instances off."""
+    if data.instances == "off":
+        return None
+    typed = getattr(data, f"{split}_instances")
+    default = root / "masks_instance" / split if root is not None else None
+    return typed or (default if default is not None and default.is_dir() else None)
 
 
 def data_paths(data: DataSettings) -> DataPaths:
@@ -36,7 +48,7 @@ def data_paths(data: DataSettings) -> DataPaths:
     root = DEMO_ROOTS[data.demo_style] if data.demo else data.data_root
     if root is not None:
         require_folder(root, "--data-root")
-    paths = {}
+    paths, coco_instances = {}, {}
     for split in ("train", "val"):
         for kind in ("images", "masks"):
             flag = f"{split}_{kind}"
@@ -44,18 +56,25 @@ def data_paths(data: DataSettings) -> DataPaths:
         coco_file = getattr(data, f"{split}_coco")
         if coco_file is not None and paths[f"{split}_images"] is not None:
             images = paths[f"{split}_images"]
-            paths[f"{split}_masks"] = cached_masks(coco_file, images, data.coco_mode, max_pixels=data.max_pixels)
+            rendered = cached_masks(
+                coco_file, images, data.coco_mode, max_pixels=data.max_pixels, instances=data.instances != "off"
+            )
+            paths[f"{split}_masks"], coco_instances[split] = rendered
         for kind in ("images", "masks"):
             if paths[f"{split}_{kind}"] is None:
                 raise UserError(f"--{split}-{kind} is needed (or --data-root, or --{split}-coco with --{split}-images)")
+        paths[f"{split}_instances"] = instance_folder(data, root, split) or coco_instances.get(split)
+    if paths["train_instances"] is None:
+        paths["val_instances"] = None  # objects are scored only by a model that learnt them
     return DataPaths(**paths)
 
 
 def build_datasets(
-    data: DataSettings, samples: SampleSettings, spec: DataSpec | None
+    data: DataSettings, samples: SampleSettings, spec: DataSpec | None, separation: str
 ) -> tuple[SegmentationFolder, SegmentationFolder]:
     """The training set finds the label mapping and normalisation (unless resuming); validation reuses them.
-    The input channels and normalisation they chose are the training set's reading and normalization."""
+    The input channels and normalisation they chose are the training set's reading and normalization. Where the
+    training set has instance masks, its samples carry the separation map too, and validation its object ids."""
     paths = data_paths(data)
     reading, normalize = choose_reading(
         paths.train_images, data.in_channels, data.normalize, page=data.tiff_page, convert=data.convert_channels
@@ -73,6 +92,8 @@ def build_datasets(
         normalize=normalize,
         augment=samples.augment,
         limit=data.train_subset,
+        instances_dir=paths.train_instances,
+        separation=separation if paths.train_instances else None,
         **labels,
     )
     val_set = SegmentationFolder(
@@ -82,6 +103,7 @@ def build_datasets(
         mapping=train_set.mapping,
         normalization=train_set.normalization,
         unknown_labels="ignore" if data.ignore_unknown_labels else "error",
+        instances_dir=paths.val_instances,
         **labels,
     )
     return train_set, val_set
@@ -104,14 +126,17 @@ def prepare_data(
         if (turn == "main") == runtime.ddp.is_main:
             if data.demo:
                 make_demo_data(DEMO_ROOTS[data.demo_style], **DEMO_IMAGES, style=data.demo_style)
-            datasets = build_datasets(data, samples, spec)
+            datasets = build_datasets(data, samples, spec, settings.model.separation)
         runtime.ddp.barrier()
     return datasets
 
 
 def data_spec(train_set: SegmentationFolder) -> DataSpec:
     """What the training set found, as the checkpoint saves it: the label mapping, reading rule, normalisation."""
-    return DataSpec(train_set.mapping, train_set.reading, train_set.normalization)
+    objects = (
+        ObjectRule.for_separation(train_set.separation, train_set.object_areas()) if train_set.separation else None
+    )
+    return DataSpec(train_set.mapping, train_set.reading, train_set.normalization, objects)
 
 
 def training_loaders(

@@ -25,9 +25,10 @@ from image_io import (
     read_image,
     read_mask,
 )
+from instances import SEPARATION_LEVELS, SIZE_SAMPLE, object_areas, separation_target
 from intensity import Normalization, build_normalization, default_normalize
 from labels import IGNORE_INDEX, LabelMapping, read_class_names, scan_masks
-from transforms import Crop, build_transforms
+from transforms import Crop, SeparationMap, build_transforms
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,9 @@ def choose_reading(
 
 
 class SegmentationFolder(Dataset):
-    """Images and masks paired by stem; labels mapped through the training set's mapping."""
+    """Images and masks paired by stem; labels mapped through the training set's mapping; with an instance folder,
+    each image's object ids too (paired by stem), for the separation target (training) or the object scores
+    (validation)."""
 
     def __init__(
         self,
@@ -87,13 +90,17 @@ class SegmentationFolder(Dataset):
         scan_workers: int = 4,
         limit: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        instances_dir: str | Path | None = None,
+        separation: str | None = None,
     ):
         """image_size None: items are the image as read (uint8 or float) and the mask, for validation at full size.
         crop: native-resolution training crops (None: whole images squashed to image_size).
         mapping: the training set's (None: found here); limit keeps the first N pairs, after the mapping.
         reading: how image files become the model's channels; normalization: the training set's (None: chosen here
-        by the rule normalize names, see intensity.build_normalization)."""
+        by the rule normalize names, see intensity.build_normalization). instances_dir: instance-id images by stem;
+        separation: what training samples learn from them (instances.SEPARATIONS; None: validation keeps the ids)."""
         self.images_dir, self.masks_dir = Path(images_dir), Path(masks_dir)
+        self.separation = separation
         self.max_pixels, self.reading = max_pixels, reading
         self.pairs, per_image = self._readable_pairs(scan_workers)
         if mapping is None:
@@ -110,6 +117,7 @@ class SegmentationFolder(Dataset):
             normalize, [i for i, _ in self.pairs], reading, cache_folder=self.masks_dir, max_pixels=max_pixels
         )
         self.pairs, per_image = self.pairs[:limit], per_image[:limit]
+        self.instance_paths = self._instance_files(Path(instances_dir)) if instances_dir is not None else None
         self.class_counts = self._class_counts(per_image)
         self.image_size = image_size
         self.transform = None
@@ -132,6 +140,21 @@ class SegmentationFolder(Dataset):
         if not pairs:
             raise DataError(f"{self.masks_dir}: no readable masks")
         return pairs, [raw_counts[m.name] for _, m in pairs]
+
+    def _instance_files(self, folder: Path) -> dict[str, Path]:
+        """Each image's instance mask by stem; images without one are named once (their objects are not learnt or
+        scored: their separation target is ignored)."""
+        found = {path.stem: path for path in list_images(require_folder(folder, "--train-instances/--val-instances"))}
+        missing = [image.stem for image, _ in self.pairs if image.stem not in found]
+        if missing:
+            log.warning(
+                "%s: %d of %d images have no instance mask (e.g. %s); their objects are not used",
+                folder,
+                len(missing),
+                len(self.pairs),
+                ", ".join(missing[:3]),
+            )
+        return found
 
     def _refuse_unknown_values(self, mapping: LabelMapping, per_image: list[dict[int, int]]) -> None:
         for (_, mask_path), counts in zip(self.pairs, per_image, strict=True):
@@ -185,9 +208,13 @@ class SegmentationFolder(Dataset):
 
     def load(self, index: int, *, mapped: bool = True) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
         """Decoded, full-size image (C, H, W) and mask (mapped: its values mapped to classes), before any transform."""
+        return self._read(index, mapped)[:2]
+
+    def _read(self, index: int, mapped: bool) -> tuple[tv_tensors.Image, tv_tensors.Mask, tuple[int, int], int | None]:
+        """load's image and mask, and the image's (H, W) and orientation, which its instance mask follows."""
         image, orientation = read_image(self.pairs[index][0], self.max_pixels, self.reading)
         mask = self.load_mask(index, image, orientation, mapped=mapped)
-        return tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)), mask
+        return tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)), mask, image.shape[:2], orientation
 
     def load_mask(self, index: int, image: np.ndarray, orientation: int | None, *, mapped: bool = True):
         """The mask of a decoded (H, W, C) image, turned as the image was; mapped: its values mapped to classes
@@ -197,17 +224,55 @@ class SegmentationFolder(Dataset):
         values = self.lut.take(mask) if mapped else np.require(mask, requirements="W")  # take: faster than lut[mask]
         return tv_tensors.Mask(torch.from_numpy(values))
 
-    def draw(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A training sample before its colour stage: the placed pixels (as read: uint8 or float), the mask and the
-        colour's random numbers, for the training loop to finish per batch on the device (transforms.Augmentation)."""
-        return self.transform.draw(*self.load(index, mapped=False))  # the geometry maps the labels
+    def object_areas(self) -> np.ndarray:
+        """The areas of the objects of up to SIZE_SAMPLE of the training set's instance masks, spread over the set
+        (masks that cannot be read are left out: the samples that hold them are named when they are drawn)."""
+        stems = [image.stem for image, _ in self.pairs if image.stem in (self.instance_paths or {})]
+        areas = []
+        for stem in stems[:: max(1, len(stems) // SIZE_SAMPLE)][:SIZE_SAMPLE]:
+            try:
+                areas.append(object_areas(read_mask(self.instance_paths[stem], self.max_pixels, "instance mask")))
+            except BadSampleError:
+                continue
+        return np.concatenate(areas) if areas else np.zeros(0, np.int64)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The finished sample (the image normalised float32), or, with image_size None, the image as read."""
-        if self.transform is None:
-            image, mask = self.load(index)
-            return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
-        return self.transform(*self.load(index, mapped=False))
+    def load_instances(self, index: int, shape: tuple[int, int], orientation: int | None) -> np.ndarray | None:
+        """The image's object ids (int32), turned as the image was; None where it has no instance mask."""
+        path = self.instance_paths.get(self.pairs[index][0].stem) if self.instance_paths is not None else None
+        if path is None:
+            return None
+        ids = read_mask(path, self.max_pixels, kind="instance mask")
+        return align_mask(ids, shape, orientation, path).astype(np.int32)
+
+    def _samples(self, index: int) -> tuple:
+        """What the geometry places: image, raw mask and, for instance training, the separation map (all ignored
+        where the image has no instance mask)."""
+        pixels, mask, shape, orientation = self._read(index, mapped=False)  # the geometry maps the labels
+        if self.separation is None:
+            return pixels, mask
+        ids = self.load_instances(index, shape, orientation)
+        target = np.full(shape, IGNORE_INDEX, np.uint8)
+        if ids is not None:
+            target = np.rint(separation_target(ids, self.separation) * SEPARATION_LEVELS).astype(np.uint8)
+        return pixels, mask, SeparationMap(torch.from_numpy(target))
+
+    def draw(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A training sample before its colour stage: the placed pixels (as read: uint8 or float), the mask (with a
+        separation, the (2, H, W) mask and map) and the colour's random numbers, for the training loop to finish per
+        batch on the device (transforms.Augmentation)."""
+        return self.transform.draw(*self._samples(index))
+
+    def __getitem__(self, index: int) -> tuple:
+        """The finished sample (the image normalised float32), or, with image_size None, the image as read and its
+        mask, and with instances its object ids (None where it has none)."""
+        if self.transform is not None:
+            return self.transform(*self._samples(index))
+        pixels, mask, shape, orientation = self._read(index, mapped=True)
+        pixels, mask = pixels.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+        if self.instance_paths is None:
+            return pixels, mask
+        ids = self.load_instances(index, shape, orientation)
+        return pixels, mask, None if ids is None else torch.from_numpy(ids)
 
 
 class SkipBadSamples(Dataset):
@@ -258,5 +323,6 @@ class SkipBadSamples(Dataset):
             size = self.dataset.image_size or 1
             dtype = torch.float32 if self.dataset.image_size else torch.uint8
             blank = torch.zeros(self.dataset.reading.channels, size, size, dtype=dtype)
-            return blank, torch.full((size, size), IGNORE_INDEX, dtype=torch.uint8), skipped[0]
+            ids = () if self.dataset.instance_paths is None else (None,)
+            return blank, torch.full((size, size), IGNORE_INDEX, dtype=torch.uint8), *ids, skipped[0]
         raise BadSampleError(f"{self.max_tries} bad samples in a row: " + "; ".join(skipped))

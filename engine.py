@@ -16,7 +16,7 @@ from checkpoints import DataSpec, load_model_weights, training_state
 from colour import BatchColour, ColourDraws
 from errors import CheckpointError
 from labels import IGNORE_INDEX
-from metrics import ConfusionMatrix
+from metrics import ConfusionMatrix, InstanceScores
 from optimizer import ONE_UPDATE_PER_BATCH, UpdateRule
 from predictor import Predictor, Sampling
 from schedule import EpochPace
@@ -226,27 +226,38 @@ class PixelCrossEntropy:
 @torch.inference_mode()
 def evaluate(
     predictor: Predictor, loader: DataLoader, *, num_classes: int, runtime: Runtime, epoch: int
-) -> tuple[float, ConfusionMatrix, tuple, list[str]]:
+) -> tuple[float, ConfusionMatrix, tuple, list[str], InstanceScores | None]:
     """Validation as inference.py sees it: each image at its original size through the same Predictor,
     so the logged mIoU is what `inference.py --masks_dir` reports. The loss is the pixel cross-entropy of
     those full-size probabilities, whichever loss trains. Returns the loss and confusion matrix over the
-    whole set (all ranks), a few (image, mask, prediction) samples and the bad files."""
+    whole set (all ranks), a few (image, mask, prediction) samples, the bad files, and for a model with a
+    separation head on a set with instance masks, the object scores over the images that have them."""
     matrix = ConfusionMatrix(num_classes, device=runtime.device)
     loss = PixelCrossEntropy(runtime.device)
     samples, skipped = ([], [], []), []
+    objects = InstanceScores() if predictor.objects is not None else None
     bar = tqdm(loader, desc=f"epoch {epoch} val", leave=False, dynamic_ncols=True, disable=not runtime.ddp.is_main)
-    for images, masks, skipped_here in bar:
+    for images, masks, *instances, skipped_here in bar:  # instances: each image's ids, where the set has them
         skipped.extend(line for s in skipped_here for line in s.splitlines())
         loss.masks = masks = [mask.to(runtime.device, non_blocking=True).long() for mask in masks]
-        preds = predictor.segment(images, on_band=loss)
+        if objects is None or not instances:
+            preds = predictor.segment(images, on_band=loss)
+        else:
+            found = predictor.segment_objects(images, on_band=loss)
+            for truth, image_objects in zip(instances[0], found, strict=True):
+                if truth is not None:
+                    objects.update(truth.numpy(), image_objects.ids)
+            preds = [torch.from_numpy(image_objects.labels) for image_objects in found]
         for pred, mask in zip(preds, masks, strict=True):
             matrix.update(pred, mask)
         for kept, new in zip(samples, (images, masks, preds), strict=True):
             kept.extend(item.cpu() for item in new[: PANEL_SAMPLES - len(kept)])
-    matrix.reduce()
+    matrix.reduce(runtime.ddp)
+    if objects is not None:
+        objects.reduce(runtime.ddp, runtime.device)
     runtime.ddp.all_reduce_sum(loss.total)
     runtime.ddp.all_reduce_sum(loss.pixels)
-    return (loss.total / loss.pixels.clamp_min(1)).item(), matrix, samples, skipped
+    return (loss.total / loss.pixels.clamp_min(1)).item(), matrix, samples, skipped, objects
 
 
 def validate(
@@ -257,7 +268,10 @@ def validate(
     started = time.monotonic()
     model = training.model if training.updates.ema is None else training.updates.ema.module
     model.eval()
-    predictor = Predictor.for_validation(model, spec.mapping, sampling, runtime, spec.normalization)
+    predictor = Predictor.for_validation(model, spec.mapping, sampling, runtime, spec.normalization, spec.objects)
     classes = spec.mapping.num_classes
-    loss, matrix, panel, skipped = evaluate(predictor, loader, num_classes=classes, runtime=runtime, epoch=epoch)
-    return Validation(loss, matrix, matrix.compute(), panel, skipped, time.monotonic() - started)
+    loss, matrix, panel, skipped, objects = evaluate(
+        predictor, loader, num_classes=classes, runtime=runtime, epoch=epoch
+    )
+    scores = matrix.compute() | (objects.compute() if objects is not None and objects.true_objects else {})
+    return Validation(loss, matrix, scores, panel, skipped, time.monotonic() - started)

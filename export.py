@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = check_batches(images, side, spec.normalization, channels=channels, stride=model.stride)
     with replace_atomically(output) as tmp:
         export_network(model, tmp, metadata=export_metadata(state), opset=args.opset)
-        agreement = compare_networks(model, OnnxModel.open(tmp), batches)
+        agreement = compare_networks(model, OnnxModel.open(tmp), batches, classes=model.config["num_classes"])
         sizes = ", ".join(sorted({"x".join(map(str, b.shape[-2:])) for b in batches}))
         print(f"onnxruntime vs PyTorch fp32 on {len(images)} real images and random inputs ({sizes}): {agreement}")
         if agreement.label_agreement < MIN_LABEL_AGREEMENT:

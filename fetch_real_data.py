@@ -8,7 +8,8 @@
   frames train, the last 10 validate.
 
 Label masks hold instance ids; foreground = id > 0, so each set becomes a two-class image/mask folder
-pair under --out (data/real by default) in the layout train.py's --data-root reads:
+pair under --out (data/real by default) in the layout train.py's --data-root reads, and the ids themselves go to
+masks_instance/ beside masks/ (16-bit PNGs), which train.py reads to learn separate objects:
 
     python fetch_real_data.py && python train.py --data-root data/real/bbbc007
 """
@@ -78,7 +79,8 @@ def label_files(files: list[Path]) -> dict[str, Path]:
 
 
 def convert(files: list[Path], name: str, out: Path) -> int:
-    """Image + instance-label pairs -> images/{train,val}/STEM.png and masks/{train,val}/STEM.png (0/1)."""
+    """Image + instance-label pairs -> images/{train,val}/STEM.png, masks/{train,val}/STEM.png (0/1) and
+    masks_instance/{train,val}/STEM.png (the ids, 16-bit)."""
     labels = label_files(files)
     pairs = 0
     for image in sorted(p for p in files if p not in labels.values()):
@@ -86,9 +88,10 @@ def convert(files: list[Path], name: str, out: Path) -> int:
             continue
         split = "val" if image.stem in VALIDATION[name] else "train"
         pixels = tifffile.imread(image) if image.suffix == ".tif" else np.asarray(Image.open(image).convert("RGB"))
-        foreground = (tifffile.imread(labels[image.stem]) > 0).astype(np.uint8)
+        ids = tifffile.imread(labels[image.stem])
+        foreground = (ids > 0).astype(np.uint8)
         stem = image.stem.replace(" ", "_")
-        for kind, array in (("images", pixels), ("masks", foreground)):
+        for kind, array in (("images", pixels), ("masks", foreground), ("masks_instance", ids.astype(np.uint16))):
             with replace_atomically(out / name / kind / split / f"{stem}.png") as tmp:
                 Image.fromarray(array).save(tmp, format="PNG")
         pairs += 1

@@ -25,6 +25,7 @@ TIFF_EXTENSIONS = {".tif", ".tiff"}
 # as float, which fits beside the model on a 16 GB machine; a 20000x20000 scan (400 MP) does not.
 DEFAULT_MAX_PIXELS = 100_000_000
 MAX_MASK_VALUE = 2**16 - 1  # labels are 8- or 16-bit values; a 32-bit mask outside that range is a bad sample
+MAX_INSTANCE_ID = 2**31 - 1  # object ids: 16-bit PNGs, or 32-bit TIFFs past 65,535 objects (read as int32)
 Image.MAX_IMAGE_PIXELS = None  # our limit replaces PIL's decompression-bomb check, so both never disagree
 
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}  # one channel (alpha dropped)
@@ -190,24 +191,27 @@ def _decode(path: Path, max_pixels: int, kind: str) -> tuple[Image.Image, np.nda
     return image, pixels
 
 
-def read_mask(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """A 2-D integer array of label values; colour masks are refused, not guessed at."""
-    mask, pixels = _decode(path, max_pixels, "mask")
+def read_mask(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, kind: str = "mask") -> np.ndarray:
+    """A 2-D integer array of label values; colour masks are refused, not guessed at. kind "instance mask": object
+    ids, 0..MAX_INSTANCE_ID (32-bit files), else labels 0..MAX_MASK_VALUE."""
+    mask, pixels = _decode(path, max_pixels, kind)
     if pixels is not None:
         return pixels[..., 0]
     if mask.mode in ("RGB", "RGBA", "LA"):
         array = np.asarray(mask)
         if mask.mode == "LA" or (array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all():
             return array[..., 0]
-        raise BadSampleError(f"{path}: colour ({mask.mode}) mask; masks must hold one label value per pixel")
+        raise BadSampleError(f"{path}: colour ({mask.mode}) {kind}; masks must hold one label value per pixel")
     if mask.mode == "1":
         return np.asarray(mask, dtype=np.uint8)
     array = np.asarray(mask)
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
-        raise BadSampleError(f"{path}: unsupported mask mode {mask.mode}")
+        values = "object ids are whole numbers" if kind == "instance mask" else f"unsupported mask mode {mask.mode}"
+        raise BadSampleError(f"{path}: {array.dtype} {kind} ({values})")
+    high, what = (MAX_INSTANCE_ID, "object ids") if kind == "instance mask" else (MAX_MASK_VALUE, "labels")
     wide = array.dtype.kind == "i" or array.dtype.itemsize > 2  # 8- and 16-bit masks cannot be out of range
-    if wide and array.size and (array.min() < 0 or array.max() > MAX_MASK_VALUE):
-        raise BadSampleError(f"{path}: mask values {array.min()}..{array.max()}; labels must be 0..{MAX_MASK_VALUE}")
+    if wide and array.size and (array.min() < 0 or array.max() > high):
+        raise BadSampleError(f"{path}: {kind} values {array.min()}..{array.max()}; {what} must be 0..{high}")
     return array
 
 

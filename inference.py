@@ -58,6 +58,22 @@ def add_sampling_flags(p: ArgumentParser) -> None:
     )
 
 
+def add_object_flags(p: ArgumentParser) -> None:
+    """How an instance model's maps become objects; each default is the checkpoint's (instances.ObjectRule)."""
+    p.add_argument(
+        "--min-object-size",
+        type=positive_int,
+        metavar="PIXELS",
+        help="instance models: smaller objects are dropped (default: the checkpoint's, from its training objects)",
+    )
+    p.add_argument(
+        "--seed-threshold",
+        type=float_in(0, 1, low_open=True, high_open=True),
+        help="instance models: where the separation map seeds objects (distance: above it; boundary: below it; "
+        "default: the checkpoint's)",
+    )
+
+
 def get_args_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input_dir", type=Path, required=True, help="folder of images to segment")
@@ -78,6 +94,7 @@ def get_args_parser() -> ArgumentParser:
     )
     add_sampling_flags(p)
     p.add_argument("--tta", action="store_true", help="average the logits of the image and its horizontal flip")
+    add_object_flags(p)
     add_ema_flag(p)
     add_channel_flags(p)
     p.add_argument("--save-probs", action="store_true", help="also write per-class probabilities as float16 .npy")
@@ -142,6 +159,7 @@ def check_channels(inputs: list[Path], predictor: Predictor, display_channel: in
 
 def load_predictor(args: argparse.Namespace, model_file: Path) -> Predictor:
     options = {"tta": args.tta, "batch_size": args.batch_size, "convert": args.convert_channels}
+    options["objects"] = {"min_size": args.min_object_size, "seed_threshold": args.seed_threshold}
     sampling = {"mode": args.mode, "tile": args.tile, "overlap": args.overlap, "scale": args.scale}
     if args.onnx is None:
         runtime = Runtime.from_flags(args.device, args.precision, args.channels_last)
@@ -166,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     predictor = load_predictor(args, model_file)
     check_channels(inputs, predictor, args.display_channel)
     output_dir = check_writable_folder(resolve_output_dir(args, model_file), "--output_dir")
-    outputs = Outputs(output_dir, save_probs=args.save_probs, display_channel=args.display_channel)
+    objects = predictor.objects is not None
+    outputs = Outputs(output_dir, save_probs=args.save_probs, display_channel=args.display_channel, objects=objects)
     keep_freed_cpu_memory(predictor.runtime.device)
     sampling = predictor.sampling
     slide_only = [flag for flag in ("tile", "overlap", "scale") if getattr(args, flag) is not None]
@@ -189,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{result.written} images segmented into {outputs.root}; {result.already_done} already done "
         f"(--overwrite to redo); {result.unreadable} unreadable"
     )
+    if objects:
+        print(f"{result.objects} objects: {outputs.root / 'objects.csv'}, coco_results.json, instances/")
     if true_masks is not None and result.evaluated == 0:
         print(f"no prediction had a mask of the same name in {args.masks_dir}")
     elif true_masks is not None:

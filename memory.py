@@ -12,6 +12,7 @@ import torch
 
 from engine import train_step
 from errors import UserError
+from instances import SEPARATION_LEVELS
 from optimizer import build_optimizer
 from utils import Runtime
 
@@ -129,6 +130,8 @@ def measure_training_step(model: torch.nn.Module, loss_fn: torch.nn.Module, runt
             memory_format=runtime.memory_format
         )
         masks = torch.randint(0, num_classes, (2, side, side), device=runtime.device)
+        if probe_model.config.get("extra_outputs"):  # instance training: the class masks and separation maps
+            masks = torch.stack([masks, torch.randint_like(masks, 0, SEPARATION_LEVELS + 1)], 1)
         parts = dict(loss_fn=loss_fn, optimizer=optimizer, scaler=runtime.grad_scaler(), runtime=runtime)
         train_step(probe_model, images, masks, **parts)
 

@@ -77,7 +77,9 @@ DEFAULT_WIDTHS = (16, 32, 64, 128)  # channels per encoder level: the model's an
 
 
 class ResidualAttnUNet(nn.Module):
-    """Encoder of residual blocks, attention bottleneck, decoder with skip concatenation.
+    """Encoder of residual blocks, attention bottleneck, decoder with skip concatenation; the class head and, with
+    extra_outputs, a separation head beside it on the same features (instances.py: one pass gives both maps). The
+    output is (batch, num_classes + extra_outputs, H, W): the class logits first.
 
     `config` holds the constructor arguments: they travel in the checkpoint so the model can be rebuilt.
     """
@@ -88,6 +90,7 @@ class ResidualAttnUNet(nn.Module):
         num_classes: int = 2,
         widths: tuple[int, ...] = DEFAULT_WIDTHS,
         dropout: float = 0.0,
+        extra_outputs: int = 0,
     ):
         super().__init__()
         widths = tuple(widths)
@@ -96,6 +99,7 @@ class ResidualAttnUNet(nn.Module):
             "num_classes": num_classes,
             "widths": list(widths),
             "dropout": dropout,
+            **({"extra_outputs": extra_outputs} if extra_outputs else {}),  # semantic models' config as before
         }
         self.encoders = nn.ModuleList()
         channels = in_channels
@@ -110,6 +114,7 @@ class ResidualAttnUNet(nn.Module):
             self.decoders.append(Up(channels, width, dropout))
             channels = width
         self.head = nn.Conv2d(channels, num_classes, 1)
+        self.separation_head = nn.Conv2d(channels, extra_outputs, 1) if extra_outputs else None
         self.stride = 2 ** len(widths)
         self.grad_checkpoint = False  # set by --grad-checkpoint; not a weight, so not in config
 
@@ -135,7 +140,8 @@ class ResidualAttnUNet(nn.Module):
         x = self._run(self.bottleneck, x)
         for decoder, skip in zip(self.decoders, reversed(skips), strict=True):
             x = self._run(decoder, x, skip)
-        return self.head(x)[..., :height, :width]
+        logits = self.head(x) if self.separation_head is None else torch.cat([self.head(x), self.separation_head(x)], 1)
+        return logits[..., :height, :width]
 
     def _run(self, block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
         """With grad_checkpoint, a block keeps only its inputs for backward and recomputes the rest there:

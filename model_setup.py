@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dataset import SegmentationFolder
 from engine import Training
 from errors import UserError
+from instances import SEPARATION_CHANNELS
 from losses import build_loss
 from memory import check_training_memory
 from model import ResidualAttnUNet
@@ -19,10 +20,11 @@ from utils import Runtime
 
 
 def build_model(
-    settings: ModelSettings, in_channels: int, num_classes: int, runtime: Runtime
+    settings: ModelSettings, in_channels: int, num_classes: int, runtime: Runtime, extra_outputs: int = 0
 ) -> tuple[nn.Module, nn.Module]:
-    """The model to save (plain) and the one to step (compiled and/or DDP-wrapped)."""
-    model = ResidualAttnUNet(in_channels, num_classes, settings.widths, settings.dropout)
+    """The model to save (plain) and the one to step (compiled and/or DDP-wrapped); extra_outputs: a separation
+    head's (instances)."""
+    model = ResidualAttnUNet(in_channels, num_classes, settings.widths, settings.dropout, extra_outputs)
     model.grad_checkpoint = settings.grad_checkpoint
     if settings.sync_bn:
         if runtime.device.type != "cuda" or not runtime.ddp.enabled:
@@ -52,10 +54,14 @@ def check_memory(training: Training, settings: TrainSettings, runtime: Runtime) 
 def build_training(settings: TrainSettings, train_set: SegmentationFolder, runtime: Runtime) -> Training:
     optim = settings.optim
     channels = train_set.reading.channels
-    model, step_model = build_model(settings.model, channels, train_set.num_classes, runtime)
+    extra = SEPARATION_CHANNELS if train_set.separation else 0
+    model, step_model = build_model(settings.model, channels, train_set.num_classes, runtime, extra)
     optimizer = build_optimizer(model, optim.lr, runtime.device, name=optim.optimizer, weight_decay=optim.weight_decay)
     class_weights = train_set.class_weights.to(runtime.device)
-    loss_fn = build_loss(optim.loss, class_weights, dice_weight=optim.dice_weight, ce_weight=optim.ce_weight)
+    weights = dict(dice_weight=optim.dice_weight, ce_weight=optim.ce_weight)
+    loss_fn = build_loss(
+        optim.loss, class_weights, **weights, separation=train_set.separation, num_classes=train_set.num_classes
+    )
     ema = ema_model(model, optim.ema) if optim.ema else None
     return Training(
         model=model,

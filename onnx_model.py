@@ -15,6 +15,7 @@ from checkpoints import DataSpec, format_problem, training_flags
 from errors import MissingOnnx, OnnxError
 from files import require_file
 from image_io import ImageReading
+from instances import ObjectRule
 from intensity import Normalization
 from labels import LabelMapping
 from utils import first_line
@@ -34,6 +35,7 @@ def export_metadata(state: dict) -> dict[str, str]:
         "input": spec["reading"],
         "training": {name: flags.get(name) for name in SAMPLING_FLAGS},
         "model_args": state["model_args"],
+        **({"objects": spec["objects"]} if "objects" in spec else {}),  # an instance model's object rule
     }
     return {f"segmentation.{key}": json.dumps(value) for key, value in values.items()}
 
@@ -69,6 +71,7 @@ class OnnxModel:
     training: dict  # the training flags that choose how images are shown to the network
     model_args: dict
     format_version: int
+    objects: ObjectRule | None = None  # an instance model's object rule
 
     @classmethod
     def open(cls, path: Path, providers: list[str] | None = None) -> OnnxModel:
@@ -86,6 +89,8 @@ class OnnxModel:
             mapping = LabelMapping.from_dict(meta.pop("mapping"))
             meta["normalize"] = Normalization.from_dict(meta["normalize"])
             meta["reading"] = ImageReading.from_dict(meta.pop("input"))
+            objects = props.get("segmentation.objects")
+            meta["objects"] = ObjectRule.from_dict(json.loads(objects)) if objects else None
         except (ValueError, KeyError, TypeError) as err:
             raise OnnxError(f"{path}: unreadable segmentation metadata ({err!r})") from None
         problem = format_problem(meta["format_version"])
@@ -113,12 +118,13 @@ class Agreement:
 
 
 @torch.inference_mode()
-def compare_networks(reference, candidate, batches: list[torch.Tensor]) -> Agreement:
-    """Two networks (normalised batch -> logits) on the same batches."""
+def compare_networks(reference, candidate, batches: list[torch.Tensor], classes: int | None = None) -> Agreement:
+    """Two networks (normalised batch -> logits) on the same batches; labels from the first `classes` outputs (an
+    instance model's separation map follows them), every output in the logit difference."""
     worst, same, total = 0.0, 0, 0
     for batch in batches:
         expected, found = reference(batch).float(), candidate(batch).float()
         worst = max(worst, (expected - found).abs().max().item())
-        same += (expected.argmax(1) == found.argmax(1)).sum().item()
+        same += (expected[:, :classes].argmax(1) == found[:, :classes].argmax(1)).sum().item()
         total += expected[:, 0].numel()
     return Agreement(worst, same / total)

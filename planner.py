@@ -28,6 +28,11 @@ def startup_choices(settings: TrainSettings, spec: DataSpec, runtime: Runtime, w
         name = spec.normalization.name
         why = "8-bit RGB photos" if name == "imagenet" else "not 8-bit RGB: the training images' own mean and std"
         chosen.append(f"normalize {name} ({why})")
+    if data.instances == "auto" and spec.objects is not None:
+        chosen.append(
+            f"instances: separate objects learnt from the instance masks found ({spec.objects.separation} map and "
+            "seeded watershed beside the classes)"
+        )
     if run.val_every == "auto":
         chosen.append(f"val_every {validation_reason()}")
     if optim.time_budget:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from skimage.segmentation import find_boundaries
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -26,7 +27,8 @@ from image_io import DEFAULT_MAX_PIXELS, ImageReading, read_image, read_mask
 from intensity import display_rgb
 from labels import LabelMapping
 from metrics import ConfusionMatrix
-from predictor import Predictor
+from object_files import merge_objects, write_objects
+from predictor import Objects, Predictor
 from utils import colours, init_worker, release_freed_cpu_memory
 
 log = logging.getLogger("inference")
@@ -83,6 +85,7 @@ class Outputs:
     root: Path
     save_probs: bool = False
     display_channel: int | None = None  # overlays show this channel as grey (default: the first three as RGB)
+    objects: bool = False  # an instance model's: instance labels, object rows, COCO results (object_files.py)
 
     def paths(self, relative: Path) -> dict[str, Path]:
         stem = relative.with_suffix("")
@@ -90,15 +93,37 @@ class Outputs:
             "mask": self.root / "masks" / f"{stem}.png",
             "overlay": self.root / "overlays" / f"{stem}.png",
             "probs": self.root / "probs" / f"{stem}.npy",
+            "instances": self.root / "instances" / f"{stem}.png",  # .tif past 65,535 objects
+            "objects": self.root / "objects" / f"{stem}.csv",
+            "coco": self.root / "objects" / f"{stem}.json",
         }
+
+    def wanted(self, kind: str) -> bool:
+        return (kind != "probs" or self.save_probs) and (kind not in OBJECT_FILES or self.objects)
 
     def done(self, relative: Path) -> bool:
         """Every file this run would write for the image exists already."""
-        return all(p.exists() for kind, p in self.paths(relative).items() if kind != "probs" or self.save_probs)
+        paths = self.paths(relative)
+        return all(
+            path.exists() or (kind == "instances" and path.with_suffix(".tif").exists())
+            for kind, path in paths.items()
+            if self.wanted(kind)
+        )
 
-    def write(self, original: torch.Tensor, relative: Path, labels: np.ndarray, mapping: LabelMapping) -> None:
-        """The image's mask and overlay (write_prediction) under this folder."""
-        write_prediction(original, self.paths(relative), labels, mapping, self.display_channel)
+    def write(
+        self, original: torch.Tensor, relative: Path, labels: np.ndarray, mapping: LabelMapping, objects=None
+    ) -> None:
+        """The image's mask and overlay (write_prediction) under this folder, and an instance model's objects
+        (object_files.write_objects)."""
+        targets = self.paths(relative)
+        outlines = None
+        if objects is not None:
+            write_objects(original.permute(1, 2, 0).numpy(), objects, targets, mapping, relative.as_posix())
+            outlines = find_boundaries(objects.ids, mode="inner")
+        write_prediction(original, targets, labels, mapping, self.display_channel, outlines)
+
+
+OBJECT_FILES = ("instances", "objects", "coco")
 
 
 def write_prediction(
@@ -107,12 +132,18 @@ def write_prediction(
     labels: np.ndarray,
     mapping: LabelMapping,
     display_channel: int | None = None,
+    outlines: np.ndarray | None = None,
 ):
-    """Mask of original values and overlay (on intensity.display_rgb's picture of the image), each written to a
-    temporary name and renamed."""
+    """Mask of original values and overlay (on intensity.display_rgb's picture of the image; with outlines, each
+    object's edge drawn white), each written to a temporary name and renamed."""
     values = mapping.value_array()[labels]
     image = display_rgb(original, display_channel)
-    files = {"mask": Image.fromarray(values), "overlay": overlay_with_legend(image, labels, mapping.names)}
+    overlay = overlay_with_legend(image, labels, mapping.names)
+    if outlines is not None:
+        pixels = np.asarray(overlay).copy()
+        pixels[: outlines.shape[0], : outlines.shape[1]][outlines] = 255
+        overlay = Image.fromarray(pixels)
+    files = {"mask": Image.fromarray(values), "overlay": overlay}
     # Overlays are for looking at: zlib level 1 writes them 4-5x faster than the default 6, 13% larger.
     compress_level = {"mask": 6, "overlay": 1}
     for kind, content in files.items():
@@ -175,6 +206,7 @@ class FolderResult:
     evaluated: int = 0
     todo: int = 0
     matrix: ConfusionMatrix | None = None
+    objects: int = 0  # over every image's object files: this run's and an earlier run's
 
 
 WRITE_QUEUE_BYTES = 64 << 20  # images whose files the writer threads have yet to write
@@ -200,16 +232,23 @@ class WriteQueue:
             self.pending.popleft()[0].result()
 
 
-def segment_to_files(predictor: Predictor, images: list[torch.Tensor], probs: list[Path | None]) -> list[torch.Tensor]:
-    """predictor.segment, with each image's probabilities written band by band to its path in probs (None: not)."""
+def segment_to_files(
+    predictor: Predictor, images: list[torch.Tensor], probs: list[Path | None], objects: bool
+) -> tuple[list[np.ndarray], list[Objects | None]]:
+    """predictor.segment (with objects, segment_objects), with each image's probabilities written band by band to its
+    path in probs (None: not). Returns each image's labels and objects (None without)."""
     with ProbabilityFiles() as probs_files:
         for key, (image, path) in enumerate(zip(images, probs, strict=True)):
             if path is not None:
                 probs_files.open(key, path, (predictor.mapping.num_classes, *image.shape[-2:]))
-        labels = predictor.segment(images, on_band=probs_files.write)
+        if objects:
+            found = predictor.segment_objects(images, on_band=probs_files.write)
+            labels = [image_objects.labels for image_objects in found]
+        else:
+            labels, found = [label.numpy() for label in predictor.segment(images, on_band=probs_files.write)], None
     if predictor.sampling.mode == "slide":
         release_freed_cpu_memory(predictor.runtime.device)  # the stitching's freed heap, before the writers need it
-    return labels
+    return labels, found or [None] * len(labels)
 
 
 def segment_folder(
@@ -253,9 +292,10 @@ def segment_folder(
                 outputs.paths(relative[item])["probs"] if write and outputs.save_probs else None
                 for item, write in zip(items, writes, strict=True)
             ]
-            labels = segment_to_files(predictor, images, probs)
-            for item, image, image_labels, write in zip(items, images, labels, writes, strict=True):
-                image_labels = image_labels.numpy()
+            labels, found = segment_to_files(predictor, images, probs, outputs.objects)
+            for item, image, image_labels, image_objects, write in zip(
+                items, images, labels, found, writes, strict=True
+            ):
                 if true_masks and inputs[item].stem in true_masks:
                     true_mask = true_masks[inputs[item].stem]
                     result.evaluated += evaluate_against(
@@ -263,7 +303,10 @@ def segment_folder(
                     )
                 if write:
                     nbytes = image.numel() * image.element_size() + image_labels.nbytes
-                    queue.submit(nbytes, outputs.write, image, relative[item], image_labels, predictor.mapping)
+                    args = (image, relative[item], image_labels, predictor.mapping, image_objects)
+                    queue.submit(nbytes, outputs.write, *args)
                     result.written += 1
         queue.drain()
+    if outputs.objects:
+        result.objects = merge_objects(outputs.root, [outputs.paths(r) for r in relative], predictor.mapping)
     return result

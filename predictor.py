@@ -24,6 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 from checkpoints import DataSpec, inference_network, load_checkpoint, training_flags
 from errors import CheckpointError, OnnxError
 from image_io import RGB, ImageReading, input_array
+from instances import SEPARATION_CHANNELS, ObjectRule, object_table, objects_from
 from intensity import IMAGENET, Normalization
 from labels import LabelMapping
 from onnx_model import OnnxModel
@@ -167,8 +168,25 @@ def softmax_(band: torch.Tensor) -> torch.Tensor:
     return band.div_(band.sum(0, keepdim=True))
 
 
+def object_rule(saved: ObjectRule | None, typed: dict | None) -> ObjectRule | None:
+    """A model's object rule with the fields a user typed (None: not typed) in place of the saved ones."""
+    if saved is None:
+        return None
+    return replace(saved, **{name: value for name, value in (typed or {}).items() if value is not None})
+
+
 def band_rows(num_classes: int, width: int) -> int:
     return max(1, BAND_BYTES // (4 * num_classes * width))
+
+
+@dataclass(frozen=True)
+class Objects:
+    """One image's objects: their ids (int32 (H, W), 0 outside objects), each pixel's class, and the model's
+    confidence that the pixel is foreground (its probability of any class but the background)."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    confidence: np.ndarray
 
 
 @dataclass
@@ -182,6 +200,17 @@ class Predictor:
     batch_size: int | None = None  # images per pass (resize), or tiles as many crops' pixels (slide); None: default
     normalize: Normalization = IMAGENET  # on the device, a batch at a time
     reading: ImageReading = RGB  # how files and arrays become the network's channels
+    objects: ObjectRule | None = None  # a model with a separation head: how its maps become objects
+
+    @property
+    def outputs(self) -> int:
+        """The network's output channels: the classes, and the separation map of an instance model."""
+        return self.mapping.num_classes + (SEPARATION_CHANNELS if self.objects is not None else 0)
+
+    @property
+    def background(self) -> int:
+        """The class objects are not: the one of mask value 0, else the first."""
+        return self.mapping.values.index(0) if 0 in self.mapping.values else 0
 
     @classmethod
     def from_checkpoint(
@@ -193,11 +222,13 @@ class Predictor:
         batch_size: int | None = None,
         ema: bool = True,
         convert: bool = False,
+        objects: dict | None = None,
         **sampling,
     ):
         """runtime: default the best device and precision at hand. ema: the moving-average weights where the run
         kept them (--ema). convert: convert images whose channels differ from the model's (image_io.ImageReading), even
-        if training did not. sampling: Sampling fields to override (None keeps the checkpoint's choice)."""
+        if training did not. objects: ObjectRule fields to override (None values keep the checkpoint's).
+        sampling: Sampling fields to override (None keeps the checkpoint's choice)."""
         path, runtime = Path(path), runtime or Runtime.from_flags("auto", "auto", channels_last=True)
         state = load_checkpoint(path)
         dtype = PRECISION_DTYPES[runtime.precision]
@@ -211,11 +242,19 @@ class Predictor:
             raise CheckpointError(f"{path}: no usable label mapping, image size or input rule ({err!r})") from None
         reading = replace(spec.reading, convert=spec.reading.convert or convert)
         options = dict(input_dtype=dtype, tta=tta, batch_size=batch_size, normalize=spec.normalization)
-        return cls(model, spec.mapping, chosen, runtime, reading=reading, **options)
+        rule = object_rule(spec.objects, objects)
+        return cls(model, spec.mapping, chosen, runtime, reading=reading, objects=rule, **options)
 
     @classmethod
     def from_onnx(
-        cls, path: Path, *, tta: bool = False, batch_size: int | None = None, convert: bool = False, **sampling
+        cls,
+        path: Path,
+        *,
+        tta: bool = False,
+        batch_size: int | None = None,
+        convert: bool = False,
+        objects: dict | None = None,
+        **sampling,
     ):
         """An export.py file run by onnxruntime on the CPU; pre- and post-processing as from_checkpoint."""
         network = OnnxModel.open(Path(path))
@@ -225,7 +264,8 @@ class Predictor:
             raise OnnxError(f"{path}: unusable training metadata ({err!r})") from None
         reading = replace(network.reading, convert=network.reading.convert or convert)
         options = dict(tta=tta, batch_size=batch_size, normalize=network.normalize, reading=reading)
-        return cls(network, network.mapping, chosen, Runtime(torch.device("cpu")), **options)
+        rule = object_rule(network.objects, objects)
+        return cls(network, network.mapping, chosen, Runtime(torch.device("cpu")), objects=rule, **options)
 
     @classmethod
     def for_validation(
@@ -235,6 +275,7 @@ class Predictor:
         sampling: Sampling,
         runtime: Runtime,
         normalize: Normalization = IMAGENET,
+        objects: ObjectRule | None = None,
     ):
         """The model being trained (in eval mode), run under the training's autocast."""
 
@@ -242,7 +283,7 @@ class Predictor:
             with runtime.autocast():
                 return model(images)
 
-        return cls(network, mapping, sampling, runtime, normalize=normalize)
+        return cls(network, mapping, sampling, runtime, normalize=normalize, objects=objects)
 
     @property
     def pass_size(self) -> int:
@@ -270,6 +311,14 @@ class Predictor:
         self.segment([tensor], on_band=keep)
         return probs
 
+    def predict_objects(self, image) -> tuple[np.ndarray, list[dict]]:
+        """A path, PIL image or (H, W[, C]) array -> (H, W) int32 object ids (0 background) and one row per object
+        (instances.object_table: id, class, area, centroid, box, equivalent diameter, mean intensity per channel,
+        confidence). Needs a model trained with instance masks; raises as predict does."""
+        pixels = input_array(image, self.reading)
+        found = self.segment_objects([torch.from_numpy(pixels).permute(2, 0, 1)])[0]
+        return found.ids, object_table(found.ids, found.labels, pixels, found.confidence, self.mapping.names)
+
     def _as_tensor(self, image) -> torch.Tensor:
         return torch.from_numpy(input_array(image, self.reading)).permute(2, 0, 1)
 
@@ -294,23 +343,52 @@ class Predictor:
         on_band(image index, first row, probabilities (C, rows, W)) sees every band, for files or losses; only then
         is the softmax computed.
         """
+        return [labels for labels, _ in self._segment(images, on_band, maps=False)]
+
+    @torch.inference_mode()
+    def segment_objects(
+        self, images: list[torch.Tensor], on_band: Callable[[int, int, torch.Tensor], None] | None = None
+    ) -> list[Objects]:
+        """segment(), and each image's objects from the separation map (instances.objects_from over the classes'
+        foreground): touching objects get ids of their own, and an object across tile seams one id, since the maps
+        are blended over the whole image before the watershed runs."""
+        if self.objects is None:
+            raise ValueError("this model has no separation head: it was trained without instance masks")
+        found = []
+        for labels, (separation, confidence) in self._segment(images, on_band, maps=True):
+            labels = labels.numpy()
+            ids = objects_from(labels != self.background, separation, self.objects)
+            found.append(Objects(ids, labels, confidence))
+        return found
+
+    def _segment(self, images: list[torch.Tensor], on_band, *, maps: bool) -> Iterator[tuple]:
+        """Each image's labels, and with maps its separation map (sigmoid) and foreground confidence, (H, W)
+        float32 arrays filled band by band."""
         if not images:
-            return []
+            return
         working = [self.sampling.working_size(*image.shape[-2:]) for image in images]
-        labels = []
+        classes = self.mapping.num_classes
         for index, (image, size, rows) in enumerate(
             zip(images, working, self._working_rows(images, working), strict=True)
         ):
             height, width = image.shape[-2:]
             out = torch.empty(height, width, dtype=torch.uint8)  # at most 255 classes (labels.py)
-            resampler = RowResampler(size, (height, width), band_rows(self.mapping.num_classes, width))
+            separation = np.empty((height, width), np.float32) if maps else None
+            confidence = np.empty((height, width), np.float32) if maps else None
+            resampler = RowResampler(size, (height, width), band_rows(self.outputs, width))
             for chunk in rows:
                 for top, band in resampler.push(chunk):
-                    out[top : top + band.shape[1]] = band.max(0).indices.to(torch.uint8)  # max: argmax is slow
-                    if on_band is not None:
-                        on_band(index, top, softmax_(band))  # in place: the band is not read again
-            labels.append(out)
-        return labels
+                    rows_here = slice(top, top + band.shape[1])
+                    out[rows_here] = band[:classes].max(0).indices.to(torch.uint8)  # max: argmax is slow
+                    if maps:
+                        separation[rows_here] = band[classes].sigmoid().cpu().numpy()
+                    if on_band is not None or maps:
+                        probs = softmax_(band[:classes])  # in place: the band is not read again
+                        if maps:
+                            confidence[rows_here] = (1 - probs[self.background]).cpu().numpy()
+                        if on_band is not None:
+                            on_band(index, top, probs)
+            yield out, (separation, confidence)
 
     def _working_rows(self, images: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[Iterator]:
         """Each image's logits at its working size, as chunks of rows in order (lazily when sliding)."""
@@ -329,7 +407,7 @@ class Predictor:
         height, width = image.shape[-2:]
         tops, tile_h, lefts, tile_w = self.sampling.tile_grid(height, width)
         weight = gaussian_weights(tile_h, tile_w, image.device)
-        logits_sum = torch.zeros(self.mapping.num_classes, tile_h, width, device=image.device)
+        logits_sum = torch.zeros(self.outputs, tile_h, width, device=image.device)
         weight_sum = torch.zeros(tile_h, width, device=image.device)
         per_pass = max(1, self.pass_size * self.sampling.image_size**2 // (tile_h * tile_w))
         for row, top in enumerate(tops):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cli import ArgumentParser, non_negative_int, positive_int, run_cli
 from coco import COCO_MODES, prepare_masks
-from files import check_writable_folder
+from files import check_writable_folder, refuse_inside
 from image_io import DEFAULT_MAX_PIXELS
 
 
@@ -46,12 +46,21 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument(
         "--crowd-as-object", action="store_true", help="paint iscrowd regions as their class, not 255 (ignored)"
     )
+    p.add_argument(
+        "--instances_dir",
+        type=Path,
+        help="also write each image's instance mask here: one id per annotation (16-bit PNG), what train.py's "
+        "--train-instances reads",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     check_writable_folder(args.output_dir, "--output_dir")
+    if args.instances_dir is not None:
+        check_writable_folder(args.instances_dir, "--instances_dir")
+        refuse_inside(args.instances_dir, args.images_dir, f"{args.instances_dir}: must not be inside --images_dir")
     categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
     summary = prepare_masks(
         args.images_dir,
@@ -64,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         overwrite=args.overwrite,
         crowd_as_object=args.crowd_as_object,
         max_pixels=args.max_pixels,
+        instances_dir=args.instances_dir,
     )
     print(summary.line())
     return 0

@@ -15,6 +15,7 @@ from metrics import ConfusionMatrix
 
 RESULT_COLUMNS = ("epoch", "train_loss", "val_loss", "miou", "mdice", "pixel_acc", "lr", "seconds", "images_per_s")
 RESULT_COLUMNS += ("validated",)  # 1 or 0: an epoch not validated leaves the scores empty
+OBJECT_COLUMNS = ("ap50", "ap75", "ap50_95", "f1", "pq", "seg")  # runs that learn objects: metrics.InstanceScores
 REPORT_COLUMNS = ("class", "pixels", "iou", "dice", "precision", "recall")
 
 
@@ -44,14 +45,17 @@ def epoch_record(
     record = dict(epoch=epoch, train_loss=train_loss, lr=lr, seconds=seconds[1], images_per_s=images / seconds[0])
     if validation is None:
         return record | dict(validated=0)
-    scores = {key: validation.metrics[key] for key in VALIDATION_KEYS[1:]}
+    scores = {
+        key: validation.metrics[key] for key in (*VALIDATION_KEYS[1:], *OBJECT_COLUMNS) if key in validation.metrics
+    }
     return record | dict(val_loss=validation.loss, **scores, validated=1)
 
 
 def write_results(history: list[dict], path: Path) -> None:
     """Rewritten whole from the history every epoch, so a resumed run (whose history is the checkpoint's) never
     holds an epoch twice or misses one."""
-    write_csv(history, RESULT_COLUMNS, path)
+    objects = OBJECT_COLUMNS if any("ap50" in row for row in history) else ()
+    write_csv(history, RESULT_COLUMNS[:-1] + objects + RESULT_COLUMNS[-1:], path)
 
 
 def class_report(matrix: ConfusionMatrix, names: list[str]) -> list[dict]:

@@ -14,7 +14,7 @@ from engine import Validation
 from files import printable
 from metrics import ConfusionMatrix
 from plots import confusion_matrix_figure, curves_figure, sample_panel, save_figure
-from records import confusion_from, format_report, write_report, write_results
+from records import OBJECT_COLUMNS, confusion_from, format_report, write_report, write_results
 from schedule import Plan
 from stopping import GracefulStop
 
@@ -36,6 +36,7 @@ SCALARS = {
     "val/mdice": "mdice",
     "val/pixel_acc": "pixel_acc",
     "lr": "lr",
+    **{f"objects/{key}": key for key in OBJECT_COLUMNS},  # runs that learn objects
 }
 
 
@@ -113,6 +114,8 @@ class Reporter:
             if record["validated"]
             else "not validated"
         )
+        if "ap50" in record:
+            scores += f"  objects AP50 {record['ap50']:.4f}  AP50-95 {record['ap50_95']:.4f}  PQ {record['pq']:.4f}"
         print(
             f"epoch {epoch}/{self.epochs}  train loss {record['train_loss']:.4f}  {scores}  "
             f"lr {record['lr']:.2e}  {record['seconds']:.1f}s ({record['images_per_s']:.1f} images/s)"

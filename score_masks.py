@@ -7,6 +7,13 @@ other tool's (e.g. milesial/Pytorch-UNet's predict.py), matched by file stem:
 
 The classes are the values the true masks hold (except --ignore-value); a predicted value that is not among
 them is an error for the true class, never a class of its own.
+
+With --instances both folders hold instance masks (one id per object, 0 background: inference.py's instances/, the
+Cell Tracking Challenge's or StarDist's and Cellpose's label images) and the scores are objects': AP at IoU 0.5 to
+0.95 as StarDist and Cellpose report it (TP / (TP + FP + FN)), F1 at 0.5, panoptic quality and the Cell Tracking
+Challenge's SEG, per image and over all images (metrics.InstanceScores):
+
+    python score_masks.py --instances --pred runs/x/predictions/val/instances --truth data/real/phc/masks_instance/val
 """
 
 from __future__ import annotations
@@ -23,8 +30,8 @@ from errors import UserError
 from files import require_folder
 from image_io import image_listing, list_images, read_mask
 from labels import IGNORE_INDEX
-from metrics import ConfusionMatrix
-from records import class_report, format_report
+from metrics import ConfusionMatrix, InstanceScores
+from records import class_report, format_report, write_csv
 
 
 def get_args_parser() -> ArgumentParser:
@@ -35,6 +42,10 @@ def get_args_parser() -> ArgumentParser:
         "--ignore-value", type=mask_value_type, default=IGNORE_INDEX, help="true-mask value that is not scored"
     )
     p.add_argument("--binary", action="store_true", help="every nonzero value (both folders) is one foreground class")
+    p.add_argument(
+        "--instances", action="store_true", help="both folders hold object ids: score objects (AP, F1, PQ, SEG)"
+    )
+    p.add_argument("--csv", type=Path, help="--instances: also write the per-image and overall scores to this CSV")
     return p
 
 
@@ -93,9 +104,37 @@ def score(pairs: list[tuple[Path, Path]], *, binary: bool = False, ignore_value:
     }
 
 
+INSTANCE_COLUMNS = ("image", "true_objects", "pred_objects", *(f"ap{t}" for t in range(50, 100, 5)))
+INSTANCE_COLUMNS += ("ap50_95", "f1", "pq", "seg")
+
+
+def score_instances(pairs: list[tuple[Path, Path]]) -> list[dict]:
+    """One row per image and a last one, "all", over every image's objects (summed, not a mean of the rows)."""
+    overall, rows = InstanceScores(), []
+    for pred_path, truth_path in pairs:
+        pred = read_mask(pred_path, kind="instance mask")
+        truth = read_mask(truth_path, kind="instance mask")
+        if pred.shape != truth.shape:
+            h, w = truth.shape
+            raise UserError(f"{pred_path}: {pred.shape[1]}x{pred.shape[0]}, its true mask {truth_path} is {w}x{h}")
+        rows.append({"image": truth_path.name, **overall.update(truth, pred)})
+    return [*rows, {"image": "all", **overall.compute()}]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     pairs = paired_masks(args.pred, args.truth)
+    if args.instances:
+        rows = score_instances(pairs)
+        if args.csv:
+            write_csv(rows, INSTANCE_COLUMNS, args.csv)
+        total = rows[-1]
+        print(
+            f"{len(pairs)} images, {total['true_objects']} true and {total['pred_objects']} predicted objects: "
+            f"AP50 {total['ap50']:.4f}, AP75 {total['ap75']:.4f}, AP50-95 {total['ap50_95']:.4f}, "
+            f"F1 {total['f1']:.4f}, PQ {total['pq']:.4f}, SEG {total['seg']:.4f}"
+        )
+        return 0
     result = score(pairs, binary=args.binary, ignore_value=args.ignore_value)
     print(format_report(result["rows"]))
     print(

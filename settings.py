@@ -22,6 +22,9 @@ class DataSettings:
     val_masks: Path | None
     train_coco: Path | None
     val_coco: Path | None
+    train_instances: Path | None
+    val_instances: Path | None
+    instances: str  # auto: learn objects wherever instance masks are found; off: classes only
     coco_mode: str
     binary: bool
     ignore_value: int
@@ -63,6 +66,7 @@ class ModelSettings:
 
     widths: tuple[int, ...]
     dropout: float
+    separation: str  # what the separation head learns where instances are trained (instances.SEPARATIONS)
     grad_checkpoint: bool
     sync_bn: bool
     compile: bool

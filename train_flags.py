@@ -27,6 +27,7 @@ from coco import COCO_MODES
 from colour import AUGMENT_LEVELS
 from demo import DEMO_STYLES
 from image_io import DEFAULT_MAX_PIXELS
+from instances import DEFAULT_SEPARATION, SEPARATIONS
 from intensity import NORMALIZE_CHOICES
 from labels import IGNORE_INDEX
 from losses import LOSSES
@@ -49,6 +50,20 @@ def add_data_flags(p: ArgumentParser) -> None:
     for split in ("train", "val"):
         for kind in ("images", "masks"):
             data.add_argument(f"--{split}-{kind}", type=Path, help=f"{split} {kind} folder (overrides --data-root)")
+    for split in ("train", "val"):
+        data.add_argument(
+            f"--{split}-instances",
+            type=Path,
+            help=f"{split} instance masks: one id per object, 0 background (default: DIR/masks_instance/{split} where "
+            "it exists)",
+        )
+    data.add_argument(
+        "--instances",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto: learn separate objects (a separation head beside the classes) wherever instance masks are found; "
+        "off: classes only",
+    )
     data.add_argument("--train-coco", type=Path, help="COCO instances json of the training images (rendered once)")
     data.add_argument("--val-coco", type=Path, help="COCO instances json for the validation images")
     data.add_argument(
@@ -168,6 +183,13 @@ def add_input_flags(p: ArgumentParser) -> None:
 def add_model_flags(p: ArgumentParser) -> None:
     model = p.add_argument_group("model and optimisation")
     model.add_argument("--widths", type=widths_type, default=DEFAULT_WIDTHS, help="encoder widths, comma-separated")
+    model.add_argument(
+        "--separation",
+        choices=SEPARATIONS,
+        default=DEFAULT_SEPARATION,
+        help="with instance masks, what the separation head learns: boundary, each object's edge pixels; distance, "
+        "each pixel's distance to its object's edge (over the largest); seeded watershed turns either into objects",
+    )
     model.add_argument(
         "--dropout",
         type=float_in(0, 1, high_open=True),

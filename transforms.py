@@ -22,7 +22,13 @@ from colour import AUGMENT_LEVELS, AugmentLevel, BatchColour, ColourDraws
 from intensity import IMAGENET, Normalization
 from labels import IGNORE_INDEX
 
-FILL = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}  # rotated-in and padded pixels: black, ignored
+
+class SeparationMap(tv_tensors.Mask):
+    """An instance-trained sample's separation target (uint8: the map in 0..1 as 0..254, 255 ignored), placed as its
+    mask is (the same gather) but never through the mask's label lookup."""
+
+
+FILL = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX, SeparationMap: IGNORE_INDEX}  # rotated in, padded
 
 
 class RandomScale(v2.Transform):
@@ -239,9 +245,10 @@ class RandomGeometry(v2.Transform):
 
     def transform(self, inpt, params: dict):
         if isinstance(inpt, tv_tensors.Mask):
-            source, index, fill = inpt.as_subclass(torch.Tensor), params["mask_index"], FILL[tv_tensors.Mask]
+            source, index, fill = inpt.as_subclass(torch.Tensor), params["mask_index"], FILL[type(inpt)]
             picked = source.reshape(-1).index_select(0, index)
-            picked = picked if self.labels is None else self.labels.index_select(0, picked.int())
+            if self.labels is not None and not isinstance(inpt, SeparationMap):
+                picked = self.labels.index_select(0, picked.int())
         else:
             top, left, height, width = params["box"]
             pixels = inpt.as_subclass(torch.Tensor)[..., top : top + height, left : left + width]
@@ -293,14 +300,23 @@ class Augmentation:
     geometry: v2.Transform
     colour: BatchColour
 
-    def draw(self, image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple[torch.Tensor, torch.Tensor, ColourDraws]:
-        """The placed pixels (as read: uint8 or float), the mask, and the colour stage's random numbers."""
-        image, mask = self.geometry(image, mask)
+    def draw(
+        self, image: tv_tensors.Image, mask: tv_tensors.Mask, separation: SeparationMap | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, ColourDraws]:
+        """The placed pixels (as read: uint8 or float), the mask, and the colour stage's random numbers. With a
+        separation map, the "mask" is the (2, H, W) stack of the placed mask and map (losses.InstanceLoss)."""
+        if separation is None:
+            image, mask = self.geometry(image, mask)
+        else:
+            image, mask, separation = self.geometry(image, mask, separation)
+            mask = torch.stack([mask, separation])
         draws = self.colour.draw(image.shape[0])
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor), draws  # uint8: widened on the device
 
-    def __call__(self, image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels, mask, draws = self.draw(image, mask)
+    def __call__(
+        self, image: tv_tensors.Image, mask: tv_tensors.Mask, separation: SeparationMap | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, mask, draws = self.draw(image, mask, separation)
         return self.colour(pixels[None], draws.one())[0], mask
 
 

@@ -4,7 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -78,3 +81,15 @@ def trained_run(tiny_demo, tmp_path_factory) -> Path:
         == 0
     )
     return run_dir
+
+
+def add_instance_masks(root: Path) -> Path:
+    """masks_instance/ beside masks/: each connected piece of foreground an object, with ids past 255."""
+    for split in ("train", "val"):
+        (root / "masks_instance" / split).mkdir(parents=True)
+        for path in sorted((root / "masks" / split).glob("*.png")):
+            ids, _ = ndimage.label(np.asarray(Image.open(path)) > 0)
+            Image.fromarray((np.where(ids > 0, ids + 1000, 0)).astype(np.uint16)).save(
+                root / "masks_instance" / split / path.name
+            )
+    return root

@@ -47,7 +47,7 @@ def test_category_ids_with_gaps_map_to_contiguous_values():
     table = class_table(CATEGORIES, "categories")
     assert table.values == {1: 1, 3: 2, 44: 3, 90: 4}
     assert table.names[4] == "toothbrush"
-    mask, used, _ = render_mask(10, 10, [annotation(90, square(1, 1, 5, 5))], table)
+    mask, _, used, _ = render_mask(10, 10, [annotation(90, square(1, 1, 5, 5))], table)
     assert used == 1 and mask[2, 2] == 4
 
 
@@ -58,11 +58,13 @@ def test_crowd_rle_is_ignored_and_compressed_rle_renders():
     uncompressed = {"size": [10, 10], "counts": rle_counts(crowd)}
     compressed = mask_utils.encode(np.asfortranarray((np.arange(100).reshape(10, 10) % 10 > 6).astype(np.uint8)))
     compressed["counts"] = compressed["counts"].decode()
-    mask, used, skipped = render_mask(10, 10, [annotation(1, uncompressed, crowd=1), annotation(3, compressed)], table)
+    mask, _, used, skipped = render_mask(
+        10, 10, [annotation(1, uncompressed, crowd=1), annotation(3, compressed)], table
+    )
     assert used == 2 and not skipped
     assert (mask[:3, :7] == 255).all()
     assert (mask[:, 7:] == 2).all()  # the object is painted over the crowd region
-    mask, _, _ = render_mask(10, 10, [annotation(1, uncompressed, crowd=1)], table, crowd_as_object=True)
+    mask, _, _, _ = render_mask(10, 10, [annotation(1, uncompressed, crowd=1)], table, crowd_as_object=True)
     assert (mask[:3] == 1).all()
 
 
@@ -89,7 +91,7 @@ def test_malformed_annotations_are_skipped_and_counted():
         annotation(1, {"size": [10, 10], "counts": "not an rle!"}),
         annotation(3, square(2, 2, 6, 6)),
     ]
-    mask, used, skipped = render_mask(10, 10, anns, table)
+    mask, _, used, skipped = render_mask(10, 10, anns, table)
     assert used == 1
     assert skipped == {"malformed polygon": 2, "category id not in categories": 1, "bad RLE": 1}
     assert mask[3, 3] == 2
@@ -120,7 +122,7 @@ def hostile_annotations(height, width):
 
 
 def test_hostile_geometry_is_skipped_by_reason_and_the_rest_renders():
-    mask, used, skipped = render_mask(10, 10, hostile_annotations(10, 10), class_table(CATEGORIES, "categories"))
+    mask, _, used, skipped = render_mask(10, 10, hostile_annotations(10, 10), class_table(CATEGORIES, "categories"))
     assert used == 1 and mask[3, 3] == 2 and mask[0, 0] == 0
     assert skipped == {"polygon coordinates not finite or far outside the image": 3, "bad RLE": 5}
 
@@ -143,10 +145,10 @@ def test_group_priority_decides_an_overlap_and_categories_mode_prefers_the_small
     big_person, small_bottle = square(0, 0, 8, 8), square(2, 2, 4, 4)
     anns = [annotation(44, small_bottle), annotation(1, big_person)]
     groups = class_table(CATEGORIES, "groups")
-    mask, _, _ = render_mask(10, 10, anns, groups)
+    mask, _, _, _ = render_mask(10, 10, anns, groups)
     assert mask[3, 3] == 1  # living (priority 4) beats kitchen (2) although the bottle is smaller
     assert groups.names[1] == "living" and groups.names[6] == "kitchen"
-    mask, _, _ = render_mask(10, 10, anns, class_table(CATEGORIES, "categories"))
+    mask, _, _, _ = render_mask(10, 10, anns, class_table(CATEGORIES, "categories"))
     assert mask[3, 3] == 3  # the bottle is in front
 
 
@@ -214,4 +216,6 @@ def test_train_reads_coco_annotations_directly(tiny_demo, tmp_path, monkeypatch)
     )
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert state["mapping"]["names"] == ["background", "ellipse", "rectangle", "triangle", "star"]
-    assert len(list((tmp_path / "cache").glob("*/*.png"))) == 32
+    assert len(list((tmp_path / "cache").glob("*-categories-????????????/*.png"))) == 32  # 24 + 8 masks
+    assert len(list((tmp_path / "cache").glob("*-instances/*.png"))) == 32  # and each annotation an object
+    assert state["objects"]["separation"] == "boundary"  # COCO is an instance format: the run learnt objects

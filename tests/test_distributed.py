@@ -73,7 +73,7 @@ def test_two_processes_write_one_run_whose_miou_equals_a_single_process_evaluati
     loader = DataLoader(SkipBadSamples(val, replace=False), batch_size=3, collate_fn=as_lists)
     runtime = Runtime(torch.device("cpu"), "fp32", channels_last=True)
     predictor = Predictor.for_validation(model.eval(), mapping, Sampling.from_training_flags(state["args"]), runtime)
-    _, matrix, _, _ = evaluate(predictor, loader, num_classes=val.num_classes, runtime=runtime, epoch=1)
+    _, matrix, _, _, _ = evaluate(predictor, loader, num_classes=val.num_classes, runtime=runtime, epoch=1)
     assert matrix.matrix.sum().item() == 9 * 48 * 48  # every validation pixel counted exactly once
     assert matrix.compute()["miou"] == pytest.approx(logged, abs=1e-4)  # 1 thread per rank: other float sums
     assert state["history"][0]["miou"] == pytest.approx(logged, abs=1e-6)

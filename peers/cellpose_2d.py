@@ -1,0 +1,79 @@
+"""Peer: Cellpose 3.1.1.3 from random init (CellposeModel(pretrained_model=None)), trained by its own
+train.train_seg with its defaults (AdamW 0.005, weight decay 1e-5, batch 8, 224 px patches, its rotate-and-resize
+augmentation, rescaling to the training set's mean diameter) and its learning-rate schedule over as many epochs as fit
+the wall-clock budget (counted from this script's start: two epochs are timed first and the rest planned from them),
+then model.eval at the training set's diameter on the validation images, written as uint16 PNGs.
+
+    /tmp/cellpose-venv/bin/python peers/cellpose_2d.py DATA OUT SECONDS [--seed N]
+
+DATA/images/{train,val}/*.png and DATA/masks_instance/{train,val}/*.png (uint16 ids), as fetch_real_data.py writes.
+Prints one JSON line: epochs, steps, threads, precision, training seconds.
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+from PIL import Image
+
+t_start = time.time()
+parser = argparse.ArgumentParser()
+parser.add_argument("data")
+parser.add_argument("out")
+parser.add_argument("seconds", type=float)
+parser.add_argument("--seed", type=int, default=0)
+args = parser.parse_args()
+
+import torch  # noqa: E402
+from cellpose import models, train  # noqa: E402
+
+random.seed(args.seed)
+np.random.seed(args.seed)
+torch.manual_seed(args.seed)
+PREDICT_RESERVE = 0.05  # of the budget, left for predicting the validation images
+
+
+def load(split: str):
+    images, labels, names = [], [], []
+    for path in sorted(glob.glob(f"{args.data}/images/{split}/*.png")):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        images.append(np.asarray(Image.open(path).convert("L")).astype(np.float32))  # channels [0, 0]: grey
+        labels.append(np.asarray(Image.open(f"{args.data}/masks_instance/{split}/{stem}.png")).astype(np.int32))
+        names.append(stem)
+    return images, labels, names
+
+
+X, Y, _ = load("train")
+Xv, _, names = load("val")
+model = models.CellposeModel(gpu=False, pretrained_model=None)
+common = dict(train_data=X, train_labels=Y, channels=[0, 0], save_path=args.out, min_train_masks=1)
+probe = time.time()
+train.train_seg(model.net, n_epochs=2, model_name="probe", **common)  # its own loop, timed: two epochs
+epoch_seconds = (time.time() - probe) / 2
+left = args.seconds * (1 - PREDICT_RESERVE) - (time.time() - t_start)
+epochs = max(1, math.floor(left / epoch_seconds))
+model = models.CellposeModel(gpu=False, pretrained_model=None)  # the probe's weights are not kept
+train.train_seg(model.net, n_epochs=epochs, model_name="peer", **common)
+trained = time.time() - t_start
+os.makedirs(f"{args.out}/instances", exist_ok=True)
+diameter = float(model.net.diam_labels.item())
+for x, stem in zip(Xv, names, strict=True):
+    masks = model.eval(x, channels=[0, 0], diameter=diameter)[0]
+    Image.fromarray(masks.astype(np.uint16)).save(f"{args.out}/instances/{stem}.png")
+steps = epochs * math.ceil(len(X) / 8)
+print(
+    json.dumps(
+        {
+            "epochs": epochs,
+            "steps": steps,
+            "threads": torch.get_num_threads(),
+            "precision": "fp32",
+            "train_s": round(trained),
+        }
+    )
+)

@@ -1,0 +1,137 @@
+"""Objects: this repo's instance model, its semantic model split into connected components (what a user had before),
+StarDist 2D and Cellpose, each trained from scratch on the same split for the same wall time and seed, every
+prediction's objects scored by score_masks.py --instances against DATA/masks_instance/val.
+
+    python peers/compare_instances.py --sets data/real/gravel data/real/bbbc007 data/real/phc \\
+        --methods ours,components,stardist,cellpose --seeds 0,1,2 --minutes 5 --out runs/instances
+
+Within each set and seed the methods run one after another in one invocation (interleaved: a slow hour hits them
+alike), one at a time. Every run appends a row to OUT/results.csv; the table of means and spreads is printed from
+all rows at the end (--table-only: just print it). StarDist and Cellpose need their venvs (peers/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from image_io import list_images, read_mask  # noqa: E402  (the product's reader and evaluator, from its folder)
+from score_masks import paired_masks, score_instances  # noqa: E402
+
+SCORES = ["ap50", "ap75", "ap50_95", "f1", "pq", "seg", "true_objects", "pred_objects"]
+COLUMNS = ["method", "set", "seed", "minutes", *SCORES, "wall_s", "details"]
+STARDIST_PYTHON = os.environ.get("PEER_STARDIST_PYTHON", "/tmp/stardist-venv/bin/python")
+CELLPOSE_PYTHON = os.environ.get("PEER_CELLPOSE_PYTHON", "/tmp/cellpose-venv/bin/python")
+
+
+def ours(data: Path, out: Path, seed: int, minutes: float, instances: bool = True) -> list[list]:
+    """train.py with its defaults for the budget (instances learnt from masks_instance/, or --instances off), then
+    inference.py on the validation images with last.pt (never a checkpoint chosen on those images)."""
+    run = out.parent / f"{out.name}-run"
+    train = ["train.py", "--data-root", data, "--time-budget", minutes, "--seed", seed, "--run-dir", run]
+    train += [] if instances else ["--instances", "off"]
+    infer = ["inference.py", "--input_dir", data / "images/val", "--checkpoint", run / "checkpoints/last.pt"]
+    return [[sys.executable, *train], [sys.executable, *infer, "--output_dir", out, "--overwrite"]]
+
+
+def components(data: Path, out: Path, seed: int, minutes: float) -> list[list]:
+    return ours(data, out, seed, minutes, instances=False)
+
+
+def stardist(data: Path, out: Path, seed: int, minutes: float) -> list[list]:
+    return [[STARDIST_PYTHON, ROOT / "peers/stardist_2d.py", data, out, minutes * 60, "--seed", seed]]
+
+
+def cellpose(data: Path, out: Path, seed: int, minutes: float) -> list[list]:
+    return [[CELLPOSE_PYTHON, ROOT / "peers/cellpose_2d.py", data, out, minutes * 60, "--seed", seed]]
+
+
+METHODS = {"ours": ours, "components": components, "stardist": stardist, "cellpose": cellpose}
+
+
+def split_components(out: Path) -> None:
+    """The semantic model's masks split into connected components (4-connected, scipy's default): its objects."""
+    (out / "instances").mkdir(exist_ok=True)
+    for path in list_images(out / "masks"):
+        ids, _ = ndimage.label(read_mask(path) > 0)
+        Image.fromarray(ids.astype(np.uint16)).save(out / "instances" / path.name)
+
+
+def run_one(method: str, data: Path, seed: int, minutes: float, out: Path) -> dict:
+    pred = out / f"{method}-{data.name}-seed{seed}-{minutes:g}min"
+    started, details = time.monotonic(), {}
+    for command in METHODS[method](data, pred, seed, minutes):
+        result = subprocess.run([str(part) for part in command], cwd=ROOT, check=True, capture_output=True, text=True)
+        last = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+        details = json.loads(last) if last.startswith("{") else details
+    if method == "components":
+        split_components(pred)
+    wall = time.monotonic() - started
+    if method in ("ours", "components"):
+        epochs = list(csv.DictReader((pred.parent / f"{pred.name}-run" / "results.csv").open()))
+        details = {"epochs": len(epochs), "precision": "see config.yaml"}
+    total = score_instances(paired_masks(pred / "instances", data / "masks_instance/val"))[-1]
+    row = {"method": method, "set": data.name, "seed": seed, "minutes": minutes, "wall_s": round(wall)}
+    return row | {key: total[key] for key in SCORES} | {"details": json.dumps(details)}
+
+
+def table(rows: list[dict]) -> str:
+    """Mean and spread (min-max) of AP50, and the means of AP50-95 and PQ, per set, budget and method."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["set"], row["minutes"], row["method"]), []).append(row)
+    lines = ["| set | minutes | method | runs | AP50, mean | min - max | AP50-95 | PQ |", "| --- " * 8 + "|"]
+    for (data, minutes, method), group in sorted(groups.items()):
+        ap50 = [float(row["ap50"]) for row in group]
+        means = [statistics.mean(float(row[key]) for row in group) for key in ("ap50_95", "pq")]
+        lines.append(
+            f"| {data} | {minutes} | {method} | {len(group)} | {statistics.mean(ap50):.3f} | "
+            f"{min(ap50):.3f} - {max(ap50):.3f} | {means[0]:.3f} | {means[1]:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sets", type=Path, nargs="+", default=[])
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {','.join(METHODS)}")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--minutes", type=float, default=5.0)
+    p.add_argument("--out", type=Path, default=ROOT / "runs/instances")
+    p.add_argument("--table-only", action="store_true")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.csv"
+    if not args.table_only:
+        for data in args.sets:
+            for seed in (int(s) for s in args.seeds.split(",")):
+                for method in args.methods.split(","):
+                    row = run_one(method, data.resolve(), seed, args.minutes, args.out.resolve())
+                    print(row, flush=True)
+                    new = not results.exists()
+                    with results.open("a", newline="") as file:
+                        writer = csv.DictWriter(file, COLUMNS)
+                        if new:
+                            writer.writeheader()
+                        writer.writerow(row)
+    if results.exists():
+        print(table(list(csv.DictReader(results.open()))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""Peer: StarDist 2D (stardist 0.9.2, tensorflow-cpu 2.21) from random init with its default Config2D for the channel
+count (32 rays, grid 2x2, 256 px patches, batch 4, Adam 3e-4 with its ReduceLROnPlateau), its example augmenter
+(flips, 90-degree turns, intensity jitter), trained until the wall-clock budget (counted from this script's start),
+then predict_instances with its optimised thresholds on the validation images, written as uint16 PNGs.
+
+    /tmp/stardist-venv/bin/python peers/stardist_2d.py DATA OUT SECONDS [--seed N]
+
+DATA/images/{train,val}/*.png and DATA/masks_instance/{train,val}/*.png (uint16 ids), as fetch_real_data.py writes.
+Prints one JSON line: steps, threads, precision, training seconds.
+"""
+
+import argparse
+import glob
+import json
+import os
+import random
+import time
+
+import numpy as np
+from PIL import Image
+
+t_start = time.time()
+parser = argparse.ArgumentParser()
+parser.add_argument("data")
+parser.add_argument("out")
+parser.add_argument("seconds", type=float)
+parser.add_argument("--seed", type=int, default=0)
+args = parser.parse_args()
+
+import tensorflow as tf  # noqa: E402
+from csbdeep.utils import normalize  # noqa: E402
+from stardist import fill_label_holes  # noqa: E402
+from stardist.models import Config2D, StarDist2D  # noqa: E402
+
+random.seed(args.seed)
+np.random.seed(args.seed)
+tf.random.set_seed(args.seed)
+
+
+def channels_of(split: str) -> int:
+    first = Image.open(sorted(glob.glob(f"{args.data}/images/{split}/*.png"))[0])
+    return 1 if first.mode in ("L", "I;16", "I") else 3
+
+
+RGB = channels_of("train") == 3
+
+
+def load(split: str):
+    images, labels, names = [], [], []
+    for path in sorted(glob.glob(f"{args.data}/images/{split}/*.png")):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        image = Image.open(path).convert("RGB" if RGB else "L")
+        images.append(normalize(np.asarray(image).astype(np.float32), 1, 99.8, axis=(0, 1)))
+        ids = np.asarray(Image.open(f"{args.data}/masks_instance/{split}/{stem}.png")).astype(np.int32)
+        labels.append(fill_label_holes(ids))
+        names.append(stem)
+    return images, labels, names
+
+
+X, Y, _ = load("train")
+Xv, Yv, names = load("val")
+config = Config2D(n_channel_in=3 if RGB else 1, train_epochs=100000, train_steps_per_epoch=20, train_tensorboard=False)
+model = StarDist2D(config, name="peer", basedir=args.out)
+
+
+class TimeStop(tf.keras.callbacks.Callback):
+    steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        TimeStop.steps += 1
+        if time.time() - t_start > args.seconds:
+            self.model.stop_training = True
+
+
+def augment(x, y):
+    """StarDist's example augmenter: a random 90-degree turn and flip, intensity scaled and shifted."""
+    turns = np.random.randint(4)
+    x, y = np.rot90(x, turns, axes=(0, 1)), np.rot90(y, turns)
+    if np.random.rand() < 0.5:
+        x, y = np.flip(x, 1), np.flip(y, 1)
+    return x * np.random.uniform(0.8, 1.2) + np.random.uniform(-0.1, 0.1), y
+
+
+model.prepare_for_training()
+model.callbacks.append(TimeStop())
+model.train(X, Y, validation_data=(X[:1], Y[:1]), augmenter=augment, epochs=100000, steps_per_epoch=20)
+trained = time.time() - t_start
+os.makedirs(f"{args.out}/instances", exist_ok=True)
+for x, stem in zip(Xv, names, strict=True):
+    labels, _ = model.predict_instances(x)
+    Image.fromarray(labels.astype(np.uint16)).save(f"{args.out}/instances/{stem}.png")
+threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
+print(json.dumps({"steps": TimeStop.steps, "threads": threads, "precision": "fp32", "train_s": round(trained)}))
