@@ -30,7 +30,7 @@ parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 
 import torch  # noqa: E402
-from cellpose import models, train  # noqa: E402
+from cellpose import dynamics, models, train  # noqa: E402
 
 random.seed(args.seed)
 np.random.seed(args.seed)
@@ -48,10 +48,12 @@ def load(split: str):
     return images, labels, names
 
 
+os.makedirs(args.out, exist_ok=True)
 X, Y, _ = load("train")
 Xv, _, names = load("val")
 model = models.CellposeModel(gpu=False, pretrained_model=None)
-common = dict(train_data=X, train_labels=Y, channels=[0, 0], save_path=args.out, min_train_masks=1)
+flows = dynamics.labels_to_flows(Y, device=model.device)  # once: train_seg takes precomputed flows as they are
+common = dict(train_data=X, train_labels=flows, channels=[0, 0], save_path=args.out, min_train_masks=1)
 probe = time.time()
 train.train_seg(model.net, n_epochs=2, model_name="probe", **common)  # its own loop, timed: two epochs
 epoch_seconds = (time.time() - probe) / 2
