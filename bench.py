@@ -23,6 +23,7 @@ from benchmarks.loader import report_loader
 from benchmarks.objects import report_objects
 from benchmarks.scale import report_scale
 from benchmarks.training import report_training
+from benchmarks.wholeslide import report_wholeslide
 from cli import (
     ArgumentParser,
     add_device_flag,
@@ -34,6 +35,7 @@ from cli import (
     widths_type,
 )
 from demo import make_demo_data
+from model import DEFAULT_WIDTHS
 from presets import REFERENCE_WIDTHS
 from utils import resolve_device
 
@@ -55,11 +57,18 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument(
         "--parts",
         default="training,inference,onnx,large,loader,scale,objects",
-        help="comma-separated parts to run (onnx: CPU only)",
+        help="comma-separated parts to run (onnx: CPU only; wholeslide, not by default: hours on a CPU)",
     )
     p.add_argument("--large-count", type=positive_int, default=4, help="large: how many photos")
     p.add_argument("--large-size", type=size_type, default=(6000, 4000), help="large, objects: photo WIDTHxHEIGHT")
     p.add_argument("--object-spacing", type=positive_int, default=100, help="objects: px between disc centres")
+    p.add_argument(
+        "--slide-sizes",
+        type=lambda text: [size_type(part) for part in text.split(",")],
+        default=[(20000, 20000), (60000, 60000)],
+        help="wholeslide: comma-separated WIDTHxHEIGHT of the generated slides (the first also in memory)",
+    )
+    p.add_argument("--slide-widths", type=widths_type, default=DEFAULT_WIDTHS, help="wholeslide: the model's widths")
     p.add_argument("--scale-train", type=positive_int, default=5000, help="scale: training image/mask pairs")
     p.add_argument("--scale-val", type=positive_int, default=2000, help="scale: validation image/mask pairs")
     p.add_argument(
@@ -91,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             report_scale(args, root / "scale")
         if "objects" in parts:
             report_objects(args)
+        if "wholeslide" in parts:
+            report_wholeslide(args, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from checkpoints import DataSpec, load_model_weights, training_state
 from colour import BatchColour, ColourDraws
 from errors import CheckpointError
+from instances import SEPARATION_LEVELS
 from labels import IGNORE_INDEX
 from metrics import ConfusionMatrix, InstanceScores
 from optimizer import ONE_UPDATE_PER_BATCH, UpdateRule
@@ -77,6 +78,16 @@ class Training:
         if ema is not None and "ema" in checkpoint:  # else the average starts from the resumed weights
             load_model_weights(ema.module, checkpoint, path, key="ema")
             ema.n_averaged.fill_(int(checkpoint["ema_updates"]))
+
+
+def example_batch(config: dict, batch: int, side: int, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images and targets for a model of this config (model.config): what the probes that measure or time a
+    training step feed it (an instance model's targets are class masks and separation maps, losses.InstanceLoss)."""
+    images = torch.randn(batch, config["in_channels"], side, side, device=runtime.device)
+    masks = torch.randint(0, config["num_classes"], (batch, side, side), device=runtime.device)
+    if config.get("extra_outputs"):
+        masks = torch.stack([masks, torch.randint_like(masks, 0, SEPARATION_LEVELS + 1)], 1)
+    return images.contiguous(memory_format=runtime.memory_format), masks
 
 
 def train_step(

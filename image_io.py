@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 TIFF_EXTENSIONS = {".tif", ".tiff"}
+ZARR_SUFFIX = ".zarr"  # zarr and OME-Zarr folders: slides (slides.py), listed for inference only
 # Larger images are bad samples (--max-pixels). 100 MP is a 12000x8000 photo: 0.3 GB as uint8 RGB and 1.2 GB
 # as float, which fits beside the model on a 16 GB machine; a 20000x20000 scan (400 MP) does not.
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -87,16 +88,19 @@ class Listing:
             log.warning("%s: %d entries named like images are no files, skipped (%s)", folder, count, named)
 
 
-def image_listing(folder: Path, recursive: bool = False) -> Listing:
+def image_listing(folder: Path, recursive: bool = False, slides: bool = False) -> Listing:
     """The image files in folder (and its subfolders, each entered once however links loop), in Path order.
     Directory entries know their type without a stat each, and names sort as strings: a COCO-size folder lists in
-    well under a second. Symbolic links are followed to what they name."""
+    well under a second. Symbolic links are followed to what they name. slides: zarr folders (*.zarr) are listed
+    as images too (inference.py reads them as slides); they are never entered."""
     files, not_files = [], []
     for top, names in _folders(folder, recursive):
         for name, mode in names:
             path = os.path.join(top, name)
             problem = not_a_file(path, mode)
-            if problem:
+            if slides and problem == "a folder" and name.lower().endswith(ZARR_SUFFIX):
+                files.append(path)
+            elif problem:
                 not_files.append((Path(path), problem))
             else:
                 files.append(path)
@@ -126,9 +130,10 @@ def _folders(folder: Path, recursive: bool):
         names = []
         for entry in entries:
             plain = entry.is_file(follow_symlinks=False)  # no stat: the entry's type
-            if recursive and not plain and _is_folder(entry):
+            zarr_folder = entry.name.lower().endswith(ZARR_SUFFIX)
+            if recursive and not plain and not zarr_folder and _is_folder(entry):
                 todo.append(entry.path)
-            elif is_image_name(entry.name):
+            elif is_image_name(entry.name) or zarr_folder:
                 names.append((entry.name, stat.S_IFREG if plain else None))
         yield top, names
 
@@ -140,9 +145,9 @@ def _is_folder(entry: os.DirEntry) -> bool:
         return False
 
 
-def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+def list_images(folder: Path, recursive: bool = False, slides: bool = False) -> list[Path]:
     """image_listing's files; the entries that are no files are named in one warning."""
-    listing = image_listing(folder, recursive)
+    listing = image_listing(folder, recursive, slides)
     listing.warn(folder)
     return listing.files
 

@@ -30,7 +30,8 @@ from image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, conversion_for, first
 from predictions import Outputs, segment_folder
 from predictor import SAMPLING_MODES, Predictor
 from records import format_report, write_report
-from utils import Runtime, keep_freed_cpu_memory
+from slides import SlidesResult, is_slide, segment_slides
+from utils import keep_freed_cpu_memory
 
 
 def add_sampling_flags(p: ArgumentParser) -> None:
@@ -93,6 +94,7 @@ def get_args_parser() -> ArgumentParser:
         "confusion matrix)",
     )
     add_sampling_flags(p)
+    add_slide_flags(p)
     p.add_argument("--tta", action="store_true", help="average the logits of the image and its horizontal flip")
     add_object_flags(p)
     add_ema_flag(p)
@@ -121,10 +123,32 @@ def get_args_parser() -> ArgumentParser:
 
 
 def find_inputs(input_dir: Path, recursive: bool) -> list[Path]:
-    files = list_images(require_folder(input_dir, "--input_dir"), recursive)
+    files = list_images(require_folder(input_dir, "--input_dir"), recursive, slides=True)
     if not files:
-        raise UserError(f"{input_dir}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise UserError(f"{input_dir}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}, or .zarr slides)")
     return files
+
+
+def add_slide_flags(p: ArgumentParser) -> None:
+    """Slides: zarr folders and tiled TIFFs over --max-pixels, read and written by tiles (slides.py)."""
+    p.add_argument(
+        "--level",
+        type=non_negative_int,
+        default=0,
+        help="slides: the pyramid level to segment (0: full resolution; the level the model was trained at)",
+    )
+    p.add_argument(
+        "--skip-background",
+        action="store_true",
+        help="slides: tiles that are uniform on the slide's smallest pyramid level (glass) are not run, but labelled "
+        "background",
+    )
+    p.add_argument(
+        "--slide-format",
+        choices=("tif", "zarr"),
+        default="tif",
+        help="slides: their masks as a tiled, pyramidal BigTIFF or an OME-Zarr folder",
+    )
 
 
 def resolve_output_dir(args: argparse.Namespace, model_file: Path) -> Path:
@@ -162,8 +186,12 @@ def load_predictor(args: argparse.Namespace, model_file: Path) -> Predictor:
     options["objects"] = {"min_size": args.min_object_size, "seed_threshold": args.seed_threshold}
     sampling = {"mode": args.mode, "tile": args.tile, "overlap": args.overlap, "scale": args.scale}
     if args.onnx is None:
-        runtime = Runtime.from_flags(args.device, args.precision, args.channels_last)
-        return Predictor.from_checkpoint(model_file, runtime, ema=args.ema, **options, **sampling)
+        predictor, measured = Predictor.measured(
+            model_file, args.device, args.precision, args.channels_last, ema=args.ema, **options, **sampling
+        )
+        if measured.seconds:
+            print(f"start-up chose: {measured.describe('a forward pass')}")
+        return predictor
     if args.device not in ("auto", "cpu") or args.precision not in ("auto", "fp32"):
         raise UserError(
             "--onnx runs on onnxruntime's CPU provider in fp32; --device and --precision apply to --checkpoint"
@@ -194,9 +222,23 @@ def main(argv: list[str] | None = None) -> int:
     if sampling.mode == "slide":
         tiles = f"{sampling.image_size} px high, up to {sampling.tile} wide, overlap at least {sampling.overlap:.3g}"
         print(f"sliding tiles {tiles}, {scale_text(sampling)}")
+    slides, done = [path for path in inputs if is_slide(path, args.max_pixels)], SlidesResult()
+    if slides:
+        done = segment_slides(
+            predictor,
+            slides,
+            args.input_dir,
+            outputs.root / "masks",
+            level=args.level,
+            skip_background=args.skip_background,
+            zarr_output=args.slide_format == "zarr",
+            overwrite=args.overwrite,
+        )
+        print(f"{done.written} slides segmented; {done.already_done} already done; {done.unreadable} unreadable")
+    images = [path for path in inputs if path not in slides]
     result = segment_folder(
         predictor,
-        inputs,
+        images,
         args.input_dir,
         outputs,
         true_masks=true_masks,
@@ -208,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{result.written} images segmented into {outputs.root}; {result.already_done} already done "
         f"(--overwrite to redo); {result.unreadable} unreadable"
     )
-    if objects:
+    if objects and images:
         print(f"{result.objects} objects: {outputs.root / 'objects.csv'}, coco_results.json, instances/")
     if true_masks is not None and result.evaluated == 0:
         print(f"no prediction had a mask of the same name in {args.masks_dir}")
@@ -220,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             f"pixel accuracy {scores['pixel_acc']:.4f}\n{format_report(rows)}\n"
             f"written: {outputs.root / 'report.csv'}, report.json, confusion_matrix.png"
         )
-    return 1 if result.todo and result.unreadable == result.todo else 0
+    todo, unreadable = result.todo + len(slides) - done.already_done, result.unreadable + done.unreadable
+    return 1 if todo and unreadable == todo else 0
 
 
 if __name__ == "__main__":

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import torch
 
-from engine import train_step
+from engine import example_batch, train_step
 from errors import UserError
-from instances import SEPARATION_LEVELS
 from optimizer import build_optimizer
 from utils import Runtime
 
@@ -123,15 +122,9 @@ def measure_training_step(model: torch.nn.Module, loss_fn: torch.nn.Module, runt
     """Real training steps on copies of the model and a fresh optimiser, so the run itself is untouched."""
     probe_model = copy.deepcopy(model).train()
     optimizer = build_optimizer(probe_model, 1e-4, runtime.device)
-    num_classes, channels = probe_model.config["num_classes"], probe_model.config["in_channels"]
 
     def step(side: int) -> None:
-        images = torch.randn(2, channels, side, side, device=runtime.device).contiguous(
-            memory_format=runtime.memory_format
-        )
-        masks = torch.randint(0, num_classes, (2, side, side), device=runtime.device)
-        if probe_model.config.get("extra_outputs"):  # instance training: the class masks and separation maps
-            masks = torch.stack([masks, torch.randint_like(masks, 0, SEPARATION_LEVELS + 1)], 1)
+        images, masks = example_batch(probe_model.config, 2, side, runtime)
         parts = dict(loss_fn=loss_fn, optimizer=optimizer, scaler=runtime.grad_scaler(), runtime=runtime)
         train_step(probe_model, images, masks, **parts)
 

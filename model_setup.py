@@ -3,12 +3,14 @@ optimiser, the loss, the weight average, the colour stage; and the memory check 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dataset import SegmentationFolder
-from engine import Training
+from engine import Training, example_batch, train_step
 from errors import UserError
 from instances import SEPARATION_CHANNELS
 from losses import build_loss
@@ -16,6 +18,7 @@ from memory import check_training_memory
 from model import ResidualAttnUNet
 from optimizer import UpdateRule, build_optimizer, ema_model
 from settings import ModelSettings, TrainSettings
+from tuning import Candidate, Measured, candidates, fastest, timed, with_choice
 from utils import Runtime
 
 
@@ -73,3 +76,47 @@ def build_training(settings: TrainSettings, train_set: SegmentationFolder, runti
         colour=train_set.transform.colour,
         compiled=settings.model.compile,
     )
+
+
+def measured_runtime(
+    settings: TrainSettings, train_set: SegmentationFolder, runtime: Runtime
+) -> tuple[Runtime, Measured]:
+    """The precision and layout (where --precision and --channels-last leave them open) whose training step is
+    fastest here, timed on a throwaway copy of the run's model, loss and optimiser at its batch and sample size
+    (tuning.py); rank 0 measures, every rank runs its choice."""
+    extra = SEPARATION_CHANNELS if train_set.separation else 0
+    config = dict(in_channels=train_set.reading.channels, num_classes=train_set.num_classes)
+    config.update(widths=settings.model.widths, extra_outputs=extra)
+    weights = train_set.class_weights.to(runtime.device)
+
+    def make_loss() -> nn.Module:
+        loss = build_loss(
+            settings.optim.loss, weights, separation=train_set.separation, num_classes=config["num_classes"]
+        )
+        return loss.to(runtime.device)
+
+    choices = candidates(runtime, settings.run.precision, settings.run.channels_last)
+    samples = settings.samples
+    measured = None
+    if runtime.ddp.is_main:
+        measured = fastest_training_step(runtime, choices, config, make_loss, samples.batch_size, samples.side)
+    measured = runtime.ddp.broadcast(measured)
+    return with_choice(runtime, measured.chosen), measured
+
+
+def fastest_training_step(
+    runtime: Runtime, choices: list[Candidate], config: dict, make_loss: Callable[[], nn.Module], batch: int, side: int
+) -> Measured:
+    """tuning.fastest over choices, each timed on a fresh model of config (ResidualAttnUNet's arguments), a fresh
+    loss and optimiser, and a random batch of batch x side x side: what start-up and bench.py's default row run."""
+
+    def seconds_per_step(choice: Candidate) -> float:
+        trial = with_choice(runtime, choice)
+        model = ResidualAttnUNet(**config).to(runtime.device, memory_format=trial.memory_format).train()
+        images, masks = example_batch(model.config, batch, side, trial)
+        parts = dict(loss_fn=make_loss(), optimizer=build_optimizer(model, 1e-4, runtime.device))
+        parts.update(scaler=trial.grad_scaler(), runtime=trial)
+        with torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else []):
+            return timed(lambda: train_step(model, images, masks, **parts), runtime.device)
+
+    return fastest(choices, seconds_per_step)

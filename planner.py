@@ -7,19 +7,27 @@ from checkpoints import DataSpec
 from loaders import workers_reason
 from schedule import budget_reason, validation_reason
 from settings import TrainSettings
-from utils import Runtime, channels_last_reason, precision_reason
+from tuning import Measured
+from utils import Runtime, precision_reason
 
 
-def startup_choices(settings: TrainSettings, spec: DataSpec, runtime: Runtime, workers: int) -> list[str]:
+def startup_choices(
+    settings: TrainSettings, spec: DataSpec, runtime: Runtime, workers: int, measured: Measured
+) -> list[str]:
     """One entry per setting that start-up chose, "name value (why)", in the order they were chosen."""
     data, samples, optim, run = settings.data, settings.samples, settings.optim, settings.run
     chosen = []
     if run.device == "auto":
         chosen.append(f"device {runtime.device.type} (a CUDA GPU where there is one, else Apple MPS, else the CPU)")
-    if run.precision == "auto":
+    if measured.seconds:
+        open_ = [
+            name
+            for name, typed in (("precision", run.precision != "auto"), ("layout", run.channels_last is not None))
+            if not typed
+        ]
+        chosen.append(f"{' and '.join(open_)} {measured.describe('a training step')}")
+    elif run.precision == "auto":  # one precision runs natively here; --channels-last was given
         chosen.append(f"precision {runtime.precision} ({precision_reason(runtime.precision, runtime.device)})")
-    if run.channels_last is None:
-        chosen.append(f"layout {channels_last_reason(runtime.channels_last)}")
     if samples.workers == "auto":
         chosen.append(f"workers {workers} ({workers_reason(runtime)})")
     if data.in_channels == "auto":

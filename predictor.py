@@ -28,11 +28,13 @@ from instances import SEPARATION_CHANNELS, ObjectRule, object_table, objects_fro
 from intensity import IMAGENET, Normalization
 from labels import LabelMapping
 from onnx_model import OnnxModel
+from tuning import Candidate, Measured, candidates, fastest, timed, with_choice
 from utils import PRECISION_DTYPES, Runtime
 
 SAMPLING_MODES = ("resize", "slide")
 BAND_BYTES = 32 << 20  # float32 class logits held at the output size at once
 TILE_FACTOR = 2  # slide: tiles up to this many times the training crop wide; the network is fully convolutional
+BACKGROUND_LOGIT = 20.0  # a skipped tile's (slides: glass) logit for the background class, 0 for the others
 TILE_OVERLAP = 1 / 16  # slide: at least this share of a tile side computed twice (nnU-Net: 1/2, MMSegmentation: 1/3)
 
 
@@ -246,6 +248,26 @@ class Predictor:
         return cls(model, spec.mapping, chosen, runtime, reading=reading, objects=rule, **options)
 
     @classmethod
+    def measured(
+        cls, path: Path, device: str, precision: str, channels_last: bool | None, **options
+    ) -> tuple[Predictor, Measured]:
+        """from_checkpoint in the precision and layout (where the flags leave them open) whose forward pass over one
+        of its own passes of tiles (or squashed images) is fastest here (tuning.py)."""
+        base = Runtime.from_flags(device, precision, channels_last)
+        built: dict[Candidate, Predictor] = {}
+
+        def seconds_per_pass(choice: Candidate) -> float:
+            predictor = built[choice] = cls.from_checkpoint(path, with_choice(base, choice), **options)
+            side, tile = predictor.sampling.image_size, predictor.sampling.tile
+            count = predictor.pass_size if predictor.sampling.mode == "resize" else 1
+            pixels = torch.randint(0, 256, (count, predictor.reading.channels, side, tile), dtype=torch.uint8)
+            return timed(lambda: predictor.batch_logits(pixels), predictor.runtime.device)
+
+        measured = fastest(candidates(base, precision, channels_last), seconds_per_pass)
+        chosen = built.get(measured.chosen) or cls.from_checkpoint(path, with_choice(base, measured.chosen), **options)
+        return chosen, measured
+
+    @classmethod
     def from_onnx(
         cls,
         path: Path,
@@ -400,25 +422,47 @@ class Predictor:
             return [iter([logits]) for logits in self.batch_logits(stack_pixels(scaled))]
         return [self._slide(image) for image in scaled]
 
-    def _slide(self, image: torch.Tensor) -> Iterator[torch.Tensor]:
+    def slide_bands(
+        self, image, first_row: int = 0, skip: Callable[[int, int, int, int], bool] | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """A lazy (channels, H, W) image (slides.LazyImage: slicing reads only those pixels) -> (first row, (rows, W)
+        labels) for the rows of each tile row of the sliding window in turn, from tile row first_row on: only a
+        tile row of logits is ever held, however large the image. skip(top, left, height, width): a tile known to
+        be background (glass), which is not run through the network."""
+        tops = self.sampling.tile_grid(*image.shape[-2:])[0]
+        for row, logits in enumerate(self._slide(image, first_row, skip), first_row):
+            yield tops[row], logits[: self.mapping.num_classes].max(0).indices.to(torch.uint8)
+
+    def _slide(self, image, first_row: int = 0, skip=None) -> Iterator[torch.Tensor]:
         """Gaussian-weighted overlapping tiles, summed into one buffer a tile high and the image wide: the rows no
         later tile covers are yielded (a view, valid until the next is asked for), the rest move up and the tiles
-        below add on. Tiles are the training crop high (the buffer's height) and up to `tile` wide."""
+        below add on. Tiles are the training crop high (the buffer's height) and up to `tile` wide. first_row: yield
+        from that tile row on (the one before is run again for its share of the first rows); skip: see
+        slide_bands (a skipped tile adds background logits)."""
         height, width = image.shape[-2:]
         tops, tile_h, lefts, tile_w = self.sampling.tile_grid(height, width)
         weight = gaussian_weights(tile_h, tile_w, image.device)
         logits_sum = torch.zeros(self.outputs, tile_h, width, device=image.device)
         weight_sum = torch.zeros(tile_h, width, device=image.device)
+        background = torch.zeros(self.outputs, 1, 1, device=image.device)
+        background[self.background] = BACKGROUND_LOGIT
         per_pass = max(1, self.pass_size * self.sampling.image_size**2 // (tile_h * tile_w))
-        for row, top in enumerate(tops):
-            for start in range(0, len(lefts), per_pass):
-                chunk = lefts[start : start + per_pass]
+        for row in range(max(first_row - 1, 0), len(tops)):
+            top = tops[row]
+            skipped = [x for x in lefts if skip is not None and skip(top, x, tile_h, tile_w)]
+            for x in skipped:
+                logits_sum[:, :, x : x + tile_w].addcmul_(background, weight)
+                weight_sum[:, x : x + tile_w] += weight
+            run = [x for x in lefts if x not in skipped]
+            for start in range(0, len(run), per_pass):
+                chunk = run[start : start + per_pass]
                 tiles = torch.stack([image[:, top : top + tile_h, x : x + tile_w] for x in chunk])
                 for x, logits in zip(chunk, self.batch_logits(tiles), strict=True):
                     logits_sum[:, :, x : x + tile_w].addcmul_(logits, weight)  # weighted and added in one pass
                     weight_sum[:, x : x + tile_w] += weight
             done = (tops[row + 1] if row + 1 < len(tops) else height) - top
-            yield logits_sum[:, :done].div_(weight_sum[:done])
+            if row >= first_row:
+                yield logits_sum[:, :done].div_(weight_sum[:done])
             kept = tile_h - done  # rows the next row of tiles adds to
             logits_sum[:, :kept] = logits_sum[:, done:].clone() if kept > done else logits_sum[:, done:]
             weight_sum[:kept] = weight_sum[done:].clone()

@@ -100,7 +100,7 @@ class RunSettings:
     config: Path | None
     device: str
     precision: str
-    channels_last: bool | None  # None: utils.resolve_channels_last
+    channels_last: bool | None  # None: measured at start-up (model_setup.measured_runtime)
     dist_timeout: int
     seed: int
     run_dir: Path

@@ -20,7 +20,7 @@ from data_setup import data_spec, prepare_data, training_loaders, validation_pix
 from engine import Training, Validation, train_one_epoch, validate
 from files import check_writable_folder
 from model import count_parameters
-from model_setup import build_training, check_memory
+from model_setup import build_training, check_memory, measured_runtime
 from planner import startup_choices
 from records import epoch_record
 from reporter import Reporter, batch_text, input_text
@@ -138,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     settings, checkpoint = parse_args(argv)
     run = settings.run
-    runtime = Runtime.from_flags(
-        run.device, run.precision, run.channels_last, dist_timeout=run.dist_timeout, training=True
-    )
+    runtime = Runtime.from_flags(run.device, run.precision, run.channels_last, dist_timeout=run.dist_timeout)
     try:
         # a timestamped run folder must be the same on every rank
         settings = replace(settings, run=replace(run, run_dir=runtime.ddp.broadcast(run.run_dir)))
@@ -161,6 +159,7 @@ def train(settings: TrainSettings, checkpoint: dict | None, runtime: Runtime, *,
     train_set, val_set = prepare_data(settings, checkpoint, runtime)
     spec = data_spec(train_set)
     loaders = training_loaders(settings, train_set, val_set, runtime)
+    runtime, measured = measured_runtime(settings, train_set, runtime)
     training = build_training(settings, train_set, runtime)
     memory_note = check_memory(training, settings, runtime)
     if checkpoint:
@@ -183,7 +182,7 @@ def train(settings: TrainSettings, checkpoint: dict | None, runtime: Runtime, *,
         f"{count_parameters(training.model) / 1e6:.2f} M parameters; "
         f"{runtime.describe()}; {batch}; {memory_note}"
     )
-    chosen = startup_choices(settings, spec, runtime, workers=loaders[0].num_workers)
+    chosen = startup_choices(settings, spec, runtime, workers=loaders[0].num_workers, measured=measured)
     if chosen:
         report.print(f"start-up chose: {'; '.join(chosen)}")
     flags = recorded_flags(settings, in_channels=spec.reading.channels, normalize=spec.normalization.name)

@@ -162,25 +162,17 @@ def release_freed_cpu_memory(device: torch.device) -> None:
         libc.malloc_trim(0)
 
 
-def resolve_channels_last(device: torch.device, precision: str, training: bool) -> bool:
-    """--channels-last's default: NHWC, except for training in fp32 on the CPU, where oneDNN's NHWC backward
-    made a training step slower than NCHW (docs/performance.md); the forward pass is faster in NHWC there too."""
-    return not (training and device.type == "cpu" and precision == "fp32")
-
-
-def channels_last_reason(channels_last: bool) -> str:
-    """Why resolve_channels_last chose what it did, for the start-up line."""
-    if channels_last:
-        return "channels_last (NHWC): the faster convolutions here"
-    return "NCHW: fp32 training on the CPU, where oneDNN's NHWC backward is slower"
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 runs natively here: a CUDA GPU that supports it, a CPU with AVX-512 BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
     """auto: bf16 where the hardware runs it natively, fp32 elsewhere; fp16 only on CUDA."""
     if name == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+        return "bf16" if native_bf16(device) else "fp32"
     if name == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA GPU (it relies on a GradScaler); use bf16 or fp32")
     return name
@@ -220,18 +212,16 @@ class Runtime:
         precision: str,
         channels_last: bool | None,
         dist_timeout: float | None = None,
-        training: bool = False,
     ):
-        """Resolves auto choices (channels_last None: resolve_channels_last); with dist_timeout, joins the torchrun
-        job when one is running."""
+        """Resolves auto choices: the device, and the precision by its rule (bf16 where native). channels_last None
+        is NHWC until train.py and inference.py replace it by what they measure (tuning.py); with dist_timeout,
+        joins the torchrun job when one is running."""
         if dist_timeout is None:
             resolved, ddp = resolve_device(device), Distributed()
         else:
             ddp, resolved = init_distributed(device, dist_timeout)
         precision = resolve_precision(precision, resolved)
-        if channels_last is None:
-            channels_last = resolve_channels_last(resolved, precision, training)
-        return cls(resolved, precision, channels_last, ddp)
+        return cls(resolved, precision, True if channels_last is None else channels_last, ddp)
 
     @property
     def memory_format(self) -> torch.memory_format:

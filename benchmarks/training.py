@@ -10,7 +10,9 @@ from benchmarks.measure import isolated, matmul_gflops, peak_memory_mb, timer
 from engine import train_step
 from losses import build_loss
 from model import ResidualAttnUNet
+from model_setup import fastest_training_step
 from optimizer import build_optimizer
+from tuning import Candidate, candidates
 from utils import Runtime, keep_freed_cpu_memory, resolve_precision
 
 
@@ -55,25 +57,41 @@ def bench_training(args, runtime: Runtime, compile_model: bool, keep_memory: boo
     }
 
 
+def default_choice(args, device: torch.device) -> Candidate:
+    """What train.py's start-up chooses for this model, batch and size here: the same timed steps (in a fresh
+    process, as train.py's are in its own), model_setup.fastest_training_step."""
+    keep_freed_cpu_memory(device)  # as train.py runs
+    runtime = Runtime.from_flags(device.type, "auto", None)
+    config = dict(in_channels=3, num_classes=args.classes, widths=args.widths)
+    choices = candidates(runtime, "auto", None)
+    return fastest_training_step(
+        runtime, choices, config, lambda: build_loss("ce"), args.batch_size, args.image_size
+    ).chosen
+
+
 def report_training(args, device: torch.device) -> None:
-    fast_precision = resolve_precision("auto", device)
+    native = resolve_precision("auto", device) == "bf16"
     ceilings = {"fp32": matmul_gflops(torch.float32, device)}
     # Where bf16 is emulated (a CPU without AVX-512 BF16 or AMX) one 2048^3 product takes minutes; no row uses it.
-    ceilings["bf16"] = ceilings["fp16"] = matmul_gflops(torch.bfloat16, device) if fast_precision != "fp32" else None
+    ceilings["bf16"] = ceilings["fp16"] = matmul_gflops(torch.bfloat16, device) if native else None
     flops = training_flops_per_image(args, device)
     bf16 = f"{ceilings['bf16']:.0f} GFLOP/s" if ceilings["bf16"] else "not native here (not measured)"
     print(
         f"matmul ceilings: fp32 {ceilings['fp32']:.0f} GFLOP/s, bf16 {bf16}; "
         f"training step: {flops / 1e9:.1f} GFLOP per image\n"
     )
-    baseline, fast = Runtime(device, "fp32", channels_last=False), Runtime(device, fast_precision, channels_last=True)
+    chosen = isolated(default_choice, args, device)
+    default = Runtime(device, chosen.precision, chosen.channels_last)
+    baseline = Runtime(device, "fp32", channels_last=False)
     rows = [("fp32 NCHW eager (baseline)", baseline, False, False, False)]
     if device.type == "cpu":
         rows.append(("baseline + freed memory kept", baseline, False, True, False))
-    rows.append((f"default: {fast_precision} channels_last", fast, False, True, False))
-    rows.append(("default + --grad-checkpoint", fast, False, True, True))
+    for candidate in candidates(default, "auto", None):  # every precision and layout start-up chooses among
+        label = f"{'default: ' if candidate == chosen else ''}{candidate}"
+        rows.append((label, Runtime(device, candidate.precision, candidate.channels_last), False, True, False))
+    rows.append(("default + --grad-checkpoint", default, False, True, True))
     if not args.skip_compile:
-        rows.append((f"--compile: {fast_precision} channels_last", fast, True, True, False))
+        rows.append((f"--compile: {chosen}", default, True, True, False))
     memory = "peak GPU MB" if device.type == "cuda" else "peak RSS MB"
     print(f"{'training':<34} {'images/s':>9} {'GFLOP/s':>9} {'of ceiling':>11} {'speed-up':>9} {memory:>12}")
     baseline_speed = None

@@ -49,16 +49,3 @@ def test_a_run_records_the_channels_normalisation_and_epochs_it_found(tiny_demo,
 
     saved = load_checkpoint(run_dir / "checkpoints/last.pt")["args"]
     assert saved["in_channels"] == 3 and saved["normalize"] == "imagenet" and saved["epochs"] == 1
-
-
-def test_channels_last_by_default_except_for_fp32_training_on_the_cpu():
-    import torch
-
-    from utils import Runtime, resolve_channels_last
-
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not resolve_channels_last(cpu, "fp32", training=True)
-    assert resolve_channels_last(cpu, "fp32", training=False)
-    assert resolve_channels_last(cpu, "bf16", training=True) and resolve_channels_last(cuda, "fp32", training=True)
-    assert not Runtime.from_flags("cpu", "fp32", None, training=True).channels_last
-    assert Runtime.from_flags("cpu", "fp32", True, training=True).channels_last  # a typed flag wins
