@@ -82,8 +82,9 @@ def stated_default(cell: str) -> str:
 def same_value(stated: str, default) -> bool:
     if isinstance(default, bool):
         return stated == ("on" if default else "off")
-    if isinstance(default, (tuple, list)):
-        return [float(v) for v in re.split(r"[ ,x]+", stated)] == [float(v) for v in default]  # 64,128 or 6000x4000
+    if isinstance(default, (tuple, list)):  # 64,128 or 6000x4000 or 20000x20000,60000x60000
+        flat = [v for item in default for v in (item if isinstance(item, (tuple, list)) else [item])]
+        return [float(v) for v in re.split(r"[ ,x]+", stated)] == [float(v) for v in flat]
     if isinstance(default, (int, float)):
         return float(stated.replace(",", "")) == float(default)
     return stated == str(default)
