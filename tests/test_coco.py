@@ -122,8 +122,9 @@ def hostile_annotations(height, width):
 
 
 def test_hostile_geometry_is_skipped_by_reason_and_the_rest_renders():
-    mask, _, used, skipped = render_mask(10, 10, hostile_annotations(10, 10), class_table(CATEGORIES, "categories"))
+    mask, ids, used, skipped = render_mask(10, 10, hostile_annotations(10, 10), class_table(CATEGORIES, "categories"))
     assert used == 1 and mask[3, 3] == 2 and mask[0, 0] == 0
+    assert set(np.unique(ids)) == {0, 1} and (ids > 0).sum() == (mask == 2).sum()  # one object: the good one
     assert skipped == {"polygon coordinates not finite or far outside the image": 3, "bad RLE": 5}
 
 
@@ -132,8 +133,10 @@ def test_hostile_geometry_never_breaks_the_render_processes(tiny_demo, tmp_path)
     for ann in hostile_annotations(48, 48)[:-1]:
         coco["annotations"].append({**ann, "id": 10_000 + len(coco["annotations"]), "image_id": 2})
     (tmp_path / "hostile.json").write_text(json.dumps(coco))
-    summary = prepare_masks(tiny_demo / "images/val", tmp_path / "hostile.json", tmp_path / "m", workers=2)
-    assert summary.written == 8 and summary.skipped["bad RLE"] == 5
+    summary = prepare_masks(
+        tiny_demo / "images/val", tmp_path / "hostile.json", tmp_path / "m", workers=2, instances_dir=tmp_path / "i"
+    )
+    assert summary.written == 8 and summary.skipped["bad RLE"] == 5 and len(list((tmp_path / "i").iterdir())) == 8
     assert summary.skipped["polygon coordinates not finite or far outside the image"] == 3
     reference = prepare_masks(tiny_demo / "images/val", tiny_demo / "annotations/instances_val.json", tmp_path / "r")
     assert reference.written == 8
