@@ -11,6 +11,7 @@ and images/s per worker process on COCO-sized JPEGs.
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,6 +32,7 @@ from cli import (
     non_negative_int,
     positive_int,
     positive_int_upto,
+    setup_logging,
     size_type,
     widths_type,
 )
@@ -38,6 +40,8 @@ from demo import make_demo_data
 from model import DEFAULT_WIDTHS
 from presets import REFERENCE_WIDTHS
 from utils import resolve_device
+
+log = logging.getLogger(__name__)
 
 
 def get_args_parser() -> ArgumentParser:
@@ -78,11 +82,12 @@ def get_args_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = get_args_parser().parse_args(argv)
     parts = set(args.parts.split(","))
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    print(
+    log.info(
         f"device: {device.type} ({name}); widths {','.join(map(str, args.widths))}, {args.image_size} px, "
         f"batch {args.batch_size}, {args.steps} timed steps; torch {torch.__version__}"
     )

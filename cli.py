@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import logging
 import math
 import sys
 from collections.abc import Callable
 
+from tqdm import tqdm
+
 from errors import UserError, one_line
 from image_io import MAX_MASK_VALUE
+
+log = logging.getLogger(__name__)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -57,6 +62,28 @@ def printable_output() -> None:
             stream.reconfigure(errors="replace_unprintable")
 
 
+class Console(logging.Handler):
+    """The one voice of every script: a line per record, informational ones on stdout and warnings and errors on
+    stderr (the streams looked up as each is written, so a caller's redirection holds), through tqdm.write so a
+    progress bar on the console stays whole."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            tqdm.write(self.format(record), file=stream)
+        except Exception:  # logging's own rule: a failing handler never breaks the program
+            self.handleError(record)
+
+
+def setup_logging() -> None:
+    """Once per process (a second call changes nothing): the root logger says INFO and above through Console. Every
+    module talks to the user with logging.getLogger(__name__); a non-main torchrun rank raises the level to ERROR."""
+    root = logging.getLogger()
+    if not any(isinstance(handler, Console) for handler in root.handlers):
+        root.addHandler(Console())
+        root.setLevel(logging.INFO)
+
+
 def run_cli(main: Callable[[], int | None]) -> int:
     """Run a script's main(); user mistakes, and what the file system refuses (OSError: a link loop, a full disk),
     become one line on stderr and exit status 2."""
@@ -67,7 +94,8 @@ def run_cli(main: Callable[[], int | None]) -> int:
         message = str(err).strip()
         if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep its last line
             message = message.splitlines()[-1].split(": ", 1)[-1]
-        print(f"error: {one_line(message)}", file=sys.stderr)
+        setup_logging()
+        log.error("error: %s", one_line(message))
         return 2
 
 

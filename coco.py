@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -28,6 +29,8 @@ from image_io import DEFAULT_MAX_PIXELS
 from instances import write_instance_mask
 from labels import IGNORE_INDEX
 from utils import PALETTE
+
+log = logging.getLogger(__name__)
 
 COCO_CACHE = Path("data/coco_masks")  # where train.py keeps the masks it renders from COCO files
 COCO_MODES = ("categories", "groups", "binary")
@@ -366,5 +369,5 @@ def cached_masks(
     summary = prepare_masks(
         images, annotations, masks, mode=mode, workers=0, max_pixels=max_pixels, instances_dir=objects
     )
-    print(f"{annotations}: {summary.line()} -> {masks}")
+    log.info("%s: %s -> %s", annotations, summary.line(), masks)
     return masks, objects

@@ -5,6 +5,7 @@ parser's defaults."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -21,6 +22,8 @@ from files import printable
 from presets import DEMO_SETTINGS, PRESETS
 from settings import TrainSettings
 from train_flags import get_args_parser
+
+log = logging.getLogger(__name__)
 
 DATA_FLAGS = ("data_root", "train_images", "train_masks", "val_images", "val_masks", "train_coco", "val_coco")
 DATA_FLAGS += ("train_instances", "val_instances")
@@ -69,7 +72,7 @@ def resumed_checkpoint(args: argparse.Namespace, given: set[str]) -> dict | None
         return None
     path = find_resume_checkpoint(args.resume, args.run_dir)
     if path is None:
-        print("--resume auto: no checkpoint found, starting a new run")
+        log.info("--resume auto: no checkpoint found, starting a new run")
         return None
     checkpoint = load_checkpoint(path)
     missing = [key for key in RESUME_KEYS if key not in checkpoint]

@@ -4,6 +4,7 @@ labels scanned by rank 0 first, and the loaders."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,10 +19,12 @@ from files import require_folder
 from instances import ObjectRule
 from intensity import check_display_channel
 from loaders import build_loaders
-from predictor import Sampling
+from sampling import Sampling
 from settings import DataSettings, SampleSettings, TrainSettings
 from transforms import Crop
 from utils import Runtime
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -116,7 +119,7 @@ def prepare_data(
     data, samples = settings.data, settings.samples
     spec = DataSpec.from_state(checkpoint) if checkpoint else None
     if data.demo and runtime.ddp.is_main:
-        print(
+        log.info(
             f"demo run: data {DEMO_ROOTS[data.demo_style]} ({DEMO_IMAGES['num_train']} train, "
             f"{DEMO_IMAGES['num_val']} val images), image size {samples.image_size}, "
             f"widths {','.join(map(str, settings.model.widths))}, {settings.optim.epochs} epochs, "

@@ -19,8 +19,6 @@ from image_io import (
     align_mask,
     conversion_for,
     first_readable,
-    image_listing,
-    list_images,
     probe_image,
     read_image,
     read_mask,
@@ -28,6 +26,7 @@ from image_io import (
 from instances import SEPARATION_LEVELS, SIZE_SAMPLE, object_areas, separation_target
 from intensity import Normalization, build_normalization, default_normalize
 from labels import IGNORE_INDEX, LabelMapping, read_class_names, scan_masks
+from listing import image_listing, list_images
 from transforms import Crop, SeparationMap, build_transforms
 
 log = logging.getLogger(__name__)

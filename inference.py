@@ -23,15 +23,20 @@ from cli import (
     non_negative_int,
     positive_int,
     run_cli,
+    setup_logging,
 )
 from errors import UserError
 from files import check_writable_folder, refuse_inside, require_folder
-from image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, conversion_for, first_readable, list_images
+from image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, conversion_for, first_readable
+from listing import list_images
 from predictions import Outputs, segment_folder
-from predictor import SAMPLING_MODES, Predictor
+from predictor import Predictor
 from records import format_report, write_report
+from sampling import SAMPLING_MODES
 from slides import SlidesResult, is_slide, segment_slides
 from utils import keep_freed_cpu_memory
+
+log = logging.getLogger(__name__)
 
 
 def add_sampling_flags(p: ArgumentParser) -> None:
@@ -190,19 +195,27 @@ def load_predictor(args: argparse.Namespace, model_file: Path) -> Predictor:
             model_file, args.device, args.precision, args.channels_last, ema=args.ema, **options, **sampling
         )
         if measured.seconds:
-            print(f"start-up chose: {measured.describe('a forward pass')}")
+            log.info(f"start-up chose: {measured.describe('a forward pass')}")
         return predictor
     if args.device not in ("auto", "cpu") or args.precision not in ("auto", "fp32"):
         raise UserError(
             "--onnx runs on onnxruntime's CPU provider in fp32; --device and --precision apply to --checkpoint"
         )
     predictor = Predictor.from_onnx(model_file, **options, **sampling)
-    print(f"running {model_file} with onnxruntime ({', '.join(predictor.network.session.get_providers())}), fp32")
+    log.info(f"running {model_file} with onnxruntime ({', '.join(predictor.network.session.get_providers())}), fp32")
     return predictor
 
 
+def run_slides(args: argparse.Namespace, predictor: Predictor, slides: list[Path], masks: Path) -> SlidesResult:
+    """slides.segment_slides as the flags ask, and the line that says what it did."""
+    options = dict(level=args.level, skip_background=args.skip_background, overwrite=args.overwrite)
+    done = segment_slides(predictor, slides, args.input_dir, masks, zarr_output=args.slide_format == "zarr", **options)
+    log.info(f"{done.written} slides segmented; {done.already_done} already done; {done.unreadable} unreadable")
+    return done
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    setup_logging()
     args = get_args_parser().parse_args(argv)
     inputs = find_inputs(args.input_dir, args.recursive)
     true_masks = None
@@ -221,20 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--{slide_only[0]} applies to --mode slide only (this checkpoint resizes; add --mode slide)")
     if sampling.mode == "slide":
         tiles = f"{sampling.image_size} px high, up to {sampling.tile} wide, overlap at least {sampling.overlap:.3g}"
-        print(f"sliding tiles {tiles}, {scale_text(sampling)}")
-    slides, done = [path for path in inputs if is_slide(path, args.max_pixels)], SlidesResult()
-    if slides:
-        done = segment_slides(
-            predictor,
-            slides,
-            args.input_dir,
-            outputs.root / "masks",
-            level=args.level,
-            skip_background=args.skip_background,
-            zarr_output=args.slide_format == "zarr",
-            overwrite=args.overwrite,
-        )
-        print(f"{done.written} slides segmented; {done.already_done} already done; {done.unreadable} unreadable")
+        log.info(f"sliding tiles {tiles}, {scale_text(sampling)}")
+    slides = [path for path in inputs if is_slide(path, args.max_pixels)]
+    done = run_slides(args, predictor, slides, outputs.root / "masks") if slides else SlidesResult()
     images = [path for path in inputs if path not in slides]
     result = segment_folder(
         predictor,
@@ -246,18 +248,18 @@ def main(argv: list[str] | None = None) -> int:
         overwrite=args.overwrite,
         max_pixels=args.max_pixels,
     )
-    print(
+    log.info(
         f"{result.written} images segmented into {outputs.root}; {result.already_done} already done "
         f"(--overwrite to redo); {result.unreadable} unreadable"
     )
     if objects and images:
-        print(f"{result.objects} objects: {outputs.root / 'objects.csv'}, coco_results.json, instances/")
+        log.info(f"{result.objects} objects: {outputs.root / 'objects.csv'}, coco_results.json, instances/")
     if true_masks is not None and result.evaluated == 0:
-        print(f"no prediction had a mask of the same name in {args.masks_dir}")
+        log.info(f"no prediction had a mask of the same name in {args.masks_dir}")
     elif true_masks is not None:
         scores = result.matrix.compute()
         rows = write_report(result.matrix, predictor.mapping.names, outputs.root)
-        print(
+        log.info(
             f"evaluation on {result.evaluated} images: mIoU {scores['miou']:.4f}  mean Dice {scores['mdice']:.4f}  "
             f"pixel accuracy {scores['pixel_acc']:.4f}\n{format_report(rows)}\n"
             f"written: {outputs.root / 'report.csv'}, report.json, confusion_matrix.png"

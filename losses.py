@@ -79,6 +79,7 @@ class CrossEntropy(nn.CrossEntropyLoss):
 def build_loss(
     name: str,
     class_weights: torch.Tensor | None = None,
+    *,
     ignore_index: int = IGNORE_INDEX,
     dice_weight: float = 1.0,
     ce_weight: float = 1.0,
@@ -88,7 +89,9 @@ def build_loss(
     """separation: a model with a separation head (num_classes classes before it), whose loss (InstanceLoss) wraps
     the named one."""
     if separation is not None:
-        class_loss = build_loss(name, class_weights, ignore_index, dice_weight, ce_weight)
+        class_loss = build_loss(
+            name, class_weights, ignore_index=ignore_index, dice_weight=dice_weight, ce_weight=ce_weight
+        )
         return InstanceLoss(class_loss, num_classes, separation)
     if name == "ce":
         return CrossEntropy(ignore_index=ignore_index)

@@ -8,14 +8,17 @@ stopped.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
-from cli import ArgumentParser, non_negative_int, positive_int, run_cli
+from cli import ArgumentParser, non_negative_int, positive_int, run_cli, setup_logging
 from coco import COCO_MODES, prepare_masks
 from files import check_writable_folder, refuse_inside
 from image_io import DEFAULT_MAX_PIXELS
+
+log = logging.getLogger(__name__)
 
 
 def get_args_parser() -> ArgumentParser:
@@ -56,6 +59,7 @@ def get_args_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = get_args_parser().parse_args(argv)
     check_writable_folder(args.output_dir, "--output_dir")
     if args.instances_dir is not None:
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         max_pixels=args.max_pixels,
         instances_dir=args.instances_dir,
     )
-    print(summary.line())
+    log.info(summary.line())
     return 0
 
 

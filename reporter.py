@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import signal
-import sys
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
@@ -17,6 +17,8 @@ from plots import confusion_matrix_figure, curves_figure, sample_panel, save_fig
 from records import OBJECT_COLUMNS, confusion_from, format_report, write_report, write_results
 from schedule import Plan
 from stopping import GracefulStop
+
+log = logging.getLogger(__name__)
 
 
 def batch_text(batch_size: int, accumulate: int, world_size: int) -> str:
@@ -75,15 +77,11 @@ class Reporter:
         self.checkpoints = run_dir / "checkpoints"
         self.writer = SummaryWriter(str(run_dir), purge_step=purge_step) if active else None
 
-    def print(self, *args, **kwargs) -> None:
-        if self.active:
-            print(*args, **kwargs)
-
     def replanned(self, plan: Plan, said: list[str]) -> Plan:
         """A plan made after an epoch (schedule.next_plan): its lines said, the epochs it spans shown from now on."""
         self.epochs = plan.epochs
         for line in said:
-            self.print(line)
+            log.info(line)
         return plan
 
     def config(self, values: dict, chosen: list[str]) -> None:
@@ -116,7 +114,7 @@ class Reporter:
         )
         if "ap50" in record:
             scores += f"  objects AP50 {record['ap50']:.4f}  AP50-95 {record['ap50_95']:.4f}  PQ {record['pq']:.4f}"
-        print(
+        log.info(
             f"epoch {epoch}/{self.epochs}  train loss {record['train_loss']:.4f}  {scores}  "
             f"lr {record['lr']:.2e}  {record['seconds']:.1f}s ({record['images_per_s']:.1f} images/s)"
             + skip_report(skipped, validation.skipped if validation else [])
@@ -150,7 +148,7 @@ class Reporter:
             return
         rows = write_report(confusion_from(best_confusion), self.class_names, self.run_dir)
         epoch = next((h["epoch"] for h in history if h.get("miou") == best_miou), "?")
-        print(f"\nbest epoch {epoch} (best.pt), per class on the validation set:\n{format_report(rows)}")
+        log.info(f"\nbest epoch {epoch} (best.pt), per class on the validation set:\n{format_report(rows)}")
 
     def finish(self, history: list[dict], flags: dict, best_miou: float, val_images: Path) -> None:
         """flags: the run's recorded flags, TensorBoard's hyperparameters beside the best mIoU."""
@@ -164,7 +162,7 @@ class Reporter:
             }
             self.writer.add_hparams(hparams, {"hparam/best_miou": best_miou}, run_name="hparams")
         self.writer.close()
-        print(
+        log.info(
             f"\nbest val mIoU {best_miou:.4f}\n"
             f"TensorBoard logs: {self.run_dir}\ncheckpoints: {self.checkpoints} (best.pt, last.pt)\n"
             f"sample images: {self.run_dir / 'samples'}\ncurves: {self.run_dir / 'curves.png'}\n"
@@ -181,23 +179,22 @@ class Reporter:
 
     def stopped(self, stop: GracefulStop, when: str) -> int:
         """Say how to continue after SIGINT/SIGTERM; returns the exit status (130 or 143)."""
-        self.print(
-            f"stopped by {signal.Signals(stop.signum).name} {when}; "
-            f"continue with --resume auto --run-dir {self.run_dir}",
-            file=sys.stderr,
-        )
+        if self.active:
+            log.warning(
+                f"stopped by {signal.Signals(stop.signum).name} {when}; "
+                f"continue with --resume auto --run-dir {self.run_dir}"
+            )
         if self.writer is not None:
             self.writer.close()
         return stop.exit_code
 
     def early_stopped(self, best_miou: float, patience: int) -> None:
-        self.print(f"early stop: no better val mIoU in {patience} validations (best {best_miou:.4f})")
+        log.info(f"early stop: no better val mIoU in {patience} validations (best {best_miou:.4f})")
 
     def non_finite(self, err: Exception) -> int:
         """A diverged run: nothing of the epoch is saved; returns the exit status 1."""
-        print(
+        log.error(
             f"error: {err}; stopped without saving. last good checkpoint: {self.checkpoints / 'last.pt'} "
-            f"(try a lower --lr or --precision fp32)",
-            file=sys.stderr,
+            f"(try a lower --lr or --precision fp32)"
         )
         return 1

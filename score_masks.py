@@ -19,19 +19,23 @@ Challenge's SEG, per image and over all images (metrics.InstanceScores):
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cli import ArgumentParser, mask_value_type, run_cli
+from cli import ArgumentParser, mask_value_type, run_cli, setup_logging
 from errors import UserError
 from files import require_folder
-from image_io import image_listing, list_images, read_mask
+from image_io import read_mask
 from labels import IGNORE_INDEX
+from listing import image_listing, list_images
 from metrics import ConfusionMatrix, InstanceScores
 from records import class_report, format_report, write_csv
+
+log = logging.getLogger(__name__)
 
 
 def get_args_parser() -> ArgumentParser:
@@ -122,6 +126,7 @@ def score_instances(pairs: list[tuple[Path, Path]]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = get_args_parser().parse_args(argv)
     pairs = paired_masks(args.pred, args.truth)
     if args.instances:
@@ -129,15 +134,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.csv:
             write_csv(rows, INSTANCE_COLUMNS, args.csv)
         total = rows[-1]
-        print(
+        log.info(
             f"{len(pairs)} images, {total['true_objects']} true and {total['pred_objects']} predicted objects: "
             f"AP50 {total['ap50']:.4f}, AP75 {total['ap75']:.4f}, AP50-95 {total['ap50_95']:.4f}, "
             f"F1 {total['f1']:.4f}, PQ {total['pq']:.4f}, SEG {total['seg']:.4f}"
         )
         return 0
     result = score(pairs, binary=args.binary, ignore_value=args.ignore_value)
-    print(format_report(result["rows"]))
-    print(
+    log.info(format_report(result["rows"]))
+    log.info(
         f"{result['images']} images: mIoU {result['miou']:.4f}, mean Dice {result['mdice']:.4f}, "
         f"pixel accuracy {result['pixel_acc']:.4f}"
     )

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch.distributed as dist
 
 from checkpoints import DataSpec
-from cli import run_cli
+from cli import run_cli, setup_logging
 from config import parse_args, replay_values
 from data_setup import data_spec, prepare_data, training_loaders, validation_pixels, validation_sampling
 from engine import Training, Validation, train_one_epoch, validate
@@ -28,6 +28,8 @@ from schedule import EpochPace, Plan, TimeBudget, next_plan, time_budget
 from settings import TrainSettings, recorded_flags
 from stopping import EarlyStopping, GracefulStop, NonFiniteLoss
 from utils import Runtime, keep_freed_cpu_memory, seed_everything
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -135,7 +137,7 @@ def fit(
 
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()  # a time budget counts from here
-    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    setup_logging()
     settings, checkpoint = parse_args(argv)
     run = settings.run
     runtime = Runtime.from_flags(run.device, run.precision, run.channels_last, dist_timeout=run.dist_timeout)
@@ -174,9 +176,9 @@ def train(settings: TrainSettings, checkpoint: dict | None, runtime: Runtime, *,
         display_channel=data.display_channel,
     )
     if checkpoint:
-        report.print(f"resumed from {checkpoint['path']} at epoch {progress.epoch}")
+        log.info(f"resumed from {checkpoint['path']} at epoch {progress.epoch}")
     batch = batch_text(samples.batch_size, optim.accumulate, runtime.ddp.world_size)
-    report.print(
+    log.info(
         f"{len(train_set)} training and {len(val_set)} validation images, {spec.mapping.num_classes} classes "
         f"({', '.join(spec.mapping.names)}); {input_text(spec)}; "
         f"{count_parameters(training.model) / 1e6:.2f} M parameters; "
@@ -184,7 +186,7 @@ def train(settings: TrainSettings, checkpoint: dict | None, runtime: Runtime, *,
     )
     chosen = startup_choices(settings, spec, runtime, workers=loaders[0].num_workers, measured=measured)
     if chosen:
-        report.print(f"start-up chose: {'; '.join(chosen)}")
+        log.info(f"start-up chose: {'; '.join(chosen)}")
     flags = recorded_flags(settings, in_channels=spec.reading.channels, normalize=spec.normalization.name)
     report.config(replay_values(flags), chosen)
     budget = None

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -14,13 +15,15 @@ from torchvision.transforms.v2 import functional as TF
 from benchmarks.data import write_checkpoint
 from benchmarks.measure import isolated, timer
 from checkpoints import inference_network, load_checkpoint
-from image_io import list_images
 from intensity import IMAGENET_MEAN, IMAGENET_STD
+from listing import list_images
 from model import ResidualAttnUNet
 from onnx_model import export_metadata, export_network
 from predictions import Outputs, segment_folder
 from predictor import Predictor
 from utils import Runtime, keep_freed_cpu_memory, resolve_precision
+
+log = logging.getLogger(__name__)
 
 
 def naive_inference(args, device, folder: Path, checkpoint: Path, output: Path) -> None:
@@ -89,10 +92,10 @@ def bench_inference(args, device, root: Path, images: Path, runs: dict) -> dict:
 
 def report_inference(speeds: dict, title: str) -> None:
     """Rows of images/s, each against the first."""
-    print(f"\n{title:<34} {'images/s':>9} {'speed-up':>9}")
+    log.info(f"\n{title:<34} {'images/s':>9} {'speed-up':>9}")
     first = next(iter(speeds.values()))
     for label, speed in speeds.items():
-        print(f"{label:<34} {speed:>9.2f} {speed / first:>8.2f}x")
+        log.info(f"{label:<34} {speed:>9.2f} {speed / first:>8.2f}x")
 
 
 def report_folder(args, device: torch.device, root: Path, images: Path, parts: set[str]) -> None:

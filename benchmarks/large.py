@@ -5,6 +5,7 @@ height x width x classes."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,10 +16,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.data import write_checkpoint, write_photo
 from benchmarks.measure import isolated, matmul_gflops, peak_memory_mb, timer
 from checkpoints import inference_network, load_checkpoint, training_flags
-from image_io import list_images
+from listing import list_images
 from predictions import Outputs, segment_folder
-from predictor import Predictor, Sampling
+from predictor import Predictor
+from sampling import Sampling
 from utils import PRECISION_DTYPES, Runtime, keep_freed_cpu_memory, resolve_precision
+
+log = logging.getLogger(__name__)
 
 LARGE_CLASSES = 81  # COCO's categories (--coco-mode categories)
 
@@ -87,10 +91,12 @@ def report_large(args, device: torch.device, root: Path) -> None:
     size = dict(count=args.large_count, size=args.large_size, widths=args.widths, crop=args.image_size)
     precision, ceiling, rows = large_rows(root, device, **size)
     title = f"{args.large_count} photos {width}x{height}, {LARGE_CLASSES} classes, crop-trained at {args.image_size} px"
-    print(f"\n{title}")
-    print(f"{'':<56} {'s/image':>8} {'images/s':>9} {'passes':>7} {'GFLOP/s':>8} {'of ' + precision:>8} {'peak MB':>8}")
+    log.info(f"\n{title}")
+    log.info(
+        f"{'':<56} {'s/image':>8} {'images/s':>9} {'passes':>7} {'GFLOP/s':>8} {'of ' + precision:>8} {'peak MB':>8}"
+    )
     for label, row in rows.items():
-        print(
+        log.info(
             f"{label:<56} {row['seconds']:>8.2f} {1 / row['seconds']:>9.3f} {row['passes']:>7} {row['gflops']:>8.1f} "
             f"{row['gflops'] / ceiling:>8.0%} {row['peak_mb']:>8.0f}"
         )

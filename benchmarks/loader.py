@@ -4,6 +4,7 @@ of one loader process, for ours and for torchvision's v2 classes run as its segm
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from dataset import SegmentationFolder
 from image_io import pil_pixels, read_image
 from intensity import IMAGENET_MEAN, IMAGENET_STD
 from transforms import Augmentation, Crop
+
+log = logging.getLogger(__name__)
 
 STAGES = ("decode", "mask + lookup", "geometry", "colour + normalise", "collate")
 LOADER_PIPELINES = ("whole", "crop")
@@ -184,9 +187,9 @@ def loader_rates(items: dict[str, WorkerItems]) -> dict:
 def report_loader(args, device: torch.device, root: Path) -> None:
     images, masks = write_loader_data(root)
     width, height = LOADER_PHOTOS["size"]
-    print(f"\ndata loader: {LOADER_PHOTOS['count']} JPEGs {width}x{height} -> {args.image_size} px, ms per image")
+    log.info(f"\ndata loader: {LOADER_PHOTOS['count']} JPEGs {width}x{height} -> {args.image_size} px, ms per image")
     columns = [*STAGES, "images/s", "1 worker", f"colour on {device.type}"]
-    print(f"{'augment':<40}" + "".join(f"{column:>19}" for column in columns))
+    log.info(f"{'augment':<40}" + "".join(f"{column:>19}" for column in columns))
     for augment in ("none", "basic", "strong"):
         for pipeline in LOADER_PIPELINES:
             rows = isolated(loader_pair, images, masks, args.image_size, augment, pipeline, str(device))
@@ -195,7 +198,9 @@ def report_loader(args, device: torch.device, root: Path) -> None:
                 row += f"{result['images_per_s']:>19.1f}{result['worker_images_per_s']:>19.1f}"
                 on_device = f"{result['device_ms']:>19.2f}" if "device_ms" in result else ""
                 label = f"{augment}, {pipeline}" + (", torchvision" if name == "torchvision" else "")
-                print(f"{label:<40}{row}{on_device}")
+                log.info(f"{label:<40}{row}{on_device}")
             rates = ("images_per_s", "worker_images_per_s")
             speedups = [rows["ours"][rate] / rows["torchvision"][rate] for rate in rates]
-            print(f"{'':<40}ours vs torchvision: {speedups[0]:.2f}x in one process, {speedups[1]:.2f}x with one worker")
+            log.info(
+                f"{'':<40}ours vs torchvision: {speedups[0]:.2f}x in one process, {speedups[1]:.2f}x with one worker"
+            )

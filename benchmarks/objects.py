@@ -4,12 +4,15 @@ object table and the COCO results, each timed on their own."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 
 from instances import ObjectRule, object_table, objects_from, separation_target
 from labels import LabelMapping
+
+log = logging.getLogger(__name__)
 
 
 def touching_discs(size: tuple[int, int], spacing: int, seed: int) -> np.ndarray:
@@ -60,7 +63,7 @@ def report_objects(args) -> None:
     width, height = args.large_size
     row = object_rows(args.large_size, spacing=args.object_spacing)
     total = row["watershed_s"] + row["table_s"] + row["coco_s"]
-    print(
+    log.info(
         f"\nobjects: a {width}x{height} photo ({row['megapixels']:.0f} MP) of {row['true_objects']} touching discs "
         f"({row['found_objects']} found from their boundary map): watershed {row['watershed_s']:.1f} s, object table "
         f"{row['table_s']:.1f} s, COCO RLE {row['coco_s']:.1f} s, {total:.1f} s in all"

@@ -9,6 +9,7 @@ from the page cache (as on a machine whose set fits in memory).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import shutil
@@ -28,6 +29,8 @@ from labels import SCAN_CACHE_NAME
 from model_setup import build_training, check_memory
 from schedule import validation_interval
 from utils import Runtime, keep_freed_cpu_memory
+
+log = logging.getLogger(__name__)
 
 SCALE_PHOTO = (640, 480)  # COCO's size
 SCALE_CLASSES = 10  # background and the reference design's nine groups
@@ -176,21 +179,21 @@ def report_scale(args, root: Path) -> None:
     made = time.perf_counter() - started
     masks = args.scale_train + args.scale_val
     width, height = SCALE_PHOTO
-    print(
+    log.info(
         f"\nscale: {args.scale_train} training and {args.scale_val} validation pairs ({width}x{height} JPEG + "
         f"{SCALE_CLASSES}-class PNG; hard links to {SCALE_DISTINCT} distinct files, made in {made:.0f} s)"
     )
     rows = scale_rows(root, val_images=args.scale_val, coco_images=min(args.scale_coco, args.scale_train))
-    print(f"{'train.py start-up':<30} {'label scan s':>13} {'masks/s':>9} {'first step s':>13} {'peak RSS MB':>12}")
+    log.info(f"{'train.py start-up':<30} {'label scan s':>13} {'masks/s':>9} {'first step s':>13} {'peak RSS MB':>12}")
     for label in ("first", "cached"):
         row = rows[label]
         rate = masks / row["scan_seconds"]
-        print(
+        log.info(
             f"{label + (' (no caches)' if label == 'first' else ''):<30} {row['scan_seconds']:>13.1f} {rate:>9.0f} "
             f"{row['first_step_seconds']:>13.1f} {row['startup_rss_mb']:>12.0f}"
         )
     share, first = rows["share"], rows["first"]
-    print(
+    log.info(
         f"an epoch with the defaults: {first['epoch_crops']} crops at {first['crop_seconds']:.3f} s "
         f"({share['training_s']:.0f} s), {args.scale_val} validation images at {first['image_seconds']:.3f} s "
         f"({share['validation_s']:.0f} s): validation is {share['every_epoch']:.0%} of the run validating every "
@@ -198,7 +201,7 @@ def report_scale(args, root: Path) -> None:
     )
     if "coco" in rows:
         coco = rows["coco"]
-        print(
+        log.info(
             f"prepare_masks.py: {coco['written']} masks in {coco['seconds']:.1f} s "
             f"({coco['written'] / coco['seconds']:.0f} images/s), peak RSS {coco['peak_rss_mb']:.0f} MB"
         )

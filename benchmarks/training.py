@@ -3,6 +3,8 @@ and torch.compile, against the measured matrix-multiply ceilings (FLOPs counted 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -14,6 +16,8 @@ from model_setup import fastest_training_step
 from optimizer import build_optimizer
 from tuning import Candidate, candidates
 from utils import Runtime, keep_freed_cpu_memory, resolve_precision
+
+log = logging.getLogger(__name__)
 
 
 def training_flops_per_image(args, device) -> float:
@@ -76,7 +80,7 @@ def report_training(args, device: torch.device) -> None:
     ceilings["bf16"] = ceilings["fp16"] = matmul_gflops(torch.bfloat16, device) if native else None
     flops = training_flops_per_image(args, device)
     bf16 = f"{ceilings['bf16']:.0f} GFLOP/s" if ceilings["bf16"] else "not native here (not measured)"
-    print(
+    log.info(
         f"matmul ceilings: fp32 {ceilings['fp32']:.0f} GFLOP/s, bf16 {bf16}; "
         f"training step: {flops / 1e9:.1f} GFLOP per image\n"
     )
@@ -93,7 +97,7 @@ def report_training(args, device: torch.device) -> None:
     if not args.skip_compile:
         rows.append((f"--compile: {chosen}", default, True, True, False))
     memory = "peak GPU MB" if device.type == "cuda" else "peak RSS MB"
-    print(f"{'training':<34} {'images/s':>9} {'GFLOP/s':>9} {'of ceiling':>11} {'speed-up':>9} {memory:>12}")
+    log.info(f"{'training':<34} {'images/s':>9} {'GFLOP/s':>9} {'of ceiling':>11} {'speed-up':>9} {memory:>12}")
     baseline_speed = None
     for label, runtime, compile_model, keep_memory, grad_checkpoint in rows:
         if args.rows and not any(word in label for word in args.rows.split(",")):
@@ -102,7 +106,7 @@ def report_training(args, device: torch.device) -> None:
         baseline_speed = baseline_speed or result["images_per_s"]
         achieved = result["images_per_s"] * flops / 1e9
         extra = f"  (first step, compile included: {result['first_step_s']:.1f} s)" if compile_model else ""
-        print(
+        log.info(
             f"{label:<34} {result['images_per_s']:>9.2f} {achieved:>9.0f} "
             f"{achieved / ceilings[runtime.precision]:>10.0%} {result['images_per_s'] / baseline_speed:>8.2f}x "
             f"{result['peak_mb']:>12.0f}{extra}"

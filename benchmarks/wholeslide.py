@@ -5,6 +5,7 @@ same pixels where they fit."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from benchmarks.measure import isolated, peak_memory_mb
 from predictor import Predictor
 from slides import LazyImage, SlideOutput, open_slide, segment_slide
 from utils import Runtime, keep_freed_cpu_memory
+
+log = logging.getLogger(__name__)
 
 TILE = 512
 
@@ -96,15 +99,15 @@ def report_wholeslide(args, root: Path) -> None:
     checkpoint = root / "slide-model.pt"
     write_checkpoint(checkpoint, classes=2, widths=args.slide_widths, image_size=256, crop_size=256)
     widths = ",".join(map(str, args.slide_widths))
-    print(f"\nwholeslide: generated tiled pyramidal BigTIFFs through a crop-trained model (widths {widths})")
-    print(f"{'slide':<16} {'MP/s':>7} {'peak RSS MB':>12} {'reading':>8} {'network':>8} {'writing':>8} {'other':>7}")
+    log.info(f"\nwholeslide: generated tiled pyramidal BigTIFFs through a crop-trained model (widths {widths})")
+    log.info(f"{'slide':<16} {'MP/s':>7} {'peak RSS MB':>12} {'reading':>8} {'network':>8} {'writing':>8} {'other':>7}")
     for width, height in args.slide_sizes:
         path = root / f"slide-{width}x{height}.tif"
         write_slide(path, width, height)
         row = isolated(slide_row, path, checkpoint, root / f"slide-{width}x{height}-mask.tif")
         other = row["seconds"] - row["reading"] - row["network"] - row["writing"]
         shares = [row[key] / row["seconds"] for key in ("reading", "network", "writing")] + [other / row["seconds"]]
-        print(
+        log.info(
             f"{width}x{height:<10} {row['megapixels'] / row['seconds']:>7.2f} {row['peak_mb']:>12.0f} "
             + " ".join(f"{share:>8.0%}" for share in shares)
         )
@@ -114,4 +117,4 @@ def report_wholeslide(args, root: Path) -> None:
     write_slide(path, width, height, levels=1)
     row = isolated(in_memory_row, path, checkpoint)
     rate = row["megapixels"] / row["seconds"]
-    print(f"{'in memory':<16} {rate:>7.2f} {row['peak_mb']:>12.0f}  ({width}x{height} decoded whole)")
+    log.info(f"{'in memory':<16} {rate:>7.2f} {row['peak_mb']:>12.0f}  ({width}x{height} decoded whole)")

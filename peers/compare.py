@@ -63,6 +63,8 @@ def run_one(method: str, data: Path, seed: int, minutes: float, out: Path, extra
     for command in METHODS[method](data, pred, seed, minutes, extra):
         subprocess.run([str(part) for part in command], cwd=ROOT, check=True)
     wall = time.monotonic() - started
+    if (pred / "masks" / "DID_NOT_FINISH").exists():  # no model within the budget: no score, not a score of 0
+        return dict(zip(COLUMNS, [method, data.name, seed, minutes, "", "", round(wall)], strict=True))
     result = score(paired_masks(pred / "masks", data / "masks/val"), binary=True)
     foreground = next(row["iou"] for row in result["rows"] if row["class"] == "1")
     return dict(zip(COLUMNS, [method, data.name, seed, minutes, foreground, result["miou"], round(wall)], strict=True))
@@ -70,13 +72,20 @@ def run_one(method: str, data: Path, seed: int, minutes: float, out: Path, extra
 
 def table(rows: list[dict]) -> str:
     """Mean and spread (min-max) of the foreground IoU per method, set and budget."""
-    groups: dict[tuple, list[float]] = {}
+    groups: dict[tuple, list[float | None]] = {}
     for row in rows:
-        groups.setdefault((row["set"], row["minutes"], row["method"]), []).append(float(row["foreground_iou"]))
+        value = float(row["foreground_iou"]) if row["foreground_iou"] not in ("", None) else None
+        groups.setdefault((row["set"], row["minutes"], row["method"]), []).append(value)
     lines = ["| set | minutes | method | runs | foreground IoU, mean | min - max |", "| --- " * 6 + "|"]
-    for (data, minutes, method), values in sorted(groups.items()):
+    for (data, minutes, method), found in sorted(groups.items()):
+        values, unfinished = [v for v in found if v is not None], found.count(None)
+        dnf = f" ({unfinished} did not finish)" if unfinished else ""
+        if not values:
+            lines.append(f"| {data} | {minutes} | {method} | {len(found)} | did not finish | |")
+            continue
         spread = f"{min(values):.3f} - {max(values):.3f}"
-        lines.append(f"| {data} | {minutes} | {method} | {len(values)} | {statistics.mean(values):.3f} | {spread} |")
+        mean = statistics.mean(values)
+        lines.append(f"| {data} | {minutes} | {method} | {len(values)}{dnf} | {mean:.3f} | {spread} |")
     return "\n".join(lines)
 
 

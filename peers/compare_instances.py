@@ -29,7 +29,8 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from image_io import list_images, read_mask  # noqa: E402  (the product's reader and evaluator, from its folder)
+from image_io import read_mask  # noqa: E402  (the product's reader and evaluator, from its folder)
+from listing import list_images  # noqa: E402
 from score_masks import paired_masks, score_instances  # noqa: E402
 
 SCORES = ["ap50", "ap75", "ap50_95", "f1", "pq", "seg", "true_objects", "pred_objects"]

@@ -1,7 +1,9 @@
 """Peer: StarDist 2D (stardist 0.9.2, tensorflow-cpu 2.21) from random init with its default Config2D for the channel
 count (32 rays, grid 2x2, 256 px patches, batch 4, Adam 3e-4 with its ReduceLROnPlateau), its example augmenter
-(flips, 90-degree turns, intensity jitter), trained until the wall-clock budget (counted from this script's start),
-then predict_instances with its optimised thresholds on the validation images, written as uint16 PNGs.
+(flips, 90-degree turns, intensity jitter), trained until the wall-clock budget (counted from this script's start)
+less THRESHOLD_SHARE of it, in which its examples' optimize_thresholds picks the probability and NMS thresholds on up
+to THRESHOLD_IMAGES training images (never the validation images), then predict_instances on the validation images,
+written as uint16 PNGs.
 
     /tmp/stardist-venv/bin/python peers/stardist_2d.py DATA OUT SECONDS [--seed N]
 
@@ -20,6 +22,8 @@ import numpy as np
 from PIL import Image
 
 t_start = time.time()
+THRESHOLD_SHARE = 0.1  # of the budget, kept for optimize_thresholds (its examples' last training step)
+THRESHOLD_IMAGES = 4
 parser = argparse.ArgumentParser()
 parser.add_argument("data")
 parser.add_argument("out")
@@ -68,7 +72,7 @@ class TimeStop(tf.keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         TimeStop.steps += 1
-        if time.time() - t_start > args.seconds:
+        if time.time() - t_start > args.seconds * (1 - THRESHOLD_SHARE):
             self.model.stop_training = True
 
 
@@ -84,10 +88,14 @@ def augment(x, y):
 model.prepare_for_training()
 model.callbacks.append(TimeStop())
 model.train(X, Y, validation_data=(X[:1], Y[:1]), augmenter=augment, epochs=100000, steps_per_epoch=20)
+chosen = np.random.default_rng(args.seed).permutation(len(X))[:THRESHOLD_IMAGES]
+model.optimize_thresholds([X[i] for i in chosen], [Y[i] for i in chosen])
 trained = time.time() - t_start
 os.makedirs(f"{args.out}/instances", exist_ok=True)
 for x, stem in zip(Xv, names, strict=True):
     labels, _ = model.predict_instances(x)
     Image.fromarray(labels.astype(np.uint16)).save(f"{args.out}/instances/{stem}.png")
 threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
-print(json.dumps({"steps": TimeStop.steps, "threads": threads, "precision": "fp32", "train_s": round(trained)}))
+summary = {"steps": TimeStop.steps, "threads": threads, "precision": "fp32", "train_s": round(trained)}
+thresholds = {key: round(float(value), 3) for key, value in model.thresholds._asdict().items()}
+print(json.dumps(summary | {"thresholds": thresholds}))

@@ -19,7 +19,8 @@ from engine import evaluate
 from labels import LabelMapping
 from loaders import DistributedWeightedSampler, as_lists, make_weighted_sampler
 from model import ResidualAttnUNet
-from predictor import Predictor, Sampling
+from predictor import Predictor
+from sampling import Sampling
 from utils import Runtime
 
 

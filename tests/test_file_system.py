@@ -18,9 +18,9 @@ from PIL import Image
 import dataset
 import export
 import fetch_real_data
-import image_io
 import inference
 import labels
+import listing
 import prepare_masks
 import train
 from conftest import ROOT, TINY_TRAIN_FLAGS, run_in_process
@@ -48,7 +48,7 @@ def test_a_folder_whose_links_loop_is_listed_once_and_ends(tmp_path):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "a/b/up").symlink_to("..")  # a/b/up/b/up/... for ever to a naive walk
     (tmp_path / "a/self").symlink_to(".")
-    listed = image_io.list_images(tmp_path / "a", recursive=True)
+    listed = listing.list_images(tmp_path / "a", recursive=True)
     assert [p.relative_to(tmp_path).as_posix() for p in listed] == ["a/b/y.png", "a/x.png"]
 
 
@@ -70,7 +70,7 @@ def test_the_symlink_loop_regression_through_the_inference_script(trained_run, t
 
 def test_an_image_that_disappears_after_the_listing_is_a_counted_skip(trained_run, tiny_demo, tmp_path, monkeypatch):
     folder = inputs_folder(tiny_demo, tmp_path)
-    listed = image_io.list_images
+    listed = listing.list_images
 
     def listing_then_gone(path, recursive=False):
         files = listed(path, recursive)

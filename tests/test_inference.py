@@ -228,7 +228,8 @@ def test_bf16_predictor_agrees_with_fp32(trained_run, tiny_demo):
 
 def test_resize_decodes_a_pass_of_images_at_a_time_and_slide_one(tmp_path, monkeypatch):
     from predictions import Outputs, segment_folder
-    from predictor import Predictor, Sampling
+    from predictor import Predictor
+    from sampling import Sampling
 
     for k in range(5):
         Image.fromarray(np.full((20, 30, 3), 40 * k, np.uint8)).save(tmp_path / f"{k}.png")

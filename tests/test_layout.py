@@ -33,3 +33,32 @@ def test_inference_starts_without_coco_tensorboard_or_matplotlib():
     loaded = set(ast.literal_eval(result.stdout))
     assert "torch" in loaded  # the probe saw inference's imports
     assert not loaded & {"pycocotools", "tensorboard", "matplotlib"}
+
+
+@pytest.mark.parametrize("path", sorted([*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")]), ids=lambda p: p.name)
+def test_one_voice_no_module_prints_past_the_logger(path):
+    """Every message to the user goes through logging (cli.Console: stdout, stderr for warnings, tqdm-aware)."""
+    calls = [
+        node.lineno
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and (
+            getattr(node.func, "id", None) == "print"
+            or (getattr(node.func, "attr", None) == "write" and getattr(node.func.value, "id", None) == "tqdm")
+        )
+    ]
+    assert path.name == "cli.py" and len(calls) == 1 or not calls, f"{path.name}: print/tqdm.write at lines {calls}"
+
+
+def test_the_console_sends_info_to_stdout_and_warnings_to_stderr_as_they_are_now(capsys):
+    import logging
+
+    from cli import setup_logging
+
+    setup_logging()
+    setup_logging()  # once: no second handler, no line twice
+    log = logging.getLogger("a.module")
+    log.info("a line")
+    log.warning("a warning")
+    out, err = capsys.readouterr()  # capsys replaced the streams after the handler was made
+    assert out.count("a line") == 1 and "a warning" in err and "a warning" not in out

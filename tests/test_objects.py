@@ -21,7 +21,8 @@ from checkpoints import load_checkpoint
 from conftest import TINY_TRAIN_FLAGS, add_instance_masks, run_in_process
 from instances import ObjectRule, separation_target
 from labels import LabelMapping
-from predictor import Predictor, Sampling
+from predictor import Predictor
+from sampling import Sampling
 from utils import Runtime
 
 

@@ -22,3 +22,22 @@ def test_ours_is_scored_on_last_pt_never_a_checkpoint_chosen_on_the_validation_i
     train, infer = compare.ours(Path("data/real/phc"), tmp_path / "pred", 2, 5.0, ["--lr", "1e-3"])
     assert train[1] == "train.py" and train[train.index("--seed") + 1] == 2 and train[-2:] == ["--lr", "1e-3"]
     assert infer[infer.index("--checkpoint") + 1].name == "last.pt"
+
+
+def test_a_run_that_did_not_finish_is_reported_as_such_never_as_a_score_of_0():
+    rows = [{"method": "pytorch-unet", "set": "phc", "minutes": "5", "foreground_iou": ""} for _ in range(3)]
+    rows += [{"method": "pytorch-unet", "set": "gravel", "minutes": "5", "foreground_iou": v} for v in ("0.5", "")]
+    lines = compare.table(rows).splitlines()
+    assert lines[2] == "| gravel | 5 | pytorch-unet | 1 (1 did not finish) | 0.500 | 0.500 - 0.500 |"
+    assert lines[3] == "| phc | 5 | pytorch-unet | 3 | did not finish | |"
+
+
+def test_the_instance_table_has_ap50_mean_and_spread_per_method():
+    spec = importlib.util.spec_from_file_location("compare_instances", ROOT / "peers/compare_instances.py")
+    instances = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(instances)
+    rows = [
+        {"method": "ours", "set": "gravel", "minutes": "5", "ap50": a, "ap50_95": "0.3", "pq": "0.4"}
+        for a in ("0.5", "0.7")
+    ]
+    assert instances.table(rows).splitlines()[2] == "| gravel | 5 | ours | 2 | 0.600 | 0.500 - 0.700 | 0.300 | 0.400 |"

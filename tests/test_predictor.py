@@ -17,7 +17,8 @@ import predictor as predictor_module
 from conftest import ROOT, run_in_process
 from errors import BadSampleError
 from labels import LabelMapping
-from predictor import Predictor, RowResampler, Sampling, tile_spans
+from predictor import Predictor
+from sampling import RowResampler, Sampling, tile_spans
 from utils import Runtime
 
 MAPPING = LabelMapping([0, 1, 2, 3], ["background", "a", "b", "c"], 255, False)

@@ -14,7 +14,7 @@ import inference
 import train
 from checkpoints import load_checkpoint
 from conftest import TINY_TRAIN_FLAGS, run_in_process
-from image_io import list_images
+from listing import list_images
 from predictor import Predictor
 from utils import Runtime
 

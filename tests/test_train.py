@@ -301,7 +301,7 @@ def test_the_reference_preset_sets_the_reference_recipe_beneath_typed_flags(tiny
 
 def test_crop_size_0_trains_on_whole_squashed_images_as_the_reference_design(tiny_demo, tmp_path):
     from config import parse_args
-    from predictor import Sampling
+    from sampling import Sampling
 
     default, _ = parse_args(["--data-root", str(tiny_demo)])
     whole, _ = parse_args(["--data-root", str(tiny_demo), "--crop-size", "0"])
