@@ -112,11 +112,12 @@ def fastest_training_step(
 
     def seconds_per_step(choice: Candidate) -> float:
         trial = with_choice(runtime, choice)
-        model = ResidualAttnUNet(**config).to(runtime.device, memory_format=trial.memory_format).train()
-        images, masks = example_batch(model.config, batch, side, trial)
-        parts = dict(loss_fn=make_loss(), optimizer=build_optimizer(model, 1e-4, runtime.device))
-        parts.update(scaler=trial.grad_scaler(), runtime=trial)
+        # Its own random numbers: the run's weights and samples are the same however many candidates were timed.
         with torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else []):
+            model = ResidualAttnUNet(**config).to(runtime.device, memory_format=trial.memory_format).train()
+            images, masks = example_batch(model.config, batch, side, trial)
+            parts = dict(loss_fn=make_loss(), optimizer=build_optimizer(model, 1e-4, runtime.device))
+            parts.update(scaler=trial.grad_scaler(), runtime=trial)
             return timed(lambda: train_step(model, images, masks, **parts), runtime.device)
 
     return fastest(choices, seconds_per_step)

@@ -144,7 +144,8 @@ class Predictor:
             predictor = built[choice] = cls.from_checkpoint(path, with_choice(base, choice), **options)
             side, tile = predictor.sampling.image_size, predictor.sampling.tile
             count = predictor.pass_size if predictor.sampling.mode == "resize" else 1
-            pixels = torch.randint(0, 256, (count, predictor.reading.channels, side, tile), dtype=torch.uint8)
+            shape = (count, predictor.reading.channels, side, tile)
+            pixels = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
             return timed(lambda: predictor.batch_logits(pixels), predictor.runtime.device)
 
         measured = fastest(candidates(base, precision, channels_last), seconds_per_pass)

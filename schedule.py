@@ -47,8 +47,18 @@ class TimeBudget:
 
     @property
     def finish(self) -> float:
-        """When the last epoch must be done: the budget less what the final report is kept."""
-        return self.started + self.seconds - max(self.seconds * FINISH_RESERVE, FINISH_RESERVE_SECONDS)
+        """When the last epoch must be done, as the plans see it: the budget less what the final report is kept."""
+        return self.started + self.seconds - self._reserve
+
+    @property
+    def deadline(self) -> float:
+        """When an epoch is cut short whatever the plan: half of the final report's reserve may go to what no plan
+        could see coming (a numbered epoch's figures, written after the plan that made the next epoch the last)."""
+        return self.started + self.seconds - self._reserve / 2
+
+    @property
+    def _reserve(self) -> float:
+        return max(self.seconds * FINISH_RESERVE, FINISH_RESERVE_SECONDS)
 
     @staticmethod
     def validation_cost(validation_pixels: float, step_pixels: float) -> float:
@@ -57,12 +67,11 @@ class TimeBudget:
         return validation_pixels / max(step_pixels, 1) * FORWARD_SHARE
 
     def out_of_time(self, epoch_seconds: float, steps: int) -> bool:
-        """During an epoch, after `steps` steps: True once one more step and the last validation would end past
-        the budget, so an epoch longer than the whole budget (slow hardware, large epochs) is cut short. It checks
-        the plan's pace, with the bookkeeping the plan assumed: a numbered epoch's figures, written after the plan
-        was made, come out of the reserve kept for the end (FINISH_RESERVE) and the next plan, not this epoch."""
+        """During an epoch, after `steps` steps: True once one more step and the last validation would end past the
+        deadline, so an epoch longer than the whole budget (slow hardware, large epochs) is cut short. It checks the
+        plan's pace, with the bookkeeping the plan assumed."""
         step = epoch_seconds / max(steps, 1)
-        return time.monotonic() + step + self._validation(step) + self.planned_bookkeeping > self.finish
+        return time.monotonic() + step + self._validation(step) + self.planned_bookkeeping > self.deadline
 
     def epochs_that_fit(
         self, epochs_done: int, train_seconds: float, validation_seconds: float | None = None, val_every: int = 1

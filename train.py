@@ -63,16 +63,18 @@ def save_epoch(
     report: Reporter,
     settings: TrainSettings,
     spec: DataSpec,
+    runtime: Runtime,
 ) -> None:
     """After an epoch (progress.history[-1]): the best mIoU so far, the checkpoints (last.pt; best.pt where it
-    improved; a numbered one every --save-every epochs and at the end) with the flags as planned so far, the console
-    line, TensorBoard and results.csv."""
+    improved; a numbered one every --save-every epochs and at the end) with the flags as planned so far (and the
+    precision and layout the run measured, which --resume keeps), the console line, TensorBoard and results.csv."""
     epoch, early = progress.epoch, progress.early
     improved = validation is not None and early.update(validation.metrics["miou"])
     if improved:
         progress.best_confusion = validation.matrix.matrix.cpu().tolist()
     numbered = epoch % settings.run.save_every == 0 or epoch == plan.epochs or early.should_stop
     discovered = dict(in_channels=spec.reading.channels, normalize=spec.normalization.name)
+    discovered.update(precision=runtime.precision, channels_last=runtime.channels_last)
     flags = recorded_flags(settings, **discovered, epochs=plan.epochs, val_every=plan.val_every)
     found = dict(history=progress.history, best_miou=early.best, best_confusion=progress.best_confusion)
     report.save(training.state(epoch=epoch, flags=flags, spec=spec, **found), improved=improved, numbered=numbered)
@@ -123,7 +125,17 @@ def fit(
             progress.history.append(
                 epoch_record(epoch, train_loss=train_loss, lr=pace.lr(0), validation=validation, **timing)
             )
-            save_epoch(training, progress, plan, validation, skipped, report=report, settings=settings, spec=spec)
+            save_epoch(
+                training,
+                progress,
+                plan,
+                validation,
+                skipped,
+                report=report,
+                settings=settings,
+                spec=spec,
+                runtime=runtime,
+            )
             if budget is not None:  # what the epoch spent neither training nor validating: checkpoints, figures
                 budget.bookkeeping = time.monotonic() - started - train_seconds - getattr(validation, "seconds", 0)
             if stop.requested:

@@ -106,6 +106,40 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_intervals(
+    out: Path, rows: list[dict], sets: dict[str, Path], reference: str = "ours", draws: int = 10_000
+) -> str:
+    """Per set and method: the mean over report images and seeds of (reference's AP50 - the method's AP50) on the
+    same image and seed, and its bootstrap 95% interval (images resampled with replacement, seeded). A lead is
+    claimed only where the interval excludes 0. sets: each set's folder by name."""
+    per_image: dict[tuple, dict] = {}
+    for row in rows:
+        pred = out / f"{row['method']}-{row['set']}-seed{row['seed']}-{float(row['minutes']):g}min" / "instances"
+        truth = sets[row["set"]] / "masks_instance/val"
+        if not pred.is_dir():
+            continue
+        for image in score_instances(paired_masks(pred, truth))[:-1]:
+            per_image.setdefault((row["set"], row["minutes"], row["method"]), {})[(row["seed"], image["image"])] = (
+                image["ap50"]
+            )
+    lines = ["| set | minutes | ours - method, AP50 per image | 95% interval | lead? |", "| --- " * 5 + "|"]
+    rng = np.random.default_rng(0)
+    for (data, minutes, method), scores in sorted(per_image.items()):
+        ours = per_image.get((data, minutes, reference), {})
+        keys = sorted(set(scores) & set(ours))
+        if method == reference or not keys:
+            continue
+        differences = np.array([ours[key] - scores[key] for key in keys])
+        means = differences[rng.integers(0, len(keys), (draws, len(keys)))].mean(1)
+        low, high = np.percentile(means, [2.5, 97.5])
+        verdict = "ours" if low > 0 else ("theirs" if high < 0 else "even")
+        lines.append(
+            f"| {data} | {minutes} | {method}: {differences.mean():+.3f} ({len(keys)} images x seeds) | "
+            f"{low:+.3f} to {high:+.3f} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sets", type=Path, nargs="+", default=[])
@@ -130,7 +164,10 @@ def main() -> int:
                             writer.writeheader()
                         writer.writerow(row)
     if results.exists():
-        print(table(list(csv.DictReader(results.open()))))
+        rows = list(csv.DictReader(results.open()))
+        print(table(rows))
+        sets = {data.name: data for data in args.sets} or {row["set"]: ROOT / "data/real" / row["set"] for row in rows}
+        print(paired_intervals(args.out, rows, sets))
     return 0
 
 

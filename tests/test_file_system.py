@@ -72,8 +72,8 @@ def test_an_image_that_disappears_after_the_listing_is_a_counted_skip(trained_ru
     folder = inputs_folder(tiny_demo, tmp_path)
     listed = listing.list_images
 
-    def listing_then_gone(path, recursive=False):
-        files = listed(path, recursive)
+    def listing_then_gone(path, recursive=False, slides=False):
+        files = listed(path, recursive, slides)
         files[0].unlink()  # between the listing and the read
         files[1].write_bytes(files[1].read_bytes()[:100])  # truncated after the listing
         return files

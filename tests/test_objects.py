@@ -158,3 +158,20 @@ def test_an_objects_rle_from_its_box_is_pycocotools_rle_of_the_whole_image():
         expected = mask_utils.encode(np.asfortranarray(whole))
         found = object_rle(whole[box[0] : box[2], box[1] : box[3]] > 0, box[0], box[1], whole.shape)
         assert found["counts"] == expected["counts"].decode("ascii") and found["size"] == [37, 53]
+
+
+def test_the_onnx_path_gives_the_same_objects(object_run, tiny_demo, tmp_path):
+    import export
+
+    onnx_file = tmp_path / "m.onnx"
+    result = run_in_process(export.main, "--checkpoint", object_run / "checkpoints/last.pt", "--output", onnx_file)
+    assert result.returncode == 0, result.stderr
+    image = sorted((tiny_demo / "images/val").iterdir())[1]
+    torch_predictor = Predictor.from_checkpoint(
+        object_run / "checkpoints/last.pt", Runtime.from_flags("cpu", "fp32", False), objects={"min_size": 1}
+    )
+    onnx_predictor = Predictor.from_onnx(onnx_file, objects={"min_size": 1})
+    assert onnx_predictor.objects == torch_predictor.objects
+    torch_ids, torch_rows = torch_predictor.predict_objects(image)
+    onnx_ids, onnx_rows = onnx_predictor.predict_objects(image)
+    assert (torch_ids == onnx_ids).mean() >= 0.999 and len(onnx_rows) == len(torch_rows)

@@ -14,6 +14,7 @@ from PIL import Image
 
 import inference
 import predictor as predictor_module
+import sampling as sampling_module
 from conftest import ROOT, run_in_process
 from errors import BadSampleError
 from labels import LabelMapping
@@ -208,7 +209,7 @@ def test_the_checkpoint_flags_choose_the_mode():
     assert Sampling.from_training_flags({"image_size": 96}) == Sampling("resize", 96, tile=96)
     crop = Sampling.from_training_flags({"image_size": 256, "crop_size": 64, "base_size": 128})
     assert (crop.mode, crop.image_size, crop.base_size) == ("slide", 64, 128)
-    assert crop.tile == predictor_module.TILE_FACTOR * 64  # tiles larger than the crop: fewer pixels computed twice
+    assert crop.tile == sampling_module.TILE_FACTOR * 64  # tiles larger than the crop: fewer pixels computed twice
 
 
 @pytest.mark.parametrize(

@@ -171,9 +171,19 @@ def test_config_yaml_replays_the_run_and_typed_flags_override_it(trained_run, tm
     assert config["epochs"] == 2 and config["widths"] == [4, 8, 16, 32] and "run_dir" not in config
     run_dir = tmp_path / "replay"
     typed = ["--dist-timeout", "300"]  # typed over the file; (--epochs would change the schedule of every step)
-    assert train.main(["--config", str(trained_run / "config.yaml"), "--run-dir", str(run_dir), *typed]) == 0
+    measured = load_checkpoint(trained_run / "checkpoints/epoch_001.pt")["args"]  # what start-up measured and ran
+    same_numerics = [
+        "--precision",
+        measured["precision"],
+        "--channels-last" if measured["channels_last"] else "--no-channels-last",
+    ]
+    assert (
+        train.main(["--config", str(trained_run / "config.yaml"), "--run-dir", str(run_dir), *typed, *same_numerics])
+        == 0
+    )
     replayed = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert replayed == {**config, "dist_timeout": 300} and config["dist_timeout"] != 300
+    numerics = {"precision": measured["precision"], "channels_last": measured["channels_last"]}
+    assert replayed == {**config, "dist_timeout": 300, **numerics} and config["dist_timeout"] != 300
     first, again = (load_checkpoint(d / "checkpoints" / "epoch_001.pt") for d in (trained_run, run_dir))
     assert again["history"][0]["train_loss"] == pytest.approx(first["history"][0]["train_loss"], rel=1e-6)
 
@@ -186,7 +196,7 @@ def test_config_yaml_says_what_start_up_chose_and_why_above_the_values_it_chose(
     config = yaml.safe_load(text)
     assert notes[0] == "start-up chose:" and text.startswith("# start-up chose:\n")
     assert f"normalize {config['normalize']} (8-bit RGB photos)" in notes  # the tiny demo's PNGs are 8-bit RGB
-    assert sum(note.startswith(("device ", "precision ", "layout ")) for note in notes) == 3
+    assert sum(note.startswith(("device ", "precision and layout ")) for note in notes) == 2  # layout: measured
     assert not any(note.startswith(("workers ", "val_every ", "in_channels ")) for note in notes)  # typed, default
     typed = ["--normalize", "imagenet", "--precision", "fp32", "--no-channels-last", "--device", "cpu"]
     run_dir = tmp_path / "typed"

@@ -63,5 +63,5 @@ def test_training_runs_in_the_measured_choice_and_a_typed_flag_wins(flags, chose
     if flags:
         assert "NCHW" not in startup.split("(measured")[0]  # only precisions were timed: the flag fixed the layout
     else:
-        assert "fp32 NCHW 1 s a training step (measured; fp32 channels_last 2 s" in startup
+        assert "fp32 NCHW 1 s a training step (measured; " in startup and "fp32 channels_last 2 s" in startup
     assert "a training step (measured" in (run / "config.yaml").read_text()  # the same words as config comments
