@@ -11,24 +11,15 @@ DATA/images/{train,val}/*.png and DATA/masks_instance/{train,val}/*.png (uint16 
 Prints one JSON line: epochs, steps, threads, precision, training seconds.
 """
 
-import argparse
-import glob
-import json
 import math
-import os
 import random
 import time
 
 import numpy as np
-from PIL import Image
+from peer_common import load_split, peer_args, write_labels
 
 t_start = time.time()
-parser = argparse.ArgumentParser()
-parser.add_argument("data")
-parser.add_argument("out")
-parser.add_argument("seconds", type=float)
-parser.add_argument("--seed", type=int, default=0)
-args = parser.parse_args()
+args = peer_args()
 
 import torch  # noqa: E402
 from cellpose import dynamics, models, train  # noqa: E402
@@ -40,23 +31,11 @@ PREDICT_RESERVE = 0.05  # of the budget, left for predicting the validation imag
 BATCH, PATCH = 8, 224  # train_seg's defaults: batch_size, bsize
 
 
-def load(split: str):
-    images, labels, names = [], [], []
-    for path in sorted(glob.glob(f"{args.data}/images/{split}/*.png")):
-        stem = os.path.splitext(os.path.basename(path))[0]
-        images.append(np.asarray(Image.open(path).convert("L")).astype(np.float32))  # channels [0, 0]: grey
-        labels.append(np.asarray(Image.open(f"{args.data}/masks_instance/{split}/{stem}.png")).astype(np.int32))
-        names.append(stem)
-    return images, labels, names
-
-
-os.makedirs(args.out, exist_ok=True)
-X, Y, _ = load("train")
-Xv, _, names = load("val")
+X, Y, _ = load_split(args.data, "train", "L")  # channels [0, 0]: grey
+Xv, _, names = load_split(args.data, "val", "L")
 model = models.CellposeModel(gpu=False, pretrained_model=None)
 flows = dynamics.labels_to_flows(Y, device=model.device)  # once: train_seg takes precomputed flows as they are
 common = dict(train_data=X, train_labels=flows, channels=[0, 0], save_path=args.out, min_train_masks=1)
-model = models.CellposeModel(gpu=False, pretrained_model=None)
 probe = torch.randn(BATCH, model.nchan, PATCH, PATCH)
 for _ in range(2):  # one untimed step of train_seg's shape, then one timed (forward, loss stand-in, backward)
     started = time.time()
@@ -72,8 +51,6 @@ class OutOfTime(Exception):
 
 
 get_batch = train._get_batch
-
-
 steps = 0
 
 
@@ -93,19 +70,7 @@ try:
 except OutOfTime:
     print(f"cellpose: stopped at the budget within its {epochs} planned epochs")
 trained = time.time() - t_start
-os.makedirs(f"{args.out}/instances", exist_ok=True)
 diameter = float(model.net.diam_labels.item())
-for x, stem in zip(Xv, names, strict=True):
-    masks = model.eval(x, channels=[0, 0], diameter=diameter)[0]
-    Image.fromarray(masks.astype(np.uint16)).save(f"{args.out}/instances/{stem}.png")
-print(
-    json.dumps(
-        {
-            "epochs": epochs,
-            "steps": steps,
-            "threads": torch.get_num_threads(),
-            "precision": "fp32",
-            "train_s": round(trained),
-        }
-    )
-)
+predicted = [model.eval(x, channels=[0, 0], diameter=diameter)[0] for x in Xv]
+summary = {"epochs": epochs, "steps": steps, "threads": torch.get_num_threads(), "precision": "fp32"}
+write_labels(args.out, names, predicted, summary | {"train_s": round(trained)})

@@ -13,7 +13,6 @@ virtual environments (README.md here); the product never imports this folder.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import subprocess
@@ -22,7 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "peers")]
+
+from peer_common import run_all  # noqa: E402  (this folder's shared code)
 
 from score_masks import paired_masks, score  # noqa: E402  (the product's evaluator, from its folder)
 
@@ -98,22 +99,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "runs/peers")
     p.add_argument("--table-only", action="store_true")
     args, extra = p.parse_known_args()  # anything else goes to the method (e.g. a train.py flag for ours)
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = args.out / "results.csv"
-    if not args.table_only:
-        for data in args.sets:
-            for seed in (int(s) for s in args.seeds.split(",")):
-                for method in args.methods.split(","):
-                    row = run_one(method, data.resolve(), seed, args.minutes, args.out.resolve(), extra)
-                    print(row, flush=True)
-                    new = not results.exists()
-                    with results.open("a", newline="") as file:
-                        writer = csv.DictWriter(file, COLUMNS)
-                        if new:
-                            writer.writeheader()
-                        writer.writerow(row)
-    if results.exists():
-        print(table(list(csv.DictReader(results.open()))))
+    rows = run_all(args, run_one, COLUMNS, extra)
+    if rows:
+        print(table(rows))
     return 0
 
 

@@ -27,7 +27,9 @@ from PIL import Image
 from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "peers")]
+
+from peer_common import run_all  # noqa: E402  (this folder's shared code)
 
 from image_io import read_mask  # noqa: E402  (the product's reader and evaluator, from its folder)
 from listing import list_images  # noqa: E402
@@ -149,22 +151,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "runs/instances")
     p.add_argument("--table-only", action="store_true")
     args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = args.out / "results.csv"
-    if not args.table_only:
-        for data in args.sets:
-            for seed in (int(s) for s in args.seeds.split(",")):
-                for method in args.methods.split(","):
-                    row = run_one(method, data.resolve(), seed, args.minutes, args.out.resolve())
-                    print(row, flush=True)
-                    new = not results.exists()
-                    with results.open("a", newline="") as file:
-                        writer = csv.DictWriter(file, COLUMNS)
-                        if new:
-                            writer.writeheader()
-                        writer.writerow(row)
-    if results.exists():
-        rows = list(csv.DictReader(results.open()))
+    rows = run_all(args, run_one, COLUMNS)
+    if rows:
         print(table(rows))
         sets = {data.name: data for data in args.sets} or {row["set"]: ROOT / "data/real" / row["set"] for row in rows}
         print(paired_intervals(args.out, rows, sets))

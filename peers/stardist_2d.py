@@ -11,25 +11,17 @@ DATA/images/{train,val}/*.png and DATA/masks_instance/{train,val}/*.png (uint16 
 Prints one JSON line: steps, threads, precision, training seconds.
 """
 
-import argparse
-import glob
-import json
 import os
 import random
 import time
 
 import numpy as np
-from PIL import Image
+from peer_common import is_rgb, load_split, peer_args, write_labels
 
 t_start = time.time()
 THRESHOLD_SHARE = 0.1  # of the budget, kept for optimize_thresholds (its examples' last training step)
 THRESHOLD_IMAGES = 4
-parser = argparse.ArgumentParser()
-parser.add_argument("data")
-parser.add_argument("out")
-parser.add_argument("seconds", type=float)
-parser.add_argument("--seed", type=int, default=0)
-args = parser.parse_args()
+args = peer_args()
 
 import tensorflow as tf  # noqa: E402
 from csbdeep.utils import normalize  # noqa: E402
@@ -41,24 +33,13 @@ np.random.seed(args.seed)
 tf.random.set_seed(args.seed)
 
 
-def channels_of(split: str) -> int:
-    first = Image.open(sorted(glob.glob(f"{args.data}/images/{split}/*.png"))[0])
-    return 1 if first.mode in ("L", "I;16", "I") else 3
-
-
-RGB = channels_of("train") == 3
+RGB = is_rgb(args.data)
 
 
 def load(split: str):
-    images, labels, names = [], [], []
-    for path in sorted(glob.glob(f"{args.data}/images/{split}/*.png")):
-        stem = os.path.splitext(os.path.basename(path))[0]
-        image = Image.open(path).convert("RGB" if RGB else "L")
-        images.append(normalize(np.asarray(image).astype(np.float32), 1, 99.8, axis=(0, 1)))
-        ids = np.asarray(Image.open(f"{args.data}/masks_instance/{split}/{stem}.png")).astype(np.int32)
-        labels.append(fill_label_holes(ids))
-        names.append(stem)
-    return images, labels, names
+    """The split normalised to its 1-99.8 percentiles (StarDist's examples), holes in the labels filled."""
+    images, labels, names = load_split(args.data, split, "RGB" if RGB else "L")
+    return [normalize(x, 1, 99.8, axis=(0, 1)) for x in images], [fill_label_holes(y) for y in labels], names
 
 
 X, Y, _ = load("train")
@@ -91,11 +72,8 @@ model.train(X, Y, validation_data=(X[:1], Y[:1]), augmenter=augment, epochs=1000
 chosen = np.random.default_rng(args.seed).permutation(len(X))[:THRESHOLD_IMAGES]
 model.optimize_thresholds([X[i] for i in chosen], [Y[i] for i in chosen])
 trained = time.time() - t_start
-os.makedirs(f"{args.out}/instances", exist_ok=True)
-for x, stem in zip(Xv, names, strict=True):
-    labels, _ = model.predict_instances(x)
-    Image.fromarray(labels.astype(np.uint16)).save(f"{args.out}/instances/{stem}.png")
+predicted = [model.predict_instances(x)[0] for x in Xv]
 threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
-summary = {"steps": TimeStop.steps, "threads": threads, "precision": "fp32", "train_s": round(trained)}
 thresholds = {key: round(float(value), 3) for key, value in model.thresholds._asdict().items()}
-print(json.dumps(summary | {"thresholds": thresholds}))
+summary = {"steps": TimeStop.steps, "threads": threads, "precision": "fp32", "train_s": round(trained)}
+write_labels(args.out, names, predicted, summary | {"thresholds": thresholds})
