@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +29,21 @@ from instances import SEPARATION_LEVELS, SIZE_SAMPLE, object_areas, separation_t
 from intensity import Normalization, build_normalization, default_normalize
 from labels import IGNORE_INDEX, LabelMapping, read_class_names, scan_masks
 from listing import image_listing, list_images
+from slide_io import SlideMask, image_window, is_slide
 from transforms import Crop, SeparationMap, build_transforms
 
 log = logging.getLogger(__name__)
+
+AREA_WINDOW = 2048  # px: the window of a slide's instance mask whose objects' areas set the smallest object kept
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a read image's pixels came from, for its masks to follow: the orientation that turned a file's pixels
+    upright, or the corner (top, left) of a slide's window."""
+
+    orientation: int | None = None
+    corner: tuple[int, int] | None = None
 
 
 def pair_files(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
@@ -117,6 +131,9 @@ class SegmentationFolder(Dataset):
         )
         self.pairs, per_image = self.pairs[:limit], per_image[:limit]
         self.instance_paths = self._instance_files(Path(instances_dir)) if instances_dir is not None else None
+        self.slides, self.window_side = {}, 0
+        if any(sum(raw.values()) > max_pixels for raw in per_image):  # a mask as large: its image may be a slide
+            per_image = self._read_slides_by_windows(per_image, crop, training=image_size is not None)
         self.class_counts = self._class_counts(per_image)
         self.image_size = image_size
         self.transform = None
@@ -139,6 +156,50 @@ class SegmentationFolder(Dataset):
         if not pairs:
             raise DataError(f"{self.masks_dir}: no readable masks")
         return pairs, [raw_counts[m.name] for _, m in pairs]
+
+    def _read_slides_by_windows(self, per_image: list, crop: Crop | None, *, training: bool) -> list:
+        """Images larger than --max-pixels that can be read by windows (slide_io.is_slide): training reads a window
+        around each crop, and lists a slide once for each crop's worth of its pixels (so an epoch covers it about
+        once, and the sampler weighs it by its area); validation, which reads images whole, leaves them out, as
+        it does a slide whose mask is not the slide's size. Returns per_image to match the pairs."""
+        pairs, counts, left_out = [], [], []
+        for (image, mask), raw in zip(self.pairs, per_image, strict=True):
+            if sum(raw.values()) <= self.max_pixels or not is_slide(image, self.max_pixels):
+                pairs.append((image, mask))
+                counts.append(raw)
+                continue
+            info = probe_image(image, self.reading.page)
+            try:
+                fits = SlideMask(mask).size() == (info.height, info.width)
+            except BadSampleError:
+                fits = False
+            if not training or not fits:
+                left_out.append(f"{image.name} ({'its mask is not its size' if not fits else 'read whole'})")
+                continue
+            if crop is None or crop.base_size:
+                raise DataError(
+                    f"{image}: a slide ({info.width}x{info.height}) trains from crops at its own resolution: "
+                    "give --crop-size and leave out --base-size"
+                )
+            self.slides[image] = (info.height, info.width)
+            windows = max(1, round(info.height * info.width / crop.size**2))
+            pairs += [(image, mask)] * windows
+            counts += [{value: n / windows for value, n in raw.items()}] * windows
+        if left_out:
+            log.warning(
+                "%s: %d images larger than --max-pixels left out (%s)",
+                self.images_dir,
+                len(left_out),
+                ", ".join(left_out[:3]),
+            )
+        if not pairs:
+            raise DataError(
+                f"{self.images_dir}: no image to read (larger than --max-pixels: {', '.join(left_out[:3])})"
+            )
+        if self.slides:  # the window holds every crop the geometry may take: rescaled, then rotated
+            self.window_side = math.ceil(crop.size / min(crop.scale_range) * math.sqrt(2)) + 2
+        self.pairs = pairs
+        return counts
 
     def _instance_files(self, folder: Path) -> dict[str, Path]:
         """Each image's instance mask by stem; images without one are named once (their objects are not learnt or
@@ -209,47 +270,63 @@ class SegmentationFolder(Dataset):
         """Decoded, full-size image (C, H, W) and mask (mapped: its values mapped to classes), before any transform."""
         return self._read(index, mapped)[:2]
 
-    def _read(self, index: int, mapped: bool) -> tuple[tv_tensors.Image, tv_tensors.Mask, tuple[int, int], int | None]:
-        """load's image and mask, and the image's (H, W) and orientation, which its instance mask follows."""
-        image, orientation = read_image(self.pairs[index][0], self.max_pixels, self.reading)
-        mask = self.load_mask(index, image, orientation, mapped=mapped)
-        return tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)), mask, image.shape[:2], orientation
-
-    def load_mask(self, index: int, image: np.ndarray, orientation: int | None, *, mapped: bool = True):
-        """The mask of a decoded (H, W, C) image, turned as the image was; mapped: its values mapped to classes
-        (else raw values, for the geometry to map after its gather)."""
-        mask_path = self.pairs[index][1]
-        mask = align_mask(read_mask(mask_path, self.max_pixels), image.shape[:2], orientation, mask_path)
+    def _read(self, index: int, mapped: bool) -> tuple[tv_tensors.Image, tv_tensors.Mask, tuple[int, int], Source]:
+        """load's image and mask (of a slide: a random window), and the pixels' (H, W) and source, which its
+        instance mask follows."""
+        image_path, mask_path = self.pairs[index]
+        if image_path in self.slides:
+            height, width = self.slides[image_path]
+            side = self.window_side
+            corner = tuple(int(torch.randint(0, max(size - side, 0) + 1, ())) for size in (height, width))
+            image, source = image_window(image_path, self.reading, *corner, side), Source(corner=corner)
+            mask = SlideMask(mask_path).window(*corner, *image.shape[:2])
+        else:
+            image, orientation = read_image(image_path, self.max_pixels, self.reading)
+            source = Source(orientation=orientation)
+            mask = align_mask(read_mask(mask_path, self.max_pixels), image.shape[:2], orientation, mask_path)
         values = self.lut.take(mask) if mapped else np.require(mask, requirements="W")  # take: faster than lut[mask]
-        return tv_tensors.Mask(torch.from_numpy(values))
+        pixels = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
+        return pixels, tv_tensors.Mask(torch.from_numpy(values)), image.shape[:2], source
 
     def object_areas(self) -> np.ndarray:
         """The areas of the objects of up to SIZE_SAMPLE of the training set's instance masks, spread over the set
         (masks that cannot be read are left out: the samples that hold them are named when they are drawn)."""
-        stems = [image.stem for image, _ in self.pairs if image.stem in (self.instance_paths or {})]
+        images = list(dict.fromkeys(image for image, _ in self.pairs if image.stem in (self.instance_paths or {})))
         areas = []
-        for stem in stems[:: max(1, len(stems) // SIZE_SAMPLE)][:SIZE_SAMPLE]:
+        for image in images[:: max(1, len(images) // SIZE_SAMPLE)][:SIZE_SAMPLE]:
+            path = self.instance_paths[image.stem]
             try:
-                areas.append(object_areas(read_mask(self.instance_paths[stem], self.max_pixels, "instance mask")))
+                if image in self.slides:  # a window at the centre
+                    corner = [max(0, (size - AREA_WINDOW) // 2) for size in self.slides[image]]
+                    ids = SlideMask(path, "instance mask").window(*corner, AREA_WINDOW, AREA_WINDOW)
+                else:
+                    ids = read_mask(path, self.max_pixels, "instance mask")
+                areas.append(object_areas(ids))
             except BadSampleError:
                 continue
         return np.concatenate(areas) if areas else np.zeros(0, np.int64)
 
-    def load_instances(self, index: int, shape: tuple[int, int], orientation: int | None) -> np.ndarray | None:
-        """The image's object ids (int32), turned as the image was; None where it has no instance mask."""
+    def load_instances(self, index: int, shape: tuple[int, int], source: Source) -> np.ndarray | None:
+        """The image's object ids (int32), turned as the image was (of a slide: the same window); None where it has
+        no instance mask."""
         path = self.instance_paths.get(self.pairs[index][0].stem) if self.instance_paths is not None else None
         if path is None:
             return None
+        if source.corner is not None:
+            ids = SlideMask(path, "instance mask").window(*source.corner, *shape)
+            if ids.shape != tuple(shape):
+                raise BadSampleError(f"{path}: the instance mask ends before its slide (at {ids.shape} of {shape})")
+            return ids.astype(np.int32)
         ids = read_mask(path, self.max_pixels, kind="instance mask")
-        return align_mask(ids, shape, orientation, path).astype(np.int32)
+        return align_mask(ids, shape, source.orientation, path).astype(np.int32)
 
     def _samples(self, index: int) -> tuple:
         """What the geometry places: image, raw mask and, for instance training, the separation map (all ignored
         where the image has no instance mask)."""
-        pixels, mask, shape, orientation = self._read(index, mapped=False)  # the geometry maps the labels
+        pixels, mask, shape, source = self._read(index, mapped=False)  # the geometry maps the labels
         if self.separation is None:
             return pixels, mask
-        ids = self.load_instances(index, shape, orientation)
+        ids = self.load_instances(index, shape, source)
         target = np.full(shape, IGNORE_INDEX, np.uint8)
         if ids is not None:
             target = np.rint(separation_target(ids, self.separation) * SEPARATION_LEVELS).astype(np.uint8)
@@ -266,11 +343,11 @@ class SegmentationFolder(Dataset):
         mask, and with instances its object ids (None where it has none)."""
         if self.transform is not None:
             return self.transform(*self._samples(index))
-        pixels, mask, shape, orientation = self._read(index, mapped=True)
+        pixels, mask, shape, source = self._read(index, mapped=True)
         pixels, mask = pixels.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
         if self.instance_paths is None:
             return pixels, mask
-        ids = self.load_instances(index, shape, orientation)
+        ids = self.load_instances(index, shape, source)
         return pixels, mask, None if ids is None else torch.from_numpy(ids)
 
 

@@ -119,9 +119,16 @@ def read_mask(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, kind: str = "mas
         raise BadSampleError(f"{path}: colour ({mask.mode}) {kind}; masks must hold one label value per pixel")
     if mask.mode == "1":
         return np.asarray(mask, dtype=np.uint8)
-    array = np.asarray(mask)
+    return checked_mask(np.asarray(mask), path, kind, f"unsupported mask mode {mask.mode}")
+
+
+def checked_mask(
+    array: np.ndarray, path: Path, kind: str = "mask", why: str = "labels are whole numbers"
+) -> np.ndarray:
+    """A decoded mask (or a window of one) refused unless it is a 2-D array of values in range: object ids
+    0..MAX_INSTANCE_ID (kind "instance mask"), else labels 0..MAX_MASK_VALUE."""
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
-        values = "object ids are whole numbers" if kind == "instance mask" else f"unsupported mask mode {mask.mode}"
+        values = "object ids are whole numbers" if kind == "instance mask" else why
         raise BadSampleError(f"{path}: {array.dtype} {kind} ({values})")
     high, what = (MAX_INSTANCE_ID, "object ids") if kind == "instance mask" else (MAX_MASK_VALUE, "labels")
     wide = array.dtype.kind == "i" or array.dtype.itemsize > 2  # 8- and 16-bit masks cannot be out of range

@@ -33,7 +33,8 @@ from predictions import Outputs, segment_folder
 from predictor import Predictor
 from records import format_report, write_report
 from sampling import SAMPLING_MODES
-from slides import SlidesResult, is_slide, segment_slides
+from slide_io import is_slide
+from slides import SlidesResult, segment_slides
 from utils import keep_freed_cpu_memory
 
 log = logging.getLogger(__name__)

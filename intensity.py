@@ -20,6 +20,7 @@ from tqdm import tqdm
 from errors import BadSampleError, DataError
 from files import files_key, read_json_cache, write_json_cache
 from image_io import DEFAULT_MAX_PIXELS, ImageReading, read_image
+from slide_io import is_slide, window_pixels
 
 NORMALIZE_CHOICES = ("imagenet", "dataset", "none")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -91,15 +92,18 @@ def default_normalize(channels: int, dtype: str) -> str:
 
 
 def _sample_values(path: Path, reading: ImageReading, count: int, max_pixels: int) -> tuple[np.ndarray, bool] | str:
-    """count random pixels (seeded by the file name) of one image, (count, C), and whether it is 8-bit; or why not."""
+    """count random pixels (seeded by the file name) of one image (of a slide: of random windows), (count, C), and
+    whether it is 8-bit; or why not."""
+    rng = np.random.default_rng(zlib.crc32(path.name.encode()))
     try:
-        array, _ = read_image(path, max_pixels, reading)
+        if is_slide(path, max_pixels):
+            pixels = window_pixels(path, reading, rng)
+        else:
+            pixels = read_image(path, max_pixels, reading)[0].reshape(-1, reading.channels)
     except BadSampleError as err:
         return str(err)
-    pixels = array.reshape(-1, array.shape[2])
-    rng = np.random.default_rng(zlib.crc32(path.name.encode()))
     picked = pixels if len(pixels) <= count else pixels[rng.integers(0, len(pixels), count)]
-    return picked.astype(np.float32) * (1 / 255 if array.dtype == np.uint8 else 1), array.dtype == np.uint8
+    return picked.astype(np.float32) * (1 / 255 if pixels.dtype == np.uint8 else 1), pixels.dtype == np.uint8
 
 
 def compute_statistics(paths: list[Path], reading: ImageReading, *, max_pixels: int, workers: int = 4) -> Normalization:

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from errors import BadSampleError, DataError
 from files import files_key, read_json_cache, write_json_cache
 from image_io import DEFAULT_MAX_PIXELS, MAX_MASK_VALUE, read_mask
+from slide_io import SlideMask, is_slide
 
 IGNORE_INDEX = 255  # the ignore label, after mapping; also the default raw value that marks ignored pixels
 SCAN_CACHE_NAME = ".label_scan.json"
@@ -21,7 +22,10 @@ LUT_SIZE = MAX_MASK_VALUE + 1  # every value read_mask lets through
 
 
 def _count_values(path: Path, max_pixels: int) -> dict[int, int] | str:
+    """A mask's pixels of each value (a slide's counted by windows), or why it cannot be read."""
     try:
+        if is_slide(path, max_pixels):
+            return SlideMask(path).value_counts()
         counts = np.bincount(read_mask(path, max_pixels).ravel().astype(np.int64))
     except BadSampleError as err:
         return str(err)

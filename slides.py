@@ -15,17 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-import torch
 import zarr
 from PIL import Image
 from tqdm import tqdm
 
 from errors import BadSampleError, UserError
 from files import replace_atomically
-from image_io import ImageReading, fit_channels, pixel_values, unreadable
 from labels import LabelMapping
 from memory import GIB, HEADROOM, available_bytes
 from predictor import Predictor
+from slide_io import LazyImage, open_slide
 from utils import colours
 
 log = logging.getLogger("inference")
@@ -33,111 +32,6 @@ log = logging.getLogger("inference")
 SLIDE_TILE = 512  # px: the output store's chunks and the BigTIFF's tiles
 THUMBNAIL = 2048  # px: the overview PNG's longer side at most
 GLASS_SPREAD = 4.0  # --skip-background: a tile whose low-level pixels vary less than this (0..255) is glass
-MAX_SLIDE_PIXELS = 20 * 10**9  # 20 gigapixels, a 140,000 x 140,000 slide: a header declaring more is broken
-
-
-def is_slide(path: Path, max_pixels: int) -> bool:
-    """A zarr folder, or a tiled TIFF larger than max_pixels (smaller ones are read whole, as any image)."""
-    if path.suffix.lower() == ".zarr":
-        return path.is_dir()
-    if path.suffix.lower() not in (".tif", ".tiff"):
-        return False
-    try:
-        with tifffile.TiffFile(path) as tif:
-            page = tif.series[0].levels[0].keyframe
-            return page.is_tiled and page.imagelength * page.imagewidth > max_pixels
-    except (OSError, ValueError, IndexError, KeyError, TypeError, tifffile.TiffFileError):
-        return False  # read as any image: its reader names what is wrong
-
-
-@dataclass
-class LazyImage:
-    """One pyramid level of a slide as the model's (channels, H, W) input: slicing reads only the rows asked for
-    (a strip of rows is kept, since the sliding window asks for a tile row's tiles one after another)."""
-
-    levels: list  # zarr arrays, (H, W[, C]) or (C, H, W), the largest first
-    level: int
-    channel_axis: int | None  # None: one channel
-    reading: ImageReading
-    device: torch.device
-    path: Path
-    strip: tuple[int, int, np.ndarray] | None = None  # (top, bottom, (rows, W, C) pixels)
-
-    @property
-    def array(self):
-        return self.levels[self.level]
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        height, width = self.size(self.level)
-        return self.reading.channels, height, width
-
-    def size(self, level: int) -> tuple[int, int]:
-        shape = list(self.levels[level].shape)
-        if self.channel_axis is not None:
-            shape.pop(self.channel_axis)
-        return shape[0], shape[1]
-
-    def window(self, top: int, bottom: int, left: int, right: int, level: int | None = None) -> np.ndarray:
-        """(rows, cols, C) stored pixels of a window of a level (this one by default)."""
-        array = self.levels[self.level if level is None else level]
-        if self.channel_axis == 0:
-            pixels = np.moveaxis(array[:, top:bottom, left:right], 0, -1)
-        else:
-            pixels = array[top:bottom, left:right]
-        return pixels if pixels.ndim == 3 else pixels[..., None]
-
-    def __getitem__(self, key: tuple) -> torch.Tensor:
-        _, rows, cols = key
-        if self.strip is None or not (self.strip[0] <= rows.start and rows.stop <= self.strip[1]):
-            bottom = min(rows.stop, self.shape[1])
-            try:
-                stored = self.window(rows.start, bottom, 0, self.shape[2])
-            except (OSError, ValueError, RuntimeError) as err:
-                raise unreadable(self.path, "slide", f"rows {rows.start}..{bottom}: {err}") from None
-            self.strip = (rows.start, bottom, fit_channels(pixel_values(stored, self.path), self.reading, self.path))
-        top, _, pixels = self.strip
-        part = pixels[rows.start - top : rows.stop - top, cols]
-        return torch.from_numpy(np.ascontiguousarray(part)).permute(2, 0, 1).to(self.device)
-
-
-def open_slide(path: Path, reading: ImageReading, device: torch.device, level: int = 0) -> LazyImage:
-    """A slide's pyramid levels (one where the file has one), read lazily; level: which one the model sees."""
-    try:
-        if path.suffix.lower() == ".zarr":
-            found = zarr.open(str(path), mode="r")
-        else:
-            found = zarr.open(tifffile.imread(path, aszarr=True), mode="r")
-        levels = (
-            [found] if isinstance(found, zarr.Array) else [found[key] for key in sorted(found.array_keys(), key=int)]
-        )
-    except (OSError, ValueError, KeyError, TypeError, tifffile.TiffFileError) as err:
-        raise unreadable(path, "slide", f"{type(err).__name__}: {err}") from None
-    shape = levels[0].shape if levels else ()
-    if not 2 <= len(shape) <= 3 and not (len(shape) == 5 and shape[0] == shape[2] == 1):
-        raise BadSampleError(f"{path}: a {shape} array; slides are (H, W), (H, W, C), (C, H, W) or (1, C, 1, H, W)")
-    if len(shape) == 5:  # OME-Zarr's (t, c, z, y, x), one time point and one plane
-        levels = [array[0, :, 0] for array in levels]
-    axis = None if levels[0].ndim == 2 else (0 if levels[0].shape[0] < levels[0].shape[-1] else 2)
-    slide = LazyImage(levels, 0, axis, reading, device, path)
-    height, width = slide.size(0)
-    if height * width > MAX_SLIDE_PIXELS:
-        raise BadSampleError(
-            f"{path}: {width}x{height} declared, over {MAX_SLIDE_PIXELS:,} pixels (no scanner makes it)"
-        )
-    for other in range(1, len(levels)):  # a pyramid whose levels disagree is not one
-        (above_h, above_w), (low_h, low_w) = slide.size(other - 1), slide.size(other)
-        if not (0 < low_h <= above_h and 0 < low_w <= above_w):
-            raise BadSampleError(
-                f"{path}: pyramid level {other} is {low_w}x{low_h}, the level above {above_w}x{above_h}"
-            )
-    if not 0 <= level < len(levels):
-        raise UserError(f"--level {level}: {path} has levels 0..{len(levels) - 1}")
-    slide.level = level
-    stored = slide.array.dtype
-    channels = 1 if axis is None else levels[0].shape[axis]
-    fit_channels(pixel_values(np.zeros((1, 1, channels), stored), path), reading, path)  # channels that fit
-    return slide
 
 
 def glass_test(slide: LazyImage, spread: float = GLASS_SPREAD):

@@ -19,7 +19,7 @@ from benchmarks.data import LOADER_PHOTOS, write_loader_data
 from benchmarks.measure import isolated
 from colour import BLUR, BatchColour
 from dataset import SegmentationFolder
-from image_io import pil_pixels, read_image
+from image_io import pil_pixels, read_image, read_mask
 from intensity import IMAGENET_MEAN, IMAGENET_STD
 from transforms import Augmentation, Crop
 
@@ -60,11 +60,11 @@ def read_pixels(dataset: SegmentationFolder, index: int, reference: bool) -> np.
         return pil_pixels(image)
 
 
-def read_mask_values(dataset: SegmentationFolder, index: int, pixels: np.ndarray, reference: bool) -> tv_tensors.Mask:
+def read_mask_values(dataset: SegmentationFolder, index: int, reference: bool) -> tv_tensors.Mask:
     """The mask: by PIL, its values mapped whole (the reference); or as training reads it, raw, for the geometry to
     map after its gather (the bench's photos are upright: no orientation to follow)."""
     if not reference:
-        return dataset.load_mask(index, pixels, None, mapped=False)
+        return tv_tensors.Mask(torch.from_numpy(np.require(read_mask(dataset.pairs[index][1]), requirements="W")))
     with Image.open(dataset.pairs[index][1]) as mask:
         return tv_tensors.Mask(torch.from_numpy(dataset.lut.take(np.asarray(mask))))
 
@@ -72,7 +72,7 @@ def read_mask_values(dataset: SegmentationFolder, index: int, pixels: np.ndarray
 def read_sample(dataset: SegmentationFolder, index: int, reference: bool) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
     pixels = read_pixels(dataset, index, reference)
     image = tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1))
-    return image, read_mask_values(dataset, index, pixels, reference)
+    return image, read_mask_values(dataset, index, reference)
 
 
 def stage_seconds(dataset: SegmentationFolder, reference: bool) -> tuple[dict, list]:
@@ -88,7 +88,7 @@ def stage_seconds(dataset: SegmentationFolder, reference: bool) -> tuple[dict, l
         pixels = read_pixels(dataset, index, reference)
         image = tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1))
         decoded = time.perf_counter()
-        mask = read_mask_values(dataset, index, pixels, reference)
+        mask = read_mask_values(dataset, index, reference)
         loaded = time.perf_counter()
         image, mask = geometry(image, mask)
         moved = time.perf_counter()

@@ -16,7 +16,8 @@ import torch
 from benchmarks.data import write_checkpoint
 from benchmarks.measure import isolated, peak_memory_mb
 from predictor import Predictor
-from slides import LazyImage, SlideOutput, open_slide, segment_slide
+from slide_io import LazyImage, open_slide
+from slides import SlideOutput, segment_slide
 from utils import Runtime, keep_freed_cpu_memory
 
 log = logging.getLogger(__name__)

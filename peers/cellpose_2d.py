@@ -1,9 +1,9 @@
 """Peer: Cellpose 3.1.1.3 from random init (CellposeModel(pretrained_model=None)), trained by its own
 train.train_seg with its defaults (AdamW 0.005, weight decay 1e-5, batch 8, 224 px patches, its rotate-and-resize
-augmentation, rescaling to the training set's mean diameter) and its learning-rate schedule over as many epochs as fit
-the wall-clock budget (counted from this script's start: a training step of its shape is timed first and the epochs
-that fit are planned from it; should the epochs run slower, training stops at the budget with the weights it has),
-then model.eval at the training set's diameter on the validation images, written as uint16 PNGs.
+augmentation, rescaling to the training set's mean diameter) and its learning-rate schedule, in epochs of one batch
+(its nimg_per_epoch: the 10 warm-up epochs of its schedule then take 10 steps, not most of a short budget), until the
+wall-clock budget (counted from this script's start) stops it with the weights it has; then model.eval at the training
+set's diameter on the validation images, written as uint16 PNGs.
 
     /tmp/cellpose-venv/bin/python peers/cellpose_2d.py DATA OUT SECONDS [--seed N]
 
@@ -29,6 +29,7 @@ np.random.seed(args.seed)
 torch.manual_seed(args.seed)
 PREDICT_RESERVE = 0.05  # of the budget, left for predicting the validation images
 BATCH, PATCH = 8, 224  # train_seg's defaults: batch_size, bsize
+CONSTANT_UP_TO = 100  # train_seg's schedule over at most this many epochs: 10 of warm-up, then constant (no decay)
 
 
 X, Y, _ = load_split(args.data, "train", "L")  # channels [0, 0]: grey
@@ -41,9 +42,13 @@ for _ in range(2):  # one untimed step of train_seg's shape, then one timed (for
     started = time.time()
     model.net(probe)[0].square().mean().backward()
 model.net.zero_grad(set_to_none=True)
-epoch_seconds = (time.time() - started) * math.ceil(len(X) / BATCH)
+step_seconds = time.time() - started
 left = args.seconds * (1 - PREDICT_RESERVE) - (time.time() - t_start)
-epochs = max(1, math.floor(left / epoch_seconds))
+# Epochs of one batch (its nimg_per_epoch), so that its 10 warm-up epochs end after 10 steps instead of taking a
+# short budget whole. Where fewer steps fit than CONSTANT_UP_TO, the schedule is the same prefix whatever n_epochs
+# is, so the budget stops it (never early); where more fit, they are planned, for its decay to end the run.
+epochs = max(CONSTANT_UP_TO, math.floor(left / step_seconds))
+common["nimg_per_epoch"] = BATCH
 
 
 class OutOfTime(Exception):

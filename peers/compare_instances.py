@@ -7,7 +7,8 @@ prediction's objects scored by score_masks.py --instances against DATA/masks_ins
 
 Within each set and seed the methods run one after another in one invocation (interleaved: a slow hour hits them
 alike), one at a time. Every run appends a row to OUT/results.csv; the table of means and spreads is printed from
-all rows at the end (--table-only: just print it). StarDist and Cellpose need their venvs (peers/README.md).
+all rows at the end (--table-only: just print it), then each lead's paired bootstrap interval. StarDist and Cellpose
+need their venvs (peers/README.md). --ceilings prints what perfect masks and separation maps allow on each set.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "peers")]
 from peer_common import run_all  # noqa: E402  (this folder's shared code)
 
 from image_io import read_mask  # noqa: E402  (the product's reader and evaluator, from its folder)
+from instances import SEPARATIONS, ObjectRule, object_areas, objects_from, separation_target  # noqa: E402
 from listing import list_images  # noqa: E402
+from metrics import InstanceScores  # noqa: E402
 from score_masks import paired_masks, score_instances  # noqa: E402
 
 SCORES = ["ap50", "ap75", "ap50_95", "f1", "pq", "seg", "true_objects", "pred_objects"]
@@ -142,6 +145,32 @@ def paired_intervals(
     return "\n".join(lines)
 
 
+def ceilings(sets: list[Path]) -> str:
+    """What a perfect model allows on each set's validation images: its true foreground split into connected
+    components (the most a semantic model can give), and the true separation map of each kind turned into objects
+    by the same seeded watershed and size rule as inference (what each representation could give at best)."""
+    lines = [
+        "| set | true objects | perfect foreground, components | "
+        + " | ".join(f"perfect {kind} map" for kind in SEPARATIONS)
+        + " |",
+        "| --- " * (3 + len(SEPARATIONS)) + "|",
+    ]
+    for data in sets:
+        truths = [read_mask(path) for path in list_images(data / "masks_instance/val")]
+        areas = np.concatenate([object_areas(read_mask(path)) for path in list_images(data / "masks_instance/train")])
+        scores = {kind: InstanceScores() for kind in ("components", *SEPARATIONS)}
+        for truth in truths:
+            scores["components"].update(truth, ndimage.label(truth > 0)[0])
+            for kind in SEPARATIONS:
+                found = objects_from(truth > 0, separation_target(truth, kind), ObjectRule.for_separation(kind, areas))
+                scores[kind].update(truth, found)
+        totals = {kind: score.compute() for kind, score in scores.items()}
+        kinds = ("components", *SEPARATIONS)
+        cells = " | ".join(f"{totals[kind]['ap50']:.3f} ({totals[kind]['pred_objects']} objects)" for kind in kinds)
+        lines.append(f"| {data.name} | {totals['components']['true_objects']} | {cells} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sets", type=Path, nargs="+", default=[])
@@ -150,11 +179,15 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--out", type=Path, default=ROOT / "runs/instances")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--ceilings", action="store_true", help="only what perfect masks and maps allow on --sets")
     args = p.parse_args()
+    if args.ceilings:
+        print(ceilings(args.sets))
+        return 0
     rows = run_all(args, run_one, COLUMNS)
     if rows:
         print(table(rows))
-        sets = {data.name: data for data in args.sets} or {row["set"]: ROOT / "data/real" / row["set"] for row in rows}
+        sets = {row["set"]: ROOT / "data/real" / row["set"] for row in rows} | {data.name: data for data in args.sets}
         print(paired_intervals(args.out, rows, sets))
     return 0
 

@@ -11,13 +11,16 @@ import numpy as np
 from PIL import Image
 
 
-def peer_args() -> argparse.Namespace:
-    """DATA OUT SECONDS [--seed N]: the set, where its label images go, the wall-clock budget."""
+def peer_args(thresholds_only: bool = False) -> argparse.Namespace:
+    """DATA OUT SECONDS [--seed N]: the set, where its label images go, the wall-clock budget (thresholds_only: the
+    flag StarDist's script gives the child process that picks its thresholds)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("data", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("seconds", type=float)
     parser.add_argument("--seed", type=int, default=0)
+    if thresholds_only:
+        parser.add_argument("--thresholds-only", action="store_true")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     return args

@@ -2,8 +2,8 @@
 count (32 rays, grid 2x2, 256 px patches, batch 4, Adam 3e-4 with its ReduceLROnPlateau), its example augmenter
 (flips, 90-degree turns, intensity jitter), trained until the wall-clock budget (counted from this script's start)
 less THRESHOLD_SHARE of it, in which its examples' optimize_thresholds picks the probability and NMS thresholds on up
-to THRESHOLD_IMAGES training images (never the validation images), then predict_instances on the validation images,
-written as uint16 PNGs.
+to THRESHOLD_IMAGES training images (never the validation images; in a child process the budget stops, keeping its
+default thresholds), then predict_instances on the validation images, written as uint16 PNGs.
 
     /tmp/stardist-venv/bin/python peers/stardist_2d.py DATA OUT SECONDS [--seed N]
 
@@ -11,8 +11,11 @@ DATA/images/{train,val}/*.png and DATA/masks_instance/{train,val}/*.png (uint16 
 Prints one JSON line: steps, threads, precision, training seconds.
 """
 
+import json
 import os
 import random
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -21,7 +24,7 @@ from peer_common import is_rgb, load_split, peer_args, write_labels
 t_start = time.time()
 THRESHOLD_SHARE = 0.1  # of the budget, kept for optimize_thresholds (its examples' last training step)
 THRESHOLD_IMAGES = 4
-args = peer_args()
+args = peer_args(thresholds_only=True)
 
 import tensorflow as tf  # noqa: E402
 from csbdeep.utils import normalize  # noqa: E402
@@ -43,7 +46,11 @@ def load(split: str):
 
 
 X, Y, _ = load("train")
-Xv, Yv, names = load("val")
+chosen = np.random.default_rng(args.seed).permutation(len(X))[:THRESHOLD_IMAGES]
+if args.thresholds_only:  # the child process below: the trained model's thresholds, into its thresholds.json
+    StarDist2D(None, name="peer", basedir=args.out).optimize_thresholds([X[i] for i in chosen], [Y[i] for i in chosen])
+    raise SystemExit(0)
+Xv, _, names = load("val")
 config = Config2D(n_channel_in=3 if RGB else 1, train_epochs=100000, train_steps_per_epoch=20, train_tensorboard=False)
 model = StarDist2D(config, name="peer", basedir=args.out)
 
@@ -69,11 +76,20 @@ def augment(x, y):
 model.prepare_for_training()
 model.callbacks.append(TimeStop())
 model.train(X, Y, validation_data=(X[:1], Y[:1]), augmenter=augment, epochs=100000, steps_per_epoch=20)
-chosen = np.random.default_rng(args.seed).permutation(len(X))[:THRESHOLD_IMAGES]
-model.optimize_thresholds([X[i] for i in chosen], [Y[i] for i in chosen])
+# optimize_thresholds runs in a child process that the budget can stop: on a barely trained model the low
+# probability thresholds it tries leave so many candidates that NMS runs for hours; stopped, the defaults stay
+try:
+    left = max(1.0, args.seconds - (time.time() - t_start))
+    subprocess.run([sys.executable, *sys.argv, "--thresholds-only"], timeout=left, check=True, capture_output=True)
+    model.thresholds = json.loads((args.out / "peer/thresholds.json").read_text())
+    chosen_by = "optimize_thresholds"
+except subprocess.TimeoutExpired:
+    chosen_by = "its defaults: optimize_thresholds did not finish within the budget"
+except subprocess.CalledProcessError as err:
+    chosen_by = f"its defaults: optimize_thresholds failed ({err.stderr.strip().splitlines()[-1:]})"
 trained = time.time() - t_start
 predicted = [model.predict_instances(x)[0] for x in Xv]
 threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
 thresholds = {key: round(float(value), 3) for key, value in model.thresholds._asdict().items()}
 summary = {"steps": TimeStop.steps, "threads": threads, "precision": "fp32", "train_s": round(trained)}
-write_labels(args.out, names, predicted, summary | {"thresholds": thresholds})
+write_labels(args.out, names, predicted, summary | {"thresholds": thresholds, "chosen_by": chosen_by})

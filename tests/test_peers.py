@@ -3,6 +3,9 @@
 import importlib.util
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("compare", ROOT / "peers/compare.py")
 compare = importlib.util.module_from_spec(spec)
@@ -41,3 +44,41 @@ def test_the_instance_table_has_ap50_mean_and_spread_per_method():
         for a in ("0.5", "0.7")
     ]
     assert instances.table(rows).splitlines()[2] == "| gravel | 5 | ours | 2 | 0.600 | 0.500 - 0.700 | 0.300 | 0.400 |"
+
+
+def test_the_ceilings_split_touching_objects_only_through_a_separation_map(tmp_path):
+    """Two touching squares (10x10 and 10x6): components make them one blob, matched to the larger square only
+    (IoU 100/160), so AP50 is 1 / (1 + 0 + 1); either perfect map gives both objects back."""
+    spec = importlib.util.spec_from_file_location("compare_instances", ROOT / "peers/compare_instances.py")
+    instances = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(instances)
+    ids = np.zeros((16, 24), np.uint16)
+    ids[3:13, 2:12], ids[3:13, 12:18] = 1, 2
+    for split in ("train", "val"):
+        (tmp_path / "masks_instance" / split).mkdir(parents=True)
+        Image.fromarray(ids).save(tmp_path / "masks_instance" / split / "a.png")
+    row = instances.ceilings([tmp_path]).splitlines()[2]
+    assert row == f"| {tmp_path.name} | 2 | 0.500 (1 objects) | 1.000 (2 objects) | 1.000 (2 objects) |"
+
+
+def test_a_lead_is_claimed_only_where_the_paired_interval_excludes_zero(tmp_path):
+    """ours finds both images' object, components neither (+1 on each image: a lead); stardist finds the first only
+    (+0 and +1: the interval reaches 0, so even)."""
+    spec = importlib.util.spec_from_file_location("compare_instances", ROOT / "peers/compare_instances.py")
+    instances = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(instances)
+    ids = np.zeros((8, 8), np.uint16)
+    ids[2:6, 2:6] = 1
+    found = {"ours": ("a", "b"), "components": (), "stardist": ("a",)}
+    (tmp_path / "set/masks_instance/val").mkdir(parents=True)
+    for name in ("a", "b"):
+        Image.fromarray(ids).save(tmp_path / "set/masks_instance/val" / f"{name}.png")
+    for method, names in found.items():
+        (tmp_path / f"{method}-set-seed0-5min/instances").mkdir(parents=True)
+        for name in ("a", "b"):
+            pred = ids if name in names else np.zeros_like(ids)
+            Image.fromarray(pred).save(tmp_path / f"{method}-set-seed0-5min/instances" / f"{name}.png")
+    rows = [{"method": m, "set": "set", "seed": "0", "minutes": "5"} for m in found]
+    lines = instances.paired_intervals(tmp_path, rows, {"set": tmp_path / "set"}).splitlines()[2:]
+    assert lines[0] == "| set | 5 | components: +1.000 (2 images x seeds) | +1.000 to +1.000 | ours |"
+    assert lines[1].startswith("| set | 5 | stardist: +0.500 (2 images x seeds) | +0.000 to +1.000 | even |")

@@ -1,0 +1,186 @@
+"""Reading images larger than memory by windows: whole-slide and survey-size images (tiled TIFF, BigTIFF, OME-TIFF
+through tifffile's zarr store; zarr and OME-Zarr folders) and their masks, so that inference (slides.py) and training
+crops (dataset.py) read only the pixels they use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+import zarr
+
+from errors import BadSampleError, UserError
+from image_io import ImageReading, checked_mask, fit_channels, pixel_values, unreadable
+
+MAX_SLIDE_PIXELS = 20 * 10**9  # 20 gigapixels, a 140,000 x 140,000 slide: a header declaring more is broken
+SCAN_ROWS = 2048  # rows of a slide mask counted at a time: memory set by the slide's width, not its height
+
+
+def is_slide(path: Path, max_pixels: int) -> bool:
+    """A zarr folder, or a tiled TIFF larger than max_pixels (smaller ones are read whole, as any image)."""
+    if path.suffix.lower() == ".zarr":
+        return path.is_dir()
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.series[0].levels[0].keyframe
+            return page.is_tiled and page.imagelength * page.imagewidth > max_pixels
+    except (OSError, ValueError, IndexError, KeyError, TypeError, tifffile.TiffFileError):
+        return False  # read as any image: its reader names what is wrong
+
+
+@dataclass
+class LazyImage:
+    """One pyramid level of a slide as the model's (channels, H, W) input: slicing reads only the rows asked for
+    (a strip of rows is kept, since the sliding window asks for a tile row's tiles one after another)."""
+
+    levels: list  # zarr arrays, (H, W[, C]) or (C, H, W), the largest first
+    level: int
+    channel_axis: int | None  # None: one channel
+    reading: ImageReading
+    device: torch.device
+    path: Path
+    strip: tuple[int, int, np.ndarray] | None = None  # (top, bottom, (rows, W, C) pixels)
+
+    @property
+    def array(self):
+        return self.levels[self.level]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        height, width = self.size(self.level)
+        return self.reading.channels, height, width
+
+    def size(self, level: int) -> tuple[int, int]:
+        shape = list(self.levels[level].shape)
+        if self.channel_axis is not None:
+            shape.pop(self.channel_axis)
+        return shape[0], shape[1]
+
+    def window(self, top: int, bottom: int, left: int, right: int, level: int | None = None) -> np.ndarray:
+        """(rows, cols, C) stored pixels of a window of a level (this one by default)."""
+        array = self.levels[self.level if level is None else level]
+        if self.channel_axis == 0:
+            pixels = np.moveaxis(array[:, top:bottom, left:right], 0, -1)
+        else:
+            pixels = array[top:bottom, left:right]
+        return pixels if pixels.ndim == 3 else pixels[..., None]
+
+    def __getitem__(self, key: tuple) -> torch.Tensor:
+        _, rows, cols = key
+        if self.strip is None or not (self.strip[0] <= rows.start and rows.stop <= self.strip[1]):
+            bottom = min(rows.stop, self.shape[1])
+            try:
+                stored = self.window(rows.start, bottom, 0, self.shape[2])
+            except (OSError, ValueError, RuntimeError) as err:
+                raise unreadable(self.path, "slide", f"rows {rows.start}..{bottom}: {err}") from None
+            self.strip = (rows.start, bottom, fit_channels(pixel_values(stored, self.path), self.reading, self.path))
+        top, _, pixels = self.strip
+        part = pixels[rows.start - top : rows.stop - top, cols]
+        return torch.from_numpy(np.ascontiguousarray(part)).permute(2, 0, 1).to(self.device)
+
+
+def open_slide(path: Path, reading: ImageReading, device: torch.device, level: int = 0) -> LazyImage:
+    """A slide's pyramid levels (one where the file has one), read lazily; level: which one the model sees."""
+    levels = open_levels(path)
+    shape = levels[0].shape if levels else ()
+    if not 2 <= len(shape) <= 3 and not (len(shape) == 5 and shape[0] == shape[2] == 1):
+        raise BadSampleError(f"{path}: a {shape} array; slides are (H, W), (H, W, C), (C, H, W) or (1, C, 1, H, W)")
+    if len(shape) == 5:  # OME-Zarr's (t, c, z, y, x), one time point and one plane
+        levels = [array[0, :, 0] for array in levels]
+    axis = None if levels[0].ndim == 2 else (0 if levels[0].shape[0] < levels[0].shape[-1] else 2)
+    slide = LazyImage(levels, 0, axis, reading, device, path)
+    height, width = slide.size(0)
+    if height * width > MAX_SLIDE_PIXELS:
+        raise BadSampleError(
+            f"{path}: {width}x{height} declared, over {MAX_SLIDE_PIXELS:,} pixels (no scanner makes it)"
+        )
+    for other in range(1, len(levels)):  # a pyramid whose levels disagree is not one
+        (above_h, above_w), (low_h, low_w) = slide.size(other - 1), slide.size(other)
+        if not (0 < low_h <= above_h and 0 < low_w <= above_w):
+            raise BadSampleError(
+                f"{path}: pyramid level {other} is {low_w}x{low_h}, the level above {above_w}x{above_h}"
+            )
+    if not 0 <= level < len(levels):
+        raise UserError(f"--level {level}: {path} has levels 0..{len(levels) - 1}")
+    slide.level = level
+    stored = slide.array.dtype
+    channels = 1 if axis is None else levels[0].shape[axis]
+    fit_channels(pixel_values(np.zeros((1, 1, channels), stored), path), reading, path)  # channels that fit
+    return slide
+
+
+def open_levels(path: Path) -> list:
+    """The file's zarr arrays, the largest first (one where it has no pyramid)."""
+    try:
+        if path.suffix.lower() == ".zarr":
+            found = zarr.open(str(path), mode="r")
+        else:
+            found = zarr.open(tifffile.imread(path, aszarr=True), mode="r")
+        return [found] if isinstance(found, zarr.Array) else [found[key] for key in sorted(found.array_keys(), key=int)]
+    except (OSError, ValueError, KeyError, TypeError, tifffile.TiffFileError) as err:
+        raise unreadable(path, "slide", f"{type(err).__name__}: {err}") from None
+
+
+@dataclass(frozen=True)
+class SlideMask:
+    """A slide's mask (labels) or instance mask (object ids), read by windows: level 0 of its file, one label per
+    pixel."""
+
+    path: Path
+    kind: str = "mask"
+
+    def level(self):
+        levels = open_levels(self.path)
+        array = levels[0] if levels else None
+        if array is None or array.ndim != 2:
+            shape = "no array" if array is None else f"a {array.shape} array"
+            raise BadSampleError(f"{self.path}: {shape}; a slide {self.kind} holds one value per pixel (H, W)")
+        return array
+
+    def size(self) -> tuple[int, int]:
+        return tuple(self.level().shape)
+
+    def window(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        """The (height, width) values at (top, left), checked as read_mask checks a whole mask."""
+        try:
+            values = np.asarray(self.level()[top : top + height, left : left + width])
+        except (OSError, ValueError, RuntimeError) as err:
+            raise unreadable(self.path, self.kind, f"rows {top}..{top + height}: {err}") from None
+        return checked_mask(values, self.path, self.kind)
+
+    def value_counts(self) -> dict[int, int]:
+        """Pixels of each value, counted SCAN_ROWS rows at a time (the label scan of a mask too large to read)."""
+        height, width = self.size()
+        counts = np.zeros(0, np.int64)
+        for top in range(0, height, SCAN_ROWS):
+            found = np.bincount(self.window(top, 0, SCAN_ROWS, width).ravel().astype(np.int64))
+            counts = np.pad(counts, (0, max(0, len(found) - len(counts))))
+            counts[: len(found)] += found
+        return {int(value): int(counts[value]) for value in counts.nonzero()[0]}
+
+
+def image_window(path: Path, reading: ImageReading, top: int, left: int, side: int) -> np.ndarray:
+    """(rows, cols, reading.channels) pixels of a slide's level 0 at (top, left), at most side x side, as
+    read_image gives a whole image (uint8, or float32)."""
+    slide = open_slide(path, reading, torch.device("cpu"))
+    _, height, width = slide.shape
+    try:
+        stored = slide.window(top, min(top + side, height), left, min(left + side, width))
+    except (OSError, ValueError, RuntimeError) as err:
+        raise unreadable(path, "slide", f"rows {top}..{top + side}: {err}") from None
+    return fit_channels(pixel_values(stored, path), reading, path)
+
+
+def window_pixels(path: Path, reading: ImageReading, rng: np.random.Generator, windows: int = 8, side: int = 512):
+    """(pixels, channels) of `windows` windows of side x side at random places of a slide's level 0 (the dataset
+    statistics of an image too large to read whole)."""
+    _, height, width = open_slide(path, reading, torch.device("cpu")).shape
+    tops = rng.integers(0, max(height - side, 0) + 1, windows)
+    lefts = rng.integers(0, max(width - side, 0) + 1, windows)
+    parts = [image_window(path, reading, int(top), int(left), side) for top, left in zip(tops, lefts, strict=True)]
+    return np.concatenate([part.reshape(-1, part.shape[2]) for part in parts])
