@@ -6,8 +6,10 @@ prediction's objects scored by score_masks.py --instances against DATA/masks_ins
         --methods ours,components,stardist,cellpose --seeds 0,1,2 --minutes 5 --out runs/instances
 
 Within each set and seed the methods run one after another in one invocation (interleaved: a slow hour hits them
-alike), one at a time. Every run appends a row to OUT/results.csv; the table of means and spreads is printed from
-all rows at the end (--table-only: just print it), then each lead's paired bootstrap interval. StarDist and Cellpose
+alike), one at a time. Every run appends a row to OUT/results.csv and its per-image AP50 to OUT/per_image.csv (the
+paired intervals need only these two files, so a table can grow by seeds across days: docs/results/ keeps them); the
+table of means and spreads is printed from all rows at the end (--table-only: just print it), then each lead's paired
+bootstrap interval. StarDist and Cellpose
 need their venvs (peers/README.md). --ceilings prints what perfect masks and separation maps allow on each set.
 """
 
@@ -30,7 +32,7 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "peers")]
 
-from peer_common import run_all  # noqa: E402  (this folder's shared code)
+from peer_common import append_rows, read_rows, run_all  # noqa: E402  (this folder's shared code)
 
 from image_io import read_mask  # noqa: E402  (the product's reader and evaluator, from its folder)
 from instances import SEPARATIONS, ObjectRule, object_areas, objects_from, separation_target  # noqa: E402
@@ -40,6 +42,7 @@ from score_masks import paired_masks, score_instances  # noqa: E402
 
 SCORES = ["ap50", "ap75", "ap50_95", "f1", "pq", "seg", "true_objects", "pred_objects"]
 COLUMNS = ["method", "set", "seed", "minutes", *SCORES, "wall_s", "details"]
+IMAGE_COLUMNS = ["method", "set", "seed", "minutes", "image", "ap50"]
 STARDIST_PYTHON = os.environ.get("PEER_STARDIST_PYTHON", "/tmp/stardist-venv/bin/python")
 CELLPOSE_PYTHON = os.environ.get("PEER_CELLPOSE_PYTHON", "/tmp/cellpose-venv/bin/python")
 
@@ -90,9 +93,10 @@ def run_one(method: str, data: Path, seed: int, minutes: float, out: Path) -> di
     if method in ("ours", "components"):
         epochs = list(csv.DictReader((pred.parent / f"{pred.name}-run" / "results.csv").open()))
         details = {"epochs": len(epochs), "precision": "see config.yaml"}
-    total = score_instances(paired_masks(pred / "instances", data / "masks_instance/val"))[-1]
-    row = {"method": method, "set": data.name, "seed": seed, "minutes": minutes, "wall_s": round(wall)}
-    return row | {key: total[key] for key in SCORES} | {"details": json.dumps(details)}
+    *images, total = score_instances(paired_masks(pred / "instances", data / "masks_instance/val"))
+    run = {"method": method, "set": data.name, "seed": seed, "minutes": minutes}
+    append_rows(out / "per_image.csv", IMAGE_COLUMNS, [run | {"image": i["image"], "ap50": i["ap50"]} for i in images])
+    return run | {key: total[key] for key in SCORES} | {"wall_s": round(wall), "details": json.dumps(details)}
 
 
 def table(rows: list[dict]) -> str:
@@ -111,22 +115,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def paired_intervals(
-    out: Path, rows: list[dict], sets: dict[str, Path], reference: str = "ours", draws: int = 10_000
-) -> str:
+def paired_intervals(image_rows: list[dict], reference: str = "ours", draws: int = 10_000) -> str:
     """Per set and method: the mean over report images and seeds of (reference's AP50 - the method's AP50) on the
     same image and seed, and its bootstrap 95% interval (images resampled with replacement, seeded). A lead is
-    claimed only where the interval excludes 0. sets: each set's folder by name."""
+    claimed only where the interval excludes 0. image_rows: per_image.csv's rows."""
     per_image: dict[tuple, dict] = {}
-    for row in rows:
-        pred = out / f"{row['method']}-{row['set']}-seed{row['seed']}-{float(row['minutes']):g}min" / "instances"
-        truth = sets[row["set"]] / "masks_instance/val"
-        if not pred.is_dir():
-            continue
-        for image in score_instances(paired_masks(pred, truth))[:-1]:
-            per_image.setdefault((row["set"], row["minutes"], row["method"]), {})[(row["seed"], image["image"])] = (
-                image["ap50"]
-            )
+    for row in image_rows:
+        key = (row["set"], float(row["minutes"]), row["method"])
+        per_image.setdefault(key, {})[(row["seed"], row["image"])] = float(row["ap50"])
     lines = ["| set | minutes | ours - method, AP50 per image | 95% interval | lead? |", "| --- " * 5 + "|"]
     rng = np.random.default_rng(0)
     for (data, minutes, method), scores in sorted(per_image.items()):
@@ -139,7 +135,7 @@ def paired_intervals(
         low, high = np.percentile(means, [2.5, 97.5])
         verdict = "ours" if low > 0 else ("theirs" if high < 0 else "even")
         lines.append(
-            f"| {data} | {minutes} | {method}: {differences.mean():+.3f} ({len(keys)} images x seeds) | "
+            f"| {data} | {minutes:g} | {method}: {differences.mean():+.3f} ({len(keys)} images x seeds) | "
             f"{low:+.3f} to {high:+.3f} | {verdict} |"
         )
     return "\n".join(lines)
@@ -187,8 +183,7 @@ def main() -> int:
     rows = run_all(args, run_one, COLUMNS)
     if rows:
         print(table(rows))
-        sets = {row["set"]: ROOT / "data/real" / row["set"] for row in rows} | {data.name: data for data in args.sets}
-        print(paired_intervals(args.out, rows, sets))
+        print(paired_intervals(read_rows(args.out / "per_image.csv")))
     return 0
 
 

@@ -62,10 +62,19 @@ def run_all(args, run_one, columns: list[str], *extra) -> list[dict]:
                 for method in args.methods.split(","):
                     row = run_one(method, data.resolve(), seed, args.minutes, args.out.resolve(), *extra)
                     print(row, flush=True)
-                    new = not results.exists()
-                    with results.open("a", newline="") as file:
-                        writer = csv.DictWriter(file, columns)
-                        if new:
-                            writer.writeheader()
-                        writer.writerow(row)
-    return list(csv.DictReader(results.open())) if results.exists() else []
+                    append_rows(results, columns, [row])
+    return read_rows(results)
+
+
+def append_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Rows appended to a CSV file, its header written first where the file is new."""
+    new = not path.exists()
+    with path.open("a", newline="") as file:
+        writer = csv.DictWriter(file, columns)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_rows(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.open())) if path.exists() else []

@@ -61,24 +61,18 @@ def test_the_ceilings_split_touching_objects_only_through_a_separation_map(tmp_p
     assert row == f"| {tmp_path.name} | 2 | 0.500 (1 objects) | 1.000 (2 objects) | 1.000 (2 objects) |"
 
 
-def test_a_lead_is_claimed_only_where_the_paired_interval_excludes_zero(tmp_path):
+def test_a_lead_is_claimed_only_where_the_paired_interval_excludes_zero():
     """ours finds both images' object, components neither (+1 on each image: a lead); stardist finds the first only
     (+0 and +1: the interval reaches 0, so even)."""
     spec = importlib.util.spec_from_file_location("compare_instances", ROOT / "peers/compare_instances.py")
     instances = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(instances)
-    ids = np.zeros((8, 8), np.uint16)
-    ids[2:6, 2:6] = 1
     found = {"ours": ("a", "b"), "components": (), "stardist": ("a",)}
-    (tmp_path / "set/masks_instance/val").mkdir(parents=True)
-    for name in ("a", "b"):
-        Image.fromarray(ids).save(tmp_path / "set/masks_instance/val" / f"{name}.png")
-    for method, names in found.items():
-        (tmp_path / f"{method}-set-seed0-5min/instances").mkdir(parents=True)
-        for name in ("a", "b"):
-            pred = ids if name in names else np.zeros_like(ids)
-            Image.fromarray(pred).save(tmp_path / f"{method}-set-seed0-5min/instances" / f"{name}.png")
-    rows = [{"method": m, "set": "set", "seed": "0", "minutes": "5"} for m in found]
-    lines = instances.paired_intervals(tmp_path, rows, {"set": tmp_path / "set"}).splitlines()[2:]
+    rows = [
+        {"method": method, "set": "set", "seed": "0", "minutes": "5.0", "image": name, "ap50": str(float(name in names))}
+        for method, names in found.items()
+        for name in ("a", "b")
+    ]
+    lines = instances.paired_intervals(rows).splitlines()[2:]
     assert lines[0] == "| set | 5 | components: +1.000 (2 images x seeds) | +1.000 to +1.000 | ours |"
     assert lines[1].startswith("| set | 5 | stardist: +0.500 (2 images x seeds) | +0.000 to +1.000 | even |")
