@@ -208,7 +208,7 @@ def auto_or(parse: Callable[[str], int], what: str) -> Callable[[str], int | str
 
 
 workers_type = auto_or(non_negative_int, "a whole number >= 0")  # auto: loaders.loader_workers
-val_every_type = auto_or(positive_int, "a positive integer")  # auto: stopping.validation_interval
+val_every_type = auto_or(positive_int, "a positive integer")  # auto: schedule.validation_interval
 in_channels_type = auto_or(positive_int_upto(MAX_IN_CHANNELS), f"an integer from 1 to {MAX_IN_CHANNELS}")
 
 

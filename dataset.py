@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +19,6 @@ from image_io import (
     ImageReading,
     align_mask,
     conversion_for,
-    first_readable,
-    probe_image,
     read_image,
     read_mask,
 )
@@ -29,7 +26,7 @@ from instances import SEPARATION_LEVELS, SIZE_SAMPLE, object_areas, separation_t
 from intensity import Normalization, build_normalization, default_normalize
 from labels import IGNORE_INDEX, LabelMapping, read_class_names, scan_masks
 from listing import image_listing, list_images
-from slide_io import SlideMask, image_window, is_slide
+from slide_io import SlideMask, first_readable, image_window, is_zarr, probe, slide_windows
 from transforms import Crop, SeparationMap, build_transforms
 
 log = logging.getLogger(__name__)
@@ -50,8 +47,8 @@ def pair_files(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
     """Pair images and masks by file stem; report unpaired files once."""
     for folder in (images_dir, masks_dir):
         require_folder(folder)
-    images = {p.stem: p for p in list_images(images_dir)}
-    masks = {p.stem: p for p in list_images(masks_dir)}
+    images = {p.stem: p for p in list_images(images_dir, slides=True)}
+    masks = {p.stem: p for p in list_images(masks_dir, slides=True)}
     for folder, only, kind in (
         (images_dir, images.keys() - masks.keys(), "images without a mask"),
         (masks_dir, masks.keys() - images.keys(), "masks without an image"),
@@ -69,10 +66,10 @@ def choose_reading(
 ) -> tuple[ImageReading, str]:
     """--in-channels auto and --normalize auto resolved from the first image's header, which must fit the model:
     one line now rather than every sample skipped later. Returns the reading rule and the normalisation's name."""
-    images = image_listing(images_dir).files  # pair_files names what is left out
+    images = image_listing(images_dir, slides=True).files  # pair_files names what is left out
     first = first_readable(images, page)  # None for an empty folder: the dataset will say so
     if first is None and images:
-        probe_image(images[0], page)  # nothing readable (say, a --tiff-page past every file's end): say why
+        probe(images[0], page)  # nothing readable (say, a --tiff-page past every file's end): say why
     found, dtype = (first[1].channels, first[1].dtype) if first else (3, "uint8")
     reading = ImageReading(found if channels == "auto" else channels, page, convert)
     if first:
@@ -132,8 +129,9 @@ class SegmentationFolder(Dataset):
         self.pairs, per_image = self.pairs[:limit], per_image[:limit]
         self.instance_paths = self._instance_files(Path(instances_dir)) if instances_dir is not None else None
         self.slides, self.window_side = {}, 0
-        if any(sum(raw.values()) > max_pixels for raw in per_image):  # a mask as large: its image may be a slide
-            per_image = self._read_slides_by_windows(per_image, crop, training=image_size is not None)
+        large = any(sum(raw.values()) > max_pixels for raw in per_image)  # a mask as large: its image may be a slide
+        if large or any(is_zarr(image) for image, _ in self.pairs):
+            per_image = self._list_slides(per_image, crop, training=image_size is not None)
         self.class_counts = self._class_counts(per_image)
         self.image_size = image_size
         self.transform = None
@@ -157,54 +155,28 @@ class SegmentationFolder(Dataset):
             raise DataError(f"{self.masks_dir}: no readable masks")
         return pairs, [raw_counts[m.name] for _, m in pairs]
 
-    def _read_slides_by_windows(self, per_image: list, crop: Crop | None, *, training: bool) -> list:
-        """Images larger than --max-pixels that can be read by windows (slide_io.is_slide): training reads a window
-        around each crop, and lists a slide once for each crop's worth of its pixels (so an epoch covers it about
-        once, and the sampler weighs it by its area); validation, which reads images whole, leaves them out, as
-        it does a slide whose mask is not the slide's size. Returns per_image to match the pairs."""
-        pairs, counts, left_out = [], [], []
-        for (image, mask), raw in zip(self.pairs, per_image, strict=True):
-            if sum(raw.values()) <= self.max_pixels or not is_slide(image, self.max_pixels):
-                pairs.append((image, mask))
-                counts.append(raw)
-                continue
-            info = probe_image(image, self.reading.page)
-            try:
-                fits = SlideMask(mask).size() == (info.height, info.width)
-            except BadSampleError:
-                fits = False
-            if not training or not fits:
-                left_out.append(f"{image.name} ({'its mask is not its size' if not fits else 'read whole'})")
-                continue
-            if crop is None or crop.base_size:
-                raise DataError(
-                    f"{image}: a slide ({info.width}x{info.height}) trains from crops at its own resolution: "
-                    "give --crop-size and leave out --base-size"
-                )
-            self.slides[image] = (info.height, info.width)
-            windows = max(1, round(info.height * info.width / crop.size**2))
-            pairs += [(image, mask)] * windows
-            counts += [{value: n / windows for value, n in raw.items()}] * windows
-        if left_out:
-            log.warning(
-                "%s: %d images larger than --max-pixels left out (%s)",
-                self.images_dir,
-                len(left_out),
-                ", ".join(left_out[:3]),
-            )
-        if not pairs:
-            raise DataError(
-                f"{self.images_dir}: no image to read (larger than --max-pixels: {', '.join(left_out[:3])})"
-            )
-        if self.slides:  # the window holds every crop the geometry may take: rescaled, then rotated
-            self.window_side = math.ceil(crop.size / min(crop.scale_range) * math.sqrt(2)) + 2
-        self.pairs = pairs
-        return counts
+    def _list_slides(self, per_image: list[dict[int, int]], crop: Crop | None, *, training: bool) -> list:
+        """The slides among the pairs listed by windows (slide_io.slide_windows): training reads a window around
+        each crop. Returns per_image to match the pairs."""
+        side_and_scale = (crop.size, min(crop.scale_range)) if crop is not None and not crop.base_size else None
+        listing = slide_windows(
+            self.pairs,
+            per_image,
+            reading=self.reading,
+            max_pixels=self.max_pixels,
+            training=training,
+            crop=side_and_scale,
+        )
+        self.pairs, self.slides, self.window_side = listing.pairs, listing.sizes, listing.window_side
+        return listing.counts
 
     def _instance_files(self, folder: Path) -> dict[str, Path]:
         """Each image's instance mask by stem; images without one are named once (their objects are not learnt or
         scored: their separation target is ignored)."""
-        found = {path.stem: path for path in list_images(require_folder(folder, "--train-instances/--val-instances"))}
+        found = {
+            path.stem: path
+            for path in list_images(require_folder(folder, "--train-instances/--val-instances"), slides=True)
+        }
         missing = [image.stem for image, _ in self.pairs if image.stem not in found]
         if missing:
             log.warning(

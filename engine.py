@@ -172,15 +172,14 @@ def train_one_epoch(
     loader: DataLoader,
     *,
     runtime: Runtime,
-    epoch: int,
     stop: GracefulStop,
-    pace: EpochPace | None = None,
+    pace: EpochPace,
     first: bool = False,
 ) -> tuple[float, list[str]]:
     """One pass over the sampler; returns the mean loss and the bad samples that were skipped.
 
-    pace: each step's learning rate, and whether the epoch ends before the loader's end (the schedule's horizon or
-    a time budget: stop.out_of_time tells the caller); None keeps the optimiser's rate for the whole epoch.
+    pace: the epoch, each step's learning rate, and whether the epoch ends before the loader's end (the schedule's
+    horizon or a time budget: stop.out_of_time tells the caller).
     first: the first epoch of this process, which says how much of the epoch waited for the loader (see DataWait)
     and, with --compile, how long the first step (the compilation) took.
     """
@@ -190,7 +189,9 @@ def train_one_epoch(
     first_bad_step = torch.zeros((), dtype=torch.long, device=runtime.device)
     skipped: list[str] = []
     steps = 0
-    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True, disable=not runtime.ddp.is_main)
+    bar = tqdm(
+        loader, desc=f"epoch {pace.epoch} train", leave=False, dynamic_ncols=True, disable=not runtime.ddp.is_main
+    )
     data_wait = DataWait(runtime.device, sync=first)
     step_parts = dict(loss_fn=training.loss_fn, optimizer=optimizer, scaler=training.scaler, runtime=runtime)
     epoch_started = time.monotonic()
@@ -198,8 +199,7 @@ def train_one_epoch(
         data_wait.batch_arrived()
         skipped.extend(line for s in skipped_here for line in s.splitlines())
         images, masks = finish_batch(pixels, masks, draws, colour=training.colour, runtime=runtime)
-        if pace is not None:
-            pace.set_lr(optimizer, steps - 1)
+        pace.set_lr(optimizer, steps - 1)
         step_started = time.perf_counter()
         update = steps % training.updates.accumulate == 0 or steps == len(loader)  # a short last group still steps
         loss = train_step(model, images, masks, **step_parts, updates=training.updates, update=update)
@@ -212,9 +212,9 @@ def train_one_epoch(
         total_loss += loss
         if steps % 10 == 0 or steps == len(loader) or stop.requested:
             if first_bad_step.item():
-                raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {first_bad_step.item()}")
+                raise NonFiniteLoss(f"non-finite loss at epoch {pace.epoch}, step {first_bad_step.item()}")
             bar.set_postfix(loss=f"{total_loss.item() / steps:.4f}")  # a host sync point
-        cut = pace is not None and steps < len(loader) and pace.ends(time.monotonic() - epoch_started, steps)
+        cut = steps < len(loader) and pace.ends(time.monotonic() - epoch_started, steps)
         if stop.agreed(runtime, cut):
             break
     if first and runtime.ddp.is_main:

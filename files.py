@@ -142,13 +142,23 @@ def files_key(paths: list[Path], *settings) -> str:
     still changes the key. Names are hashed as the bytes on disk, so a name that is not valid UTF-8 hashes too."""
     digest = hashlib.sha256(repr(settings).encode())
     for path in paths:
-        try:
-            found = os.stat(path)
-            state = (found.st_size, found.st_mtime_ns, found.st_ctime_ns, found.st_ino)
-        except OSError:  # gone or changed into something else since it was listed: its reader will say so
-            state = None
-        digest.update(os.fsencode(path.name) + f"\0{state}\n".encode())  # bytes-safe
+        digest.update(os.fsencode(path.name) + f"\0{_file_state(path)}\n".encode())  # bytes-safe
     return digest.hexdigest()
+
+
+def _file_state(path: Path) -> tuple | None:
+    """files_key's part of one file; of a folder (a zarr store), of every file in it, since rewritten chunks leave
+    the folder's own times as they were. None: gone or changed into something else since it was listed (its reader
+    will say so)."""
+    try:
+        found = os.stat(path)
+        if not stat.S_ISDIR(found.st_mode):
+            return found.st_size, found.st_mtime_ns, found.st_ctime_ns, found.st_ino
+        inside = [os.stat(os.path.join(top, name)) for top, _, names in os.walk(path) for name in names]
+    except OSError:
+        return None
+    newest = [max((getattr(f, time) for f in inside), default=0) for time in ("st_mtime_ns", "st_ctime_ns")]
+    return len(inside), sum(f.st_size for f in inside), *newest, found.st_ino
 
 
 def read_json_cache(path: Path, key: str):

@@ -364,38 +364,6 @@ def probe_image(path: Path, page: int = 0) -> ImageInfo:
         raise unreadable(path, "image", err) from None
 
 
-def first_readable(paths: list[Path], page: int = 0) -> tuple[Path, ImageInfo] | None:
-    """The first image whose header can be read, and what it says; None if there is none."""
-    for path in paths:
-        try:
-            return path, probe_image(path, page)
-        except BadSampleError:
-            continue
-    return None
-
-
-def input_array(
-    image: str | Path | Image.Image | np.ndarray, reading: ImageReading = RGB, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> np.ndarray:
-    """The Python API's images -> (H, W, channels) model pixels: a path (read as inference.py reads files), a PIL
-    image, or an (H, W[, C]) array of integers or reals (uint8 and uint16 as stored in files; (H, W, 4) uint8 is
-    RGBA for a 3-channel model)."""
-    if isinstance(image, (str, Path)):
-        return read_image(Path(image), max_pixels, reading)[0]
-    if isinstance(image, Image.Image):
-        pixels = pil_pixels(image)
-    elif isinstance(image, np.ndarray) and image.ndim in (2, 3) and image.dtype.kind in "buif":
-        pixels = image[..., None] if image.ndim == 2 else image
-        if pixels.shape[2] == 4 and pixels.dtype == np.uint8 and reading.channels == 3:
-            pixels = pixels[..., :3]  # RGBA, as a PIL image of it would be read
-    elif isinstance(image, np.ndarray):
-        raise ValueError(f"a {image.dtype} array of shape {image.shape}; expected (H, W) or (H, W, C) numbers")
-    else:
-        raise TypeError(f"expected a path, a PIL image or a NumPy array, not {type(image).__name__}")
-    where = Path(f"<{type(image).__name__}>")
-    return np.array(fit_channels(pixel_values(pixels, where), reading, where))  # a copy: writable for torch
-
-
 def align_mask(mask: np.ndarray, shape: tuple[int, int], orientation: int | None, mask_path: Path) -> np.ndarray:
     """Masks match the upright image of shape (H, W); one drawn on the stored pixels is turned the same way."""
     height, width = shape

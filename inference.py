@@ -27,13 +27,13 @@ from cli import (
 )
 from errors import UserError
 from files import check_writable_folder, refuse_inside, require_folder
-from image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, conversion_for, first_readable
+from image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, conversion_for
 from listing import list_images
 from predictions import Outputs, segment_folder
 from predictor import Predictor
 from records import format_report, write_report
 from sampling import SAMPLING_MODES
-from slide_io import is_slide
+from slide_io import first_readable, is_slide
 from slides import SlidesResult, segment_slides
 from utils import keep_freed_cpu_memory
 

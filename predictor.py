@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from checkpoints import DataSpec, inference_network, load_checkpoint, training_flags
 from errors import CheckpointError, OnnxError
-from image_io import RGB, ImageReading, input_array
+from image_io import DEFAULT_MAX_PIXELS, RGB, ImageReading, fit_channels, pil_pixels, pixel_values, read_image
 from instances import SEPARATION_CHANNELS, ObjectRule, object_table, objects_from
 from intensity import IMAGENET, Normalization
 from labels import LabelMapping
@@ -63,6 +64,28 @@ def object_rule(saved: ObjectRule | None, typed: dict | None) -> ObjectRule | No
 
 def band_rows(num_classes: int, width: int) -> int:
     return max(1, BAND_BYTES // (4 * num_classes * width))
+
+
+def input_array(
+    image: str | Path | Image.Image | np.ndarray, reading: ImageReading = RGB, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """The Python API's images -> (H, W, channels) model pixels: a path (read as inference.py reads files), a PIL
+    image, or an (H, W[, C]) array of integers or reals (uint8 and uint16 as stored in files; (H, W, 4) uint8 is
+    RGBA for a 3-channel model)."""
+    if isinstance(image, (str, Path)):
+        return read_image(Path(image), max_pixels, reading)[0]
+    if isinstance(image, Image.Image):
+        pixels = pil_pixels(image)
+    elif isinstance(image, np.ndarray) and image.ndim in (2, 3) and image.dtype.kind in "buif":
+        pixels = image[..., None] if image.ndim == 2 else image
+        if pixels.shape[2] == 4 and pixels.dtype == np.uint8 and reading.channels == 3:
+            pixels = pixels[..., :3]  # RGBA, as a PIL image of it would be read
+    elif isinstance(image, np.ndarray):
+        raise ValueError(f"a {image.dtype} array of shape {image.shape}; expected (H, W) or (H, W, C) numbers")
+    else:
+        raise TypeError(f"expected a path, a PIL image or a NumPy array, not {type(image).__name__}")
+    where = Path(f"<{type(image).__name__}>")
+    return np.array(fit_channels(pixel_values(pixels, where), reading, where))  # a copy: writable for torch
 
 
 @dataclass(frozen=True)

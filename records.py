@@ -41,7 +41,7 @@ def epoch_record(
     validation=None,
 ) -> dict:
     """One row of the run's history (results.csv, TensorBoard): seconds = (training, the whole epoch); the
-    validation's (trainer.Validation) loss and scores where the epoch was validated (None: it was not)."""
+    validation's (engine.Validation) loss and scores where the epoch was validated (None: it was not)."""
     record = dict(epoch=epoch, train_loss=train_loss, lr=lr, seconds=seconds[1], images_per_s=images / seconds[0])
     if validation is None:
         return record | dict(validated=0)

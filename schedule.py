@@ -104,10 +104,19 @@ class TimeBudget:
 class Plan:
     """What a run decides as it goes, recorded beside its settings: the horizon, the epochs the learning-rate
     schedule spans (planned again as a --time-budget's clock runs, and fractional where the budget ends the run
-    partway through an epoch), and the validation interval (--val-every auto: chosen after the first validation)."""
+    partway through an epoch), and the validation interval (--val-every auto: every epoch until the first
+    validation is timed, then chosen from its cost)."""
 
     horizon: float
-    val_every: int | str
+    val_every: int
+    interval_pending: bool = False  # --val-every auto, before its first validation
+
+    @classmethod
+    def start(cls, epochs: int, val_every: int | str) -> Plan:
+        """The plan before anything is timed, from --epochs and --val-every (where its auto becomes the interval the
+        run validates at, and the fact that it is still to be chosen)."""
+        pending = val_every == "auto"
+        return cls(float(epochs), 1 if pending else val_every, interval_pending=pending)
 
     @property
     def epochs(self) -> int:
@@ -118,8 +127,8 @@ class Plan:
         return min(steps_per_epoch, round((self.horizon - (epoch - 1)) * steps_per_epoch))
 
     def validates(self, epoch: int) -> bool:
-        """The first validation (auto), every val_every-th epoch and the last."""
-        return self.val_every == "auto" or epoch % self.val_every == 0 or epoch == self.epochs
+        """Every val_every-th epoch and the last."""
+        return epoch % self.val_every == 0 or epoch == self.epochs
 
 
 @dataclass
@@ -156,8 +165,7 @@ class EpochPace:
                 self.first_step_seconds = seconds
             elif done == FIRST_PLAN_STEP:
                 step = (seconds - self.first_step_seconds) / (done - 1)
-                val_every = 1 if self.plan.val_every == "auto" else self.plan.val_every
-                horizon = self.runtime.ddp.broadcast(self.budget.first_plan(done, step, val_every))
+                horizon = self.runtime.ddp.broadcast(self.budget.first_plan(done, step, self.plan.val_every))
                 self.plan = replace(self.plan, horizon=horizon)
         if done >= self.plan.steps(self.epoch, self.steps):
             return True
@@ -179,7 +187,7 @@ def next_plan(
     validation_seconds: this epoch's validation (None: not validated). cut: this epoch ended before the loader's end
     (the horizon or the budget's clock, agreed by every rank), which makes it the last."""
     val_every, horizon, said = plan.val_every, plan.horizon, []
-    if val_every == "auto":
+    if plan.interval_pending:
         val_every = runtime.ddp.broadcast(validation_interval(train_seconds, validation_seconds))
         said.append(
             f"--val-every auto: {f'every {val_every} epochs' if val_every > 1 else 'every epoch'} "

@@ -94,7 +94,7 @@ def fit(
 ) -> int | None:
     """The epoch loop: train, validate (see Plan), save, report. An exit status if it ends early, None when done."""
     (train_loader, val_loader), optim, samples = loaders, settings.optim, settings.samples
-    plan, sampling = Plan(float(optim.epochs), settings.run.val_every), validation_sampling(samples)
+    plan, sampling = Plan.start(optim.epochs, settings.run.val_every), validation_sampling(samples)
     images = len(train_loader) * samples.batch_size * runtime.ddp.world_size  # an epoch's, for images/s
     epoch = start_epoch = progress.epoch
     with GracefulStop() as stop:
@@ -102,13 +102,9 @@ def fit(
             epoch += 1
             started, pace = time.monotonic(), EpochPace(plan, epoch, len(train_loader), optim, runtime, budget)
             train_loader.sampler.set_epoch(epoch)
-            try:
-                first = epoch == start_epoch + 1
-                train_loss, skipped = train_one_epoch(
-                    training, train_loader, runtime=runtime, epoch=epoch, stop=stop, pace=pace, first=first
-                )
-            except NonFiniteLoss as err:
-                return report.non_finite(err)
+            train_loss, skipped = train_one_epoch(
+                training, train_loader, runtime=runtime, stop=stop, pace=pace, first=epoch == start_epoch + 1
+            )
             train_seconds = time.monotonic() - started
             if stop.requested:
                 return report.stopped(stop, report.during_epoch(epoch))
@@ -207,9 +203,12 @@ def train(settings: TrainSettings, checkpoint: dict | None, runtime: Runtime, *,
             validation_pixels=validation_pixels(samples, val_set), step_pixels=samples.batch_size * samples.side**2
         )
         budget = time_budget(optim.time_budget, started, len(loaders[0]), **validation_cost)
-    status = fit(
-        training, loaders, progress, settings=settings, spec=spec, report=report, budget=budget, runtime=runtime
-    )
+    try:
+        status = fit(
+            training, loaders, progress, settings=settings, spec=spec, report=report, budget=budget, runtime=runtime
+        )
+    except NonFiniteLoss as err:
+        return report.non_finite(err)
     if status is not None:
         return status
     report.finish(progress.history, flags, progress.early.best, val_set.images_dir)

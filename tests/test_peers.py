@@ -69,7 +69,7 @@ def test_a_lead_is_claimed_only_where_the_paired_interval_excludes_zero():
     spec.loader.exec_module(instances)
     found = {"ours": ("a", "b"), "components": (), "stardist": ("a",)}
     rows = [
-        {"method": method, "set": "set", "seed": "0", "minutes": "5.0", "image": name, "ap50": str(float(name in names))}
+        {"method": method, "set": "set", "seed": "0", "minutes": "5.0", "image": name, "ap50": float(name in names)}
         for method, names in found.items()
         for name in ("a", "b")
     ]

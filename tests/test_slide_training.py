@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import zarr
 
 import dataset as dataset_module
 from conftest import TINY_TRAIN_FLAGS, run_in_process
-from dataset import SegmentationFolder
+from dataset import SegmentationFolder, choose_reading
 from errors import BadSampleError, DataError
 from intensity import compute_statistics
 from transforms import Crop
@@ -95,7 +96,7 @@ def test_validation_leaves_a_slide_out_and_a_mask_of_another_size_is_named(tmp_p
     with caplog.at_level(logging.WARNING):
         validation = folder(root, image_size=None, crop=None)
     assert [image.name for image, _ in validation.pairs] == ["small.tif"]
-    assert "1 images larger than --max-pixels left out (slide.tif (read whole))" in caplog.text
+    assert "slides left out (1): slide.tif (read whole)" in caplog.text
     other = write_slide_set(tmp_path / "b", squares(), mask_size=(600, 400))
     with caplog.at_level(logging.WARNING):
         assert [image.name for image, _ in folder(other).pairs] == ["small.tif"]
@@ -151,3 +152,70 @@ def test_an_instance_mask_smaller_than_its_slide_is_a_named_bad_sample(tmp_path)
     data = folder(root, instances_dir=root / "masks_instance/train", separation="boundary")
     with pytest.raises(BadSampleError, match="slide.tif: the instance mask ends before its slide"):
         data[0]
+
+
+def write_zarr_set(root: Path, ids: np.ndarray) -> Path:
+    """write_slide_set's slide as zarr folders instead (an OME-Zarr-style group for the image, a plain array for
+    the mask), at a size read whole by any other reader: zarr folders are read by windows whatever their size."""
+    for folder_name in ("images/train", "masks/train", "masks_instance/train"):
+        (root / folder_name).mkdir(parents=True)
+    mask = (ids > 0).astype(np.uint8)
+    pixels = np.stack([mask * 200, np.full_like(mask, 60), np.full_like(mask, 90)], -1)
+    zarr.open_group(str(root / "images/train/slide.zarr"), mode="w").create_array("0", data=pixels, chunks=(64, 64, 3))
+    zarr.create_array(str(root / "masks/train/slide.zarr"), data=mask, chunks=(64, 64))
+    zarr.create_array(str(root / "masks_instance/train/slide.zarr"), data=ids, chunks=(64, 64))
+    return root
+
+
+def test_a_zarr_folder_trains_from_windows_and_sets_the_reading(tmp_path):
+    ids = squares((200, 160))
+    root = write_zarr_set(tmp_path, ids)
+    assert choose_reading(root / "images/train", "auto", "auto") == (dataset_module.RGB, "imagenet")
+    instances = dict(instances_dir=root / "masks_instance/train", separation="boundary")
+    data = folder(root, max_pixels=dataset_module.DEFAULT_MAX_PIXELS, **instances)  # under --max-pixels: a zarr still
+    assert len(data) == round(200 * 160 / 48**2) and data.slides == {root / "images/train/slide.zarr": (200, 160)}
+    assert np.allclose(data.class_counts.sum(0), np.bincount((ids > 0).ravel()))  # the scan read the zarr mask
+    for index in range(3):
+        image, (mask, separation) = data[index]
+        assert image.shape == (3, 48, 48) and ((image[0] > image[1]) == (mask == 1)).all()
+        assert (separation[mask == 0] == 0).all() and separation.max() > 0  # the zarr instance mask's boundaries
+
+
+def test_a_broken_zarr_folder_is_left_out_named(tmp_path, caplog):
+    root = write_zarr_set(tmp_path, squares((200, 160)))
+    (root / "images/train/empty.zarr").mkdir()
+    zarr.create_array(str(root / "masks/train/empty.zarr"), data=np.zeros((50, 50), np.uint8), chunks=(64, 64))
+    with caplog.at_level(logging.WARNING):
+        data = folder(root)
+    assert {image.name for image, _ in data.pairs} == {"slide.zarr"}
+    assert "slides left out (1): empty.zarr (" in caplog.text and "unreadable slide" in caplog.text
+
+
+def test_the_label_scan_cache_sees_a_zarr_mask_rewritten_in_place(tmp_path):
+    from files import files_key
+
+    mask = tmp_path / "m.zarr"
+    zarr.create_array(str(mask), data=np.zeros((64, 64), np.uint8), chunks=(32, 32))
+    before = files_key([mask])
+    zarr.open_array(str(mask), mode="r+")[:32, :32] = 1  # one chunk rewritten: the folder's own times stay
+    assert files_key([mask]) != before
+
+
+def test_training_windows_open_a_slide_once_per_process(tmp_path, monkeypatch):
+    """A crop's window reads from the slide opened once in this process; a forked loader worker opens its own file
+    handle (never its parent's) and reads the same pixels."""
+    import multiprocessing
+
+    import slide_io
+
+    slide = write_slide_set(tmp_path, squares()) / "images/train/slide.tif"
+    opened, real_open = [], slide_io.open_slide
+    monkeypatch.setattr(slide_io, "open_slide", lambda path, *args: opened.append(path) or real_open(path, *args))
+    slide_io._slide_for_windows.cache_clear()
+    corners = [(slide, dataset_module.RGB, 64 * i, 32 * i, 48) for i in range(3)]
+    here = [slide_io.image_window(*corner) for corner in corners]
+    assert opened == [slide]
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        forked = pool.starmap(slide_io.image_window, corners)
+    assert all(np.array_equal(a, b) for a, b in zip(here, forked, strict=True))
+    assert np.array_equal(here[1][..., 0] > 100, squares()[64:112, 32:80] > 0)

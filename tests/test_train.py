@@ -337,9 +337,9 @@ def test_a_time_budget_holds_when_later_epochs_run_slower(tiny_demo, tmp_path, m
     monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() + slowed[0])
     real_epoch = train.train_one_epoch
 
-    def slow_from_the_third(training, loader, *, epoch, **kwargs):
-        slowed[0] += 4.0 if epoch >= 3 else 0.0
-        return real_epoch(training, loader, epoch=epoch, **kwargs)
+    def slow_from_the_third(training, loader, *, pace, **kwargs):
+        slowed[0] += 4.0 if pace.epoch >= 3 else 0.0
+        return real_epoch(training, loader, pace=pace, **kwargs)
 
     monkeypatch.setattr(train, "train_one_epoch", slow_from_the_third)
     run_dir = tmp_path / "run"
@@ -447,6 +447,24 @@ def test_the_automatic_validation_interval_keeps_validation_to_a_tenth():
     every = validation_interval(train_seconds=825.0, validation_seconds=870.0)  # the reference design's split
     assert every == 10 and 870 / (every * 825 + 870) <= VALIDATION_SHARE
     assert 870 / ((every - 1) * 825 + 870) > VALIDATION_SHARE  # the smallest interval that does it
+
+
+def test_val_every_auto_validates_every_epoch_until_its_first_validation_chooses_the_interval():
+    """The plan carries an interval from the start (1 while auto waits) and the fact that it is still to be chosen;
+    the first validation's cost chooses it once: 0.9 / 0.1 x 2.5 s / 10 s = 2.25, so every 3 epochs."""
+    from types import SimpleNamespace
+
+    from schedule import Plan, next_plan
+
+    one_rank = SimpleNamespace(ddp=SimpleNamespace(broadcast=lambda value: value))
+    plan = Plan.start(6, "auto")
+    assert (plan.val_every, plan.interval_pending) == (1, True)
+    assert all(plan.validates(epoch) for epoch in range(1, 7))
+    chosen, said = next_plan(plan, None, 1, 10.0, 2.5, runtime=one_rank)
+    assert chosen == Plan(6.0, 3) and said[0].startswith("--val-every auto: every 3 epochs")
+    assert [epoch for epoch in range(1, 7) if chosen.validates(epoch)] == [3, 6]
+    assert next_plan(chosen, None, 2, 10.0, None, runtime=one_rank) == (chosen, [])  # chosen once
+    assert Plan.start(6, 2) == Plan(6.0, 2)
 
 
 def test_early_stopping_counts_validations(tiny_demo, tmp_path, monkeypatch):
