@@ -1,7 +1,7 @@
 """bench.py's wholeslide part: tiled pyramidal BigTIFFs generated on the fly (a texture, not a constant), segmented
 by tiles (slides.py) in a fresh process each: MP/s, peak RSS, and the share of time spent reading tiles, in the
 network, writing the labels and their pyramid, and the rest (blending, labels); against the in-memory path on the
-same pixels where they fit."""
+same pixels where they fit (as inference.py takes it: decoded whole, segmented, the mask written)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import torch
+from PIL import Image
 
 from benchmarks.data import write_checkpoint
 from benchmarks.measure import isolated, peak_memory_mb
@@ -84,16 +85,31 @@ def slide_row(path: Path, checkpoint: Path, output: Path) -> dict:
     return {"seconds": seconds, "megapixels": done["megapixels"], "peak_mb": peak_memory_mb(device), **timings}
 
 
-def in_memory_row(path: Path, checkpoint: Path) -> dict:
-    """The same pixels decoded whole and segmented by Predictor.segment, in this (fresh) process."""
+def in_memory_row(path: Path, checkpoint: Path, output: Path) -> dict:
+    """The same pixels through the in-memory path as inference.py takes it, in this (fresh) process: decoded whole,
+    Predictor.segment, the label image written as a PNG mask; the same time split as slide_row."""
     device = torch.device("cpu")
     keep_freed_cpu_memory(device)
     predictor = Predictor.from_checkpoint(checkpoint, Runtime.from_flags("cpu", "auto", None))
-    pixels = torch.from_numpy(tifffile.imread(path)).permute(2, 0, 1)
+    timings = {"reading": 0.0, "network": 0.0, "writing": 0.0}
+    timed_calls(Predictor, "batch_logits", timings, "network")
     started = time.perf_counter()
-    predictor.segment([pixels])
+    pixels = torch.from_numpy(tifffile.imread(path)).permute(2, 0, 1)
+    timings["reading"] = time.perf_counter() - started
+    labels = predictor.segment([pixels])[0]
+    written = time.perf_counter()
+    Image.fromarray(predictor.mapping.value_array()[labels.numpy()]).save(output, compress_level=6)
+    timings["writing"] = time.perf_counter() - written
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "megapixels": pixels[0].numel() / 1e6, "peak_mb": peak_memory_mb(device)}
+    return {"seconds": seconds, "megapixels": pixels[0].numel() / 1e6, "peak_mb": peak_memory_mb(device), **timings}
+
+
+def row_line(name: str, row: dict) -> str:
+    """MP/s, peak RSS and the shares of the time: reading, the network, writing, the rest (blending, labels)."""
+    other = row["seconds"] - row["reading"] - row["network"] - row["writing"]
+    shares = [row[key] / row["seconds"] for key in ("reading", "network", "writing")] + [other / row["seconds"]]
+    rate = row["megapixels"] / row["seconds"]
+    return f"{name:<16} {rate:>7.2f} {row['peak_mb']:>12.0f} " + " ".join(f"{share:>8.0%}" for share in shares)
 
 
 def report_wholeslide(args, root: Path) -> None:
@@ -106,16 +122,10 @@ def report_wholeslide(args, root: Path) -> None:
         path = root / f"slide-{width}x{height}.tif"
         write_slide(path, width, height)
         row = isolated(slide_row, path, checkpoint, root / f"slide-{width}x{height}-mask.tif")
-        other = row["seconds"] - row["reading"] - row["network"] - row["writing"]
-        shares = [row[key] / row["seconds"] for key in ("reading", "network", "writing")] + [other / row["seconds"]]
-        log.info(
-            f"{width}x{height:<10} {row['megapixels'] / row['seconds']:>7.2f} {row['peak_mb']:>12.0f} "
-            + " ".join(f"{share:>8.0%}" for share in shares)
-        )
+        log.info(row_line(f"{width}x{height}", row))
         path.unlink()
     width, height = args.slide_sizes[0]
     path = root / "in-memory.tif"
     write_slide(path, width, height, levels=1)
-    row = isolated(in_memory_row, path, checkpoint)
-    rate = row["megapixels"] / row["seconds"]
-    log.info(f"{'in memory':<16} {rate:>7.2f} {row['peak_mb']:>12.0f}  ({width}x{height} decoded whole)")
+    row = isolated(in_memory_row, path, checkpoint, root / "in-memory-mask.png")
+    log.info(row_line("in memory", row) + f"  ({width}x{height} decoded whole, its mask written as a PNG)")
