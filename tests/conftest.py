@@ -83,6 +83,13 @@ def trained_run(tiny_demo, tmp_path_factory) -> Path:
     return run_dir
 
 
+def same_numerics(run_args: dict) -> list[str]:
+    """The flags that give a new run the precision and layout an earlier run measured (its checkpoint's args): a
+    fresh run measures its own, and on a tiny model the fastest may differ from one start to the next."""
+    layout = "--channels-last" if run_args["channels_last"] else "--no-channels-last"
+    return ["--precision", run_args["precision"], layout]
+
+
 def add_instance_masks(root: Path) -> Path:
     """masks_instance/ beside masks/: each connected piece of foreground an object, with ids past 255."""
     for split in ("train", "val"):

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import schedule
 import train
 from checkpoints import load_checkpoint
-from conftest import ROOT, TINY_TRAIN_FLAGS, run_in_process
+from conftest import ROOT, TINY_TRAIN_FLAGS, run_in_process, same_numerics
 
 
 def scalars(run_dir, tag):
@@ -172,13 +172,10 @@ def test_config_yaml_replays_the_run_and_typed_flags_override_it(trained_run, tm
     run_dir = tmp_path / "replay"
     typed = ["--dist-timeout", "300"]  # typed over the file; (--epochs would change the schedule of every step)
     measured = load_checkpoint(trained_run / "checkpoints/epoch_001.pt")["args"]  # what start-up measured and ran
-    same_numerics = [
-        "--precision",
-        measured["precision"],
-        "--channels-last" if measured["channels_last"] else "--no-channels-last",
-    ]
     assert (
-        train.main(["--config", str(trained_run / "config.yaml"), "--run-dir", str(run_dir), *typed, *same_numerics])
+        train.main(
+            ["--config", str(trained_run / "config.yaml"), "--run-dir", str(run_dir), *typed, *same_numerics(measured)]
+        )
         == 0
     )
     replayed = yaml.safe_load((run_dir / "config.yaml").read_text())
