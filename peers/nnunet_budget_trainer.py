@@ -4,17 +4,20 @@ supervision) trained for a wall-clock budget instead of 1000 epochs x 250 iterat
 Found by nnUNetv2_train / nnUNetv2_predict through the env var nnUNet_extTrainer (a folder that holds only this file;
 nnunet_2d.sh copies it there, because nnU-Net imports every module of that folder while it searches).
 
-Env:  PEER_BUDGET_S   training budget in seconds, counted from the start of on_train_start (dataloaders, unpacking and
+Env:  PEER_DEADLINE   when training must end (unix time; compare.py's clock: the budget after nnunet_2d.sh started,
+                      its conversion, planning and preprocessing inside it); without it, PEER_BUDGET_S:
+      PEER_BUDGET_S   training budget in seconds, counted from the start of on_train_start (dataloaders, unpacking and
                       all epochs; not the process start-up, the final checkpoint write or prediction)  [600]
       PEER_ITERS      training iterations per epoch  [25]
       PEER_VAL_ITERS  'pseudo dice' iterations per epoch (fold all: on training cases; logging only)  [1]
       PEER_SUMMARY    where to write a JSON summary of what was trained  [output folder/peer_summary.json]
 
 Budget: training stops after the first iteration that ends past the budget (so it overruns by at most one iteration,
-plus the epoch's pseudo-dice iteration and the final checkpoint write); the last epoch is usually cut short. After
-each epoch the epochs still to come are estimated from the mean epoch time (the first epoch, which carries the
-warm-up, is left out once there are others) and the poly lr's horizon (max_steps) is set to that estimate, so the lr
-decays towards 0 at the end of the budget as it would at the end of a full nnU-Net schedule (1000 epochs).
+plus the epoch's pseudo-dice iteration and the final checkpoint write); the last epoch is usually cut short. The
+poly lr is stepped every iteration (nnU-Net steps it per epoch: in a budget of a few epochs it would hardly leave
+its first value): its horizon is the iterations done plus those the time left holds at the mean iteration time so
+far (the first epoch, which carries the warm-up, left out once there are others), so the lr decays towards 0 at the
+end of the budget as it does at the end of a full nnU-Net schedule (1000 epochs x 250 iterations).
 Bookkeeping that does not train is trimmed: no checkpoint_best/latest writes (only checkpoint_final), the progress
 plot is drawn once at the end, and the final full-image validation (perform_actual_validation) is skipped, since the
 script predicts the validation images and score_masks.py scores them.
@@ -49,6 +52,7 @@ class nnUNetTrainer_PeerBudget(nnUNetTrainer):
         self._t0 = None
         self._epoch_times = []
         self._iters_done = 0
+        self._iteration_seconds = None  # the mean so far, once an epoch has ended
         self._plot = None
 
     # ---- time budget -------------------------------------------------------------------------------------------
@@ -57,6 +61,8 @@ class nnUNetTrainer_PeerBudget(nnUNetTrainer):
 
     def on_train_start(self):
         self._t0 = time()
+        if os.environ.get("PEER_DEADLINE"):
+            self.budget_s = float(os.environ["PEER_DEADLINE"]) - self._t0
         super().on_train_start()
         # draw the progress plot once at the end instead of after every epoch
         self._plot = self.logger.plot_progress_png
@@ -72,11 +78,10 @@ class nnUNetTrainer_PeerBudget(nnUNetTrainer):
         done = self.current_epoch
         times = self._epoch_times[1:] if len(self._epoch_times) > 1 else self._epoch_times
         per_epoch = float(np.mean(times))
+        self._iteration_seconds = per_epoch / self.num_iterations_per_epoch
         remaining = self.budget_s - self._elapsed()
         more = int(np.ceil(remaining / per_epoch)) if remaining > 0 else 0
         self.num_epochs = done + more
-        # poly lr over the epochs expected to fit (on_train_epoch_start steps it with the current epoch)
-        self.lr_scheduler.max_steps = max(self.num_epochs, done + 1)
         self.print_to_log_file(
             f"peer budget: {self._elapsed():.1f}/{self.budget_s:.0f} s used, "
             f"{per_epoch:.1f} s/epoch, planned epochs {self.num_epochs}"
@@ -92,6 +97,7 @@ class nnUNetTrainer_PeerBudget(nnUNetTrainer):
             self.on_train_epoch_start()
             train_outputs = []
             for _batch_id in range(self.num_iterations_per_epoch):
+                self._step_lr()
                 train_outputs.append(self.train_step(next(self.dataloader_train)))
                 self._iters_done += 1
                 if self._elapsed() > self.budget_s:
@@ -128,6 +134,15 @@ class nnUNetTrainer_PeerBudget(nnUNetTrainer):
         }
         with open(os.environ.get("PEER_SUMMARY", os.path.join(self.output_folder, "peer_summary.json")), "w") as f:
             json.dump(summary, f, indent=1)
+
+    def _step_lr(self) -> None:
+        """The poly lr at this iteration, over the iterations expected to fit (the first epoch at the initial lr)."""
+        if self._iteration_seconds is None:
+            return
+        left = max(0.0, self.budget_s - self._elapsed())
+        horizon = self._iters_done + max(1, int(left / self._iteration_seconds))
+        self.lr_scheduler.max_steps = horizon
+        self.lr_scheduler.step(self._iters_done)
 
     # ---- trimmed bookkeeping ------------------------------------------------------------------------------------
     def save_checkpoint(self, filename: str) -> None:

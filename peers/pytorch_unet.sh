@@ -3,13 +3,16 @@
 # scaled by 0.5, cross-entropy + Dice, fp32, 10% of the training images held out for its own validation). It has no
 # time budget: its train.py runs under `timeout SECONDS` and the last epoch it saved predicts DATA_DIR/images/val
 # with its predict.py, as PRED_DIR/<stem>.png for score_masks.py. Its model takes 3 channels: it gets RGB copies.
-# usage: pytorch_unet.sh DATA_DIR PRED_DIR SECONDS
+# SCALE (default 0.5, its own default) is its --scale, for training and prediction: the one that fits epochs into
+# the budget is chosen on the tuning split (peers/compare.py --search). With compare.py's PEER_DEADLINE the budget
+# ends then (the conversion inside it). Prints what it ran as one JSON line.
+# usage: pytorch_unet.sh DATA_DIR PRED_DIR SECONDS [SCALE]
 # env: PEER_PU_REPO (default /tmp/pytorch-unet: a clone of https://github.com/milesial/Pytorch-UNet at 21d7850),
 #      PEER_PU_PYTHON (default /tmp/pu-venv/bin/python: peers/requirements-pytorch-unet.txt over the project's torch)
 set -o pipefail
 H=$(cd "$(dirname "$0")" && pwd)
-[ $# -eq 3 ] || { echo "usage: $0 DATA_DIR PRED_DIR SECONDS"; exit 2; }
-DATA=$(cd "$1" && pwd) || exit 2; mkdir -p "$2" || exit 2; PRED=$(cd "$2" && pwd); BUDGET=$3
+[ $# -eq 3 ] || [ $# -eq 4 ] || { echo "usage: $0 DATA_DIR PRED_DIR SECONDS [SCALE]"; exit 2; }
+DATA=$(cd "$1" && pwd) || exit 2; mkdir -p "$2" || exit 2; PRED=$(cd "$2" && pwd); BUDGET=$3; SCALE=${4:-0.5}
 REPO=${PEER_PU_REPO:-/tmp/pytorch-unet}; PY=${PEER_PU_PYTHON:-/tmp/pu-venv/bin/python}
 [ "$(git -C "$REPO" rev-parse --short=7 HEAD 2>/dev/null)" = 21d7850 ] \
   || { echo "peer Pytorch-UNet: $REPO is not a checkout of 21d7850 (see peers/README.md)"; exit 1; }
@@ -21,16 +24,19 @@ python -c "import sys; sys.path.insert(0, '$H/..'); from pathlib import Path; fr
   || { echo "peer Pytorch-UNet: conversion failed"; exit 1; }
 
 cd "$W" || exit 1
-WANDB_MODE=disabled timeout "$BUDGET" "$PY" train.py --epochs 1000 > train.log 2>&1
+[ -z "$PEER_DEADLINE" ] || BUDGET=$(python3 -c "import time; print(max(1.0, $PEER_DEADLINE - time.time()))")
+WANDB_MODE=disabled timeout "$BUDGET" "$PY" train.py --epochs 1000 --scale "$SCALE" > train.log 2>&1
 status=$?; [ $status -eq 124 ] || [ $status -eq 0 ] || { tail -5 train.log; echo "peer Pytorch-UNet: train.py failed"; exit 1; }
 last=$(ls checkpoints/*.pth 2>/dev/null | sort -V | tail -1)
 if [ -z "$last" ]; then  # it saves after each epoch: with none finished there is no model to predict with
   echo "peer Pytorch-UNet: no epoch finished in $BUDGET s: did not finish"
   touch "$PRED/DID_NOT_FINISH"  # compare.py reports the run as such, never as a score of 0
+  echo "{\"epochs\": 0, \"scale\": $SCALE, \"precision\": \"fp32\"}"
   exit 0
 fi
 inputs=(data/val/*); outputs=()
 for f in "${inputs[@]}"; do outputs+=("$PRED/$(basename "${f%.*}").png"); done
-"$PY" predict.py -m "$last" -i "${inputs[@]}" -o "${outputs[@]}" > predict.log 2>&1 \
+"$PY" predict.py -m "$last" -i "${inputs[@]}" -o "${outputs[@]}" --scale "$SCALE" > predict.log 2>&1 \
   || { tail -5 predict.log; echo "peer Pytorch-UNet: predict.py failed"; exit 1; }
 echo "peer Pytorch-UNet: predicted with $(basename "$last") ($(ls checkpoints | wc -l) epochs saved in $BUDGET s)"
+echo "{\"epochs\": $(ls checkpoints | wc -l), \"scale\": $SCALE, \"batch\": 1, \"precision\": \"fp32\"}"

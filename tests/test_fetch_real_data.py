@@ -45,3 +45,23 @@ def test_cell_tracking_challenge_frames_pair_with_their_silver_truth_and_split_b
     mask = np.asarray(Image.open(tmp_path / "out/phc/masks/val/t049.png"))
     assert mask.sum() == 6 and mask[1, 2] == 1
     assert (np.asarray(Image.open(tmp_path / "out/phc/images/train/t039.png")) == 39).all()
+
+
+def test_a_time_lapse_stack_gives_each_frame_with_its_labels_in_8_bits_split_by_frame(tmp_path):
+    import tifffile
+
+    from fetch_real_data import convert
+
+    stack = np.stack([np.full((4, 5), 1000 + 100 * frame, np.uint16) for frame in range(6)])
+    stack[5, 0, 0] = 3000  # the stack's range: 1000-3000
+    ids = np.zeros((6, 4, 5), np.uint16)
+    ids[:, 1:3, 1:4] = np.arange(1, 7, dtype=np.uint16)[:, None, None]  # one nucleus, its id the frame's
+    tifffile.imwrite(tmp_path / "example_images.tif", stack)
+    tifffile.imwrite(tmp_path / "example_label.tif", ids)
+    assert convert([tmp_path / "example_images.tif", tmp_path / "example_label.tif"], "nuclei", tmp_path / "out") == 6
+    split = {p.stem: p.parent.name for p in (tmp_path / "out/nuclei/masks").rglob("t*.png")}
+    assert split == {**{f"t00{f}": "train" for f in range(4)}, "t004": "val", "t005": "val"}
+    frame2 = np.asarray(Image.open(tmp_path / "out/nuclei/images/train/t002.png"))
+    assert frame2.dtype == np.uint8 and (frame2 == round((1200 - 1000) / 2000 * 255)).all()
+    assert (np.asarray(Image.open(tmp_path / "out/nuclei/masks_instance/val/t005.png"))[1:3, 1:4] == 6).all()
+    assert np.asarray(Image.open(tmp_path / "out/nuclei/masks/val/t004.png")).sum() == 6
