@@ -33,6 +33,7 @@ from utils import PRECISION_DTYPES, Runtime
 
 BAND_BYTES = 32 << 20  # float32 class logits held at the output size at once
 BACKGROUND_LOGIT = 20.0  # a skipped tile's (slides: glass) logit for the background class, 0 for the others
+SLIDE_COLUMNS = 16384  # px: the widest block of output columns a slide's tile row holds at once (slide_bands)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -331,47 +332,67 @@ class Predictor:
         return [self._slide(image) for image in scaled]
 
     def slide_bands(
-        self, image, first_row: int = 0, skip: Callable[[int, int, int, int], bool] | None = None
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        """A lazy (channels, H, W) image (slides.LazyImage: slicing reads only those pixels) -> (first row, (rows, W)
-        labels) for the rows of each tile row of the sliding window in turn, from tile row first_row on: only a
-        tile row of logits is ever held, however large the image. skip(top, left, height, width): a tile known to
-        be background (glass), which is not run through the network."""
-        tops = self.sampling.tile_grid(*image.shape[-2:])[0]
-        for row, logits in enumerate(self._slide(image, first_row, skip), first_row):
-            yield tops[row], logits[: self.mapping.num_classes].max(0).indices.to(torch.uint8)
+        self, image, first_step: int = 0, skip: Callable[[int, int, int, int], bool] | None = None
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """A lazy (channels, H, W) image (slides.LazyImage: slicing reads only those pixels) -> (top, left, (rows,
+        columns) labels) for each step: the rows of a tile row of the sliding window within a block of at most
+        SLIDE_COLUMNS columns, each block top to bottom, the blocks left to right, from step first_step on. Only one
+        block's tile row of logits is ever held, so memory stays flat however wide or tall the image. A block also
+        runs the tiles that reach into it from its neighbours (a tile at each seam twice), so every pixel sums the
+        same tiles, in the same order, as a pass over the whole width. skip(top, left, height, width): a tile known
+        to be background (glass), which is not run through the network."""
+        height, width = image.shape[-2:]
+        tops = self.sampling.tile_grid(height, width)[0]
+        for block, columns in enumerate(slide_blocks(width)):
+            first_row = first_step - block * len(tops)
+            if first_row >= len(tops):
+                continue
+            rows = self._slide(image, max(first_row, 0), skip, columns)
+            for row, logits in enumerate(rows, max(first_row, 0)):
+                yield tops[row], columns[0], logits[: self.mapping.num_classes].max(0).indices.to(torch.uint8)
 
-    def _slide(self, image, first_row: int = 0, skip=None) -> Iterator[torch.Tensor]:
-        """Gaussian-weighted overlapping tiles, summed into one buffer a tile high and the image wide: the rows no
-        later tile covers are yielded (a view, valid until the next is asked for), the rest move up and the tiles
-        below add on. Tiles are the training crop high (the buffer's height) and up to `tile` wide. first_row: yield
-        from that tile row on (the one before is run again for its share of the first rows); skip: see
-        slide_bands (a skipped tile adds background logits)."""
+    def _slide(self, image, first_row: int = 0, skip=None, columns: tuple[int, int] | None = None) -> Iterator:
+        """Gaussian-weighted overlapping tiles, summed into one buffer a tile high and as wide as the tiles that reach
+        into the output columns (left, right) (default: the whole width): the rows no later tile covers are yielded
+        for those columns (a view, valid until the next is asked for), the rest move up and the tiles below add on.
+        Tiles are the training crop high (the buffer's height) and up to `tile` wide. first_row: yield from that
+        tile row on (the one before is run again for its share of the first rows); skip: see slide_bands (a skipped
+        tile adds background logits)."""
         height, width = image.shape[-2:]
         tops, tile_h, lefts, tile_w = self.sampling.tile_grid(height, width)
+        left, right = columns or (0, width)
+        lefts = [x for x in lefts if x < right and x + tile_w > left]
+        origin = lefts[0]  # the buffer's first column, in the image
         weight = gaussian_weights(tile_h, tile_w, image.device)
-        logits_sum = torch.zeros(self.outputs, tile_h, width, device=image.device)
-        weight_sum = torch.zeros(tile_h, width, device=image.device)
+        logits_sum = torch.zeros(self.outputs, tile_h, lefts[-1] + tile_w - origin, device=image.device)
+        weight_sum = torch.zeros(tile_h, logits_sum.shape[-1], device=image.device)
         background = torch.zeros(self.outputs, 1, 1, device=image.device)
         background[self.background] = BACKGROUND_LOGIT
         per_pass = max(1, self.pass_size * self.sampling.image_size**2 // (tile_h * tile_w))
+        wanted = slice(left - origin, right - origin)
         for row in range(max(first_row - 1, 0), len(tops)):
             top = tops[row]
             skipped = [x for x in lefts if skip is not None and skip(top, x, tile_h, tile_w)]
             for x in skipped:
-                logits_sum[:, :, x : x + tile_w].addcmul_(background, weight)
-                weight_sum[:, x : x + tile_w] += weight
+                logits_sum[:, :, x - origin : x - origin + tile_w].addcmul_(background, weight)
+                weight_sum[:, x - origin : x - origin + tile_w] += weight
             run = [x for x in lefts if x not in skipped]
             for start in range(0, len(run), per_pass):
                 chunk = run[start : start + per_pass]
                 tiles = torch.stack([image[:, top : top + tile_h, x : x + tile_w] for x in chunk])
                 for x, logits in zip(chunk, self.batch_logits(tiles), strict=True):
-                    logits_sum[:, :, x : x + tile_w].addcmul_(logits, weight)  # weighted and added in one pass
-                    weight_sum[:, x : x + tile_w] += weight
+                    logits_sum[:, :, x - origin : x - origin + tile_w].addcmul_(logits, weight)  # weighted, added
+                    weight_sum[:, x - origin : x - origin + tile_w] += weight
             done = (tops[row + 1] if row + 1 < len(tops) else height) - top
             if row >= first_row:
-                yield logits_sum[:, :done].div_(weight_sum[:done])
+                yield logits_sum[:, :done, wanted].div_(weight_sum[:done, wanted])
             kept = tile_h - done  # rows the next row of tiles adds to
             logits_sum[:, :kept] = logits_sum[:, done:].clone() if kept > done else logits_sum[:, done:]
             weight_sum[:kept] = weight_sum[done:].clone()
             logits_sum[:, kept:], weight_sum[kept:] = 0, 0
+
+
+def slide_blocks(width: int) -> list[tuple[int, int]]:
+    """The blocks of output columns (left, right) Predictor.slide_bands takes in turn: SLIDE_COLUMNS wide, the last
+    what is left."""
+    return [(left, min(left + SLIDE_COLUMNS, width)) for left in range(0, width, SLIDE_COLUMNS)]

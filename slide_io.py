@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_SLIDE_PIXELS = 20 * 10**9  # 20 gigapixels, a 140,000 x 140,000 slide: a header declaring more is broken
 SCAN_ROWS = 2048  # rows of a slide mask counted at a time: memory set by the slide's width, not its height
+STRIP_COLUMNS = 20480  # px: the widest strip read at once, a block of Predictor.slide_bands with its tiles (one read)
 OPEN_SLIDES = 16  # slides (and their masks) a process keeps open for training windows, each with its file handle
 
 
@@ -57,8 +58,9 @@ def is_slide(path: Path, max_pixels: int) -> bool:
 
 @dataclass
 class LazyImage:
-    """One pyramid level of a slide as the model's (channels, H, W) input: slicing reads only the rows asked for
-    (a strip of rows is kept, since the sliding window asks for a tile row's tiles one after another)."""
+    """One pyramid level of a slide as the model's (channels, H, W) input: slicing reads only the pixels asked for
+    (a strip of rows up to STRIP_COLUMNS wide is kept, since the sliding window asks for a tile row's tiles one
+    after another)."""
 
     levels: list  # zarr arrays, (H, W[, C]) or (C, H, W), the largest first
     level: int
@@ -66,7 +68,7 @@ class LazyImage:
     reading: ImageReading
     device: torch.device
     path: Path
-    strip: tuple[int, int, np.ndarray] | None = None  # (top, bottom, (rows, W, C) pixels)
+    strip: tuple[int, int, int, int, np.ndarray] | None = None  # (top, bottom, left, right, (rows, cols, C) pixels)
 
     @property
     def array(self):
@@ -78,10 +80,7 @@ class LazyImage:
         return self.reading.channels, height, width
 
     def size(self, level: int) -> tuple[int, int]:
-        shape = list(self.levels[level].shape)
-        if self.channel_axis is not None:
-            shape.pop(self.channel_axis)
-        return shape[0], shape[1]
+        return plane_size(self.levels[level].shape, self.channel_axis)
 
     def window(self, top: int, bottom: int, left: int, right: int, level: int | None = None) -> np.ndarray:
         """(rows, cols, C) stored pixels of a window of a level (this one by default)."""
@@ -94,16 +93,28 @@ class LazyImage:
 
     def __getitem__(self, key: tuple) -> torch.Tensor:
         _, rows, cols = key
-        if self.strip is None or not (self.strip[0] <= rows.start and rows.stop <= self.strip[1]):
-            bottom = min(rows.stop, self.shape[1])
+        _, height, width = self.shape
+        if self.strip is None or not self.strip_holds(rows, cols):
+            bottom, right = min(rows.stop, height), min(max(cols.stop, cols.start + STRIP_COLUMNS), width)
             try:
-                stored = self.window(rows.start, bottom, 0, self.shape[2])
+                stored = self.window(rows.start, bottom, cols.start, right)
             except (OSError, ValueError, RuntimeError) as err:
                 raise unreadable(self.path, "slide", f"rows {rows.start}..{bottom}: {err}") from None
-            self.strip = (rows.start, bottom, fit_channels(pixel_values(stored, self.path), self.reading, self.path))
-        top, _, pixels = self.strip
-        part = pixels[rows.start - top : rows.stop - top, cols]
+            pixels = fit_channels(pixel_values(stored, self.path), self.reading, self.path)
+            self.strip = (rows.start, bottom, cols.start, right, pixels)
+        top, _, left, _, pixels = self.strip
+        part = pixels[rows.start - top : rows.stop - top, cols.start - left : cols.stop - left]
         return torch.from_numpy(np.ascontiguousarray(part)).permute(2, 0, 1).to(self.device)
+
+    def strip_holds(self, rows: slice, cols: slice) -> bool:
+        top, bottom, left, right, _ = self.strip
+        return top <= rows.start and rows.stop <= bottom and left <= cols.start and cols.stop <= right
+
+
+def plane_size(shape: tuple[int, ...], channel_axis: int | None) -> tuple[int, int]:
+    """(height, width) of a level's shape, its channel axis (None: there is none) left out."""
+    height, width = (side for axis, side in enumerate(shape) if axis != channel_axis)
+    return height, width
 
 
 def slide_levels(path: Path) -> tuple[list, int | None]:
@@ -123,9 +134,8 @@ def probe(path: Path, page: int = 0) -> ImageInfo:
     if not is_zarr(path):
         return probe_image(path, page)
     levels, axis = slide_levels(path)
-    shape = list(levels[0].shape)
-    channels = 1 if axis is None else shape.pop(axis)
-    return ImageInfo(channels, np.dtype(levels[0].dtype).name, shape[0], shape[1])
+    channels = 1 if axis is None else levels[0].shape[axis]
+    return ImageInfo(channels, np.dtype(levels[0].dtype).name, *plane_size(levels[0].shape, axis))
 
 
 def first_readable(paths: list[Path], page: int = 0) -> tuple[Path, ImageInfo] | None:

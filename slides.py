@@ -23,7 +23,7 @@ from errors import BadSampleError, UserError
 from files import replace_atomically
 from labels import LabelMapping
 from memory import GIB, HEADROOM, available_bytes
-from predictor import Predictor
+from predictor import Predictor, slide_blocks
 from slide_io import LazyImage, open_slide
 from utils import colours
 
@@ -56,7 +56,7 @@ def glass_test(slide: LazyImage, spread: float = GLASS_SPREAD):
 @dataclass
 class SlideOutput:
     """Where a slide's labels go: the resumable store (levels of uint8/uint16 labels, chunked by SLIDE_TILE, and a
-    progress file naming the tile rows done), then the final file: a pyramidal BigTIFF, or the store kept as
+    progress file naming the steps done), then the final file: a pyramidal BigTIFF, or the store kept as
     OME-Zarr."""
 
     final: Path
@@ -73,17 +73,18 @@ class SlideOutput:
     def progress(self) -> Path:
         return self.final.with_name(f".{self.final.name}.progress.json")
 
-    def rows_done(self, key: dict) -> int:
-        """Tile rows already written by an earlier run of the same slide, model and tiling (0: start over)."""
+    def steps_done(self, key: dict) -> int:
+        """Steps (Predictor.slide_bands: a tile row of a block of columns) already written by an earlier run of the
+        same slide, model and tiling (0: start over)."""
         try:
             done = json.loads(self.progress.read_text())
         except (OSError, ValueError):
             return 0
-        return int(done["rows"]) if done.get("key") == key and self.store.is_dir() else 0
+        return int(done["steps"]) if done.get("key") == key and self.store.is_dir() else 0
 
-    def mark(self, key: dict, rows: int) -> None:
+    def mark(self, key: dict, steps: int) -> None:
         with replace_atomically(self.progress) as tmp:
-            tmp.write_text(json.dumps({"key": key, "rows": rows}))
+            tmp.write_text(json.dumps({"key": key, "steps": steps}))
 
 
 def segment_slide(
@@ -100,8 +101,9 @@ def segment_slide(
     values = predictor.mapping.value_array()
     tops, _, lefts, _ = predictor.sampling.tile_grid(height, width)
     key = {"slide": str(slide.path), "level": slide.level, "values": predictor.mapping.values, "tops": tops}
-    key["lefts"] = lefts
-    first = 0 if overwrite else output.rows_done(key)
+    blocks = slide_blocks(width)
+    key |= {"lefts": lefts, "blocks": [list(block) for block in blocks]}  # as JSON gives them back
+    first = 0 if overwrite else output.steps_done(key)
     if first == 0:
         shutil.rmtree(output.store, ignore_errors=True)
         group = zarr.open_group(str(output.store), mode="w")
@@ -110,10 +112,11 @@ def segment_slide(
     labels = group["0"]
     skip = glass_test(slide) if skip_background else None
     started, pixels = time.monotonic(), 0
-    with tqdm(total=len(tops), initial=first, desc=f"segmenting {slide.path.name}", unit="tile row") as bar:
-        for row, (top, band) in enumerate(predictor.slide_bands(slide, first, skip), first):
-            labels[top : top + band.shape[0]] = values[band.cpu().numpy()]
-            output.mark(key, row + 1)
+    steps = len(blocks) * len(tops)  # Predictor.slide_bands: each block's tile rows
+    with tqdm(total=steps, initial=first, desc=f"segmenting {slide.path.name}", unit="tile row") as bar:
+        for step, (top, left, band) in enumerate(predictor.slide_bands(slide, first, skip), first):
+            labels[top : top + band.shape[0], left : left + band.shape[1]] = values[band.cpu().numpy()]
+            output.mark(key, step + 1)
             pixels += band.numel()
             bar.set_postfix(MP_per_s=f"{pixels / 1e6 / max(time.monotonic() - started, 1e-6):.2f}")
             bar.update()
@@ -127,12 +130,13 @@ def segment_slide(
         write_pyramidal_tiff(group, levels, output.final)
         shutil.rmtree(output.store)
     output.progress.unlink(missing_ok=True)
-    return {"rows_resumed": first, "rows": len(tops), "megapixels": height * width / 1e6}
+    return {"steps_resumed": first, "steps": steps, "megapixels": height * width / 1e6}
 
 
 def build_pyramid(group) -> int:
     """Levels 1, 2, ... of the labels, each half the one above (nearest: labels stay labels), until one fits in a
-    tile; made strip by strip from the level above, so memory stays a strip's. Returns the number of levels."""
+    tile; made a tile of the new level at a time from the level above, so memory stays flat. Returns the number of
+    levels."""
     level = 0
     while max(group[str(level)].shape) > SLIDE_TILE:
         above = group[str(level)]
@@ -141,19 +145,21 @@ def build_pyramid(group) -> int:
             str(level + 1), shape=(height, width), chunks=(SLIDE_TILE, SLIDE_TILE), dtype=above.dtype, overwrite=True
         )
         for top in range(0, height, SLIDE_TILE):
-            below[top : top + SLIDE_TILE] = above[2 * top : 2 * (top + SLIDE_TILE) : 2, ::2]
+            for left in range(0, width, SLIDE_TILE):
+                rows, cols = slice(2 * top, 2 * (top + SLIDE_TILE), 2), slice(2 * left, 2 * (left + SLIDE_TILE), 2)
+                below[top : top + SLIDE_TILE, left : left + SLIDE_TILE] = above[rows, cols]
         level += 1
     return level + 1
 
 
 def tiles(array, tile: int):
-    """A zarr array's tiles in the order TIFF stores them (row by row), each padded to the tile size."""
+    """A zarr array's tiles in the order TIFF stores them (row by row), each read alone and padded to the tile
+    size."""
     height, width = array.shape
     for top in range(0, height, tile):
-        strip = array[top : top + tile]
         for left in range(0, width, tile):
             block = np.zeros((tile, tile), array.dtype)
-            part = strip[:, left : left + tile]
+            part = array[top : top + tile, left : left + tile]
             block[: part.shape[0], : part.shape[1]] = part
             yield block
 
@@ -195,18 +201,17 @@ def write_overview(group, levels: int, mapping: LabelMapping, path: Path) -> Non
 
 
 def check_slide_memory(predictor: Predictor, slide: LazyImage) -> str:
-    """A one-line error if a row of tiles across the slide (its pixels, the summed logits and weights) would not fit
-    in the memory available; else what it needs. That row is what grows with the slide: its width, never its
-    height."""
+    """A one-line error if a block's row of tiles (its pixels, the summed logits and weights: a block of columns and
+    the tiles that reach into it, Predictor.slide_bands) would not fit in the memory available; else what it needs.
+    It is the same for every slide wider than a block: memory is flat in the slide's size."""
     channels, height, width = slide.shape
-    tile_h = predictor.sampling.tile_grid(height, width)[1]
-    need = (
-        tile_h * width * 4 * (channels + 2 * predictor.outputs + 1)
-    )  # pixels, logits and their resampled band, weights
+    _, tile_h, _, tile_w = predictor.sampling.tile_grid(height, width)
+    columns = min(width, max(right - left for left, right in slide_blocks(width)) + 2 * tile_w)
+    need = tile_h * columns * 4 * (channels + 2 * predictor.outputs + 1)  # pixels, logits, their band, weights
     available = available_bytes(predictor.runtime.device)
     if available is not None and need > HEADROOM * available:
         raise UserError(
-            f"{slide.path}: a row of tiles {width:,} px wide needs about {need / GIB:.1f} GiB, "
+            f"{slide.path}: a row of tiles {columns:,} px wide needs about {need / GIB:.1f} GiB, "
             f"{available / GIB:.1f} GiB is available: use --level 1 or higher (the slide's pyramid) or fewer classes"
         )
     return f"a row of tiles needs about {need / GIB:.2f} GiB"
@@ -255,7 +260,7 @@ def segment_slides(
             log.warning("skipped: %s", err)
             result.unreadable += 1
             continue
-        if done["rows_resumed"]:
-            log.info("%s: resumed after %d of %d tile rows", path, done["rows_resumed"], done["rows"])
+        if done["steps_resumed"]:
+            log.info("%s: resumed after %d of %d tile rows", path, done["steps_resumed"], done["steps"])
         result.written += 1
     return result

@@ -209,11 +209,14 @@ def main() -> int:
     args, flags = p.parse_known_args()  # anything else: train.py flags for ours, recorded in its settings
     if args.search and args.split != "tune":
         p.error("--search chooses settings: it runs on --split tune only, never on the images that report")
-    if args.freeze:
-        FROZEN.write_text(json.dumps(freeze(read_rows(args.out / "results.csv"), args.out), indent=1) + "\n")
+    if args.freeze:  # the methods searched in OUT replace their entries; the others keep theirs
+        chosen = freeze(read_rows(args.out / "results.csv"), args.out)
+        chosen["methods"] = json.loads(FROZEN.read_text())["methods"] | chosen["methods"]
+        FROZEN.write_text(json.dumps(chosen, indent=1) + "\n")
         print(FROZEN.read_text())
         return 0
-    rows = run_all(args, variants(args.methods.split(","), args.search, flags), run_one, COLUMNS, args.threads)
+    chosen = [] if args.table_only else variants(args.methods.split(","), args.search, flags)
+    rows = run_all(args, chosen, run_one, COLUMNS, args.threads)
     if rows:
         print(table(rows))
         print(paired_intervals(read_rows(args.out / "per_image.csv"), "foreground_iou"))

@@ -1,6 +1,6 @@
 """Slides: tiled TIFFs and zarr folders read by tiles, masks written by tiles into a pyramidal BigTIFF or an OME-Zarr,
-the same labels as the in-memory path, resumed after an interruption without redoing written rows, glass skipped,
-and broken slides named in one line. Small generated files: the sizes that matter are tested by bench.py."""
+the same labels as the in-memory path (in blocks of columns too), resumed after an interruption without redoing
+written rows, glass skipped, and broken slides named in one line. Small generated files: the sizes that matter are tested by bench.py."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import torch
 import zarr
 
 import inference
+import predictor as predictor_module
 import slides
 from conftest import TINY_TRAIN_FLAGS, run_in_process
-from predictor import Predictor
+from predictor import Predictor, slide_blocks
 from utils import Runtime
 
 SLIDE_FLAGS = ["--max-pixels", "10000", "--precision", "fp32", "--channels-last"]  # 230x300 is a slide here
@@ -70,18 +71,24 @@ def test_a_tiled_tiff_is_segmented_by_tiles_into_a_pyramid_the_in_memory_path_ag
     assert "0 slides segmented; 1 already done" in again.stdout
 
 
-def test_an_interrupted_slide_resumes_after_the_rows_written(crop_run, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("columns", [None, 128], ids=["one block", "blocks of columns"])
+def test_an_interrupted_slide_resumes_after_the_rows_written(crop_run, tmp_path, monkeypatch, caplog, columns):
     pixels = slide_pixels(seed=1)
     (tmp_path / "in").mkdir()
     tifffile.imwrite(tmp_path / "in/s.tif", pixels, tile=(64, 64))
     flags = ["--input_dir", tmp_path / "in", "--checkpoint", crop_run, "--output_dir", tmp_path / "out", *SLIDE_FLAGS]
     real_mark, marks = slides.SlideOutput.mark, []
+    stop_after = 2  # Ctrl-C after the second tile row (of the second block, where there are blocks)
+    if columns:
+        monkeypatch.setattr(predictor_module, "SLIDE_COLUMNS", columns)  # 300 px wide: blocks of 128, 128 and 44
+        predictor = Predictor.from_checkpoint(crop_run, Runtime.from_flags("cpu", "fp32", True))
+        stop_after += len(predictor.sampling.tile_grid(230, 300)[0])
 
-    def interrupted(self, key, rows):
-        real_mark(self, key, rows)
-        marks.append(rows)
-        if rows == 2:
-            raise KeyboardInterrupt  # Ctrl-C after the second tile row
+    def interrupted(self, key, steps):
+        real_mark(self, key, steps)
+        marks.append(steps)
+        if steps == stop_after:
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(slides.SlideOutput, "mark", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -95,7 +102,7 @@ def test_an_interrupted_slide_resumes_after_the_rows_written(crop_run, tmp_path,
         Predictor, "batch_logits", lambda self, tiles: passes.append(len(tiles)) or real_logits(self, tiles)
     )
     result = run_in_process(inference.main, *flags)
-    assert result.returncode == 0 and "resumed after 2 of" in caplog.text
+    assert result.returncode == 0 and f"resumed after {stop_after} of" in caplog.text
     resumed_passes = sum(passes)
     labels = tifffile.imread(tmp_path / "out/masks/s.tif")
     assert (labels == in_memory(crop_run, pixels)).mean() >= 0.999
@@ -105,6 +112,28 @@ def test_an_interrupted_slide_resumes_after_the_rows_written(crop_run, tmp_path,
     )
     run_in_process(inference.main, *flags, "--overwrite")
     assert resumed_passes < sum(full)  # the rows written were not run again (but for one tile row of overlap)
+
+
+def test_blocks_of_columns_give_the_labels_of_one_pass_over_the_whole_width(crop_run, monkeypatch):
+    """Memory flat in a slide's width: its tile rows are taken a block of columns at a time, each block with the
+    tiles that reach into it from its neighbours, so every pixel sums the same tiles as one pass over the width."""
+    pixels = torch.from_numpy(slide_pixels(seed=3)).permute(2, 0, 1)
+    predictor = Predictor.from_checkpoint(crop_run, Runtime.from_flags("cpu", "fp32", True))
+
+    def assembled() -> torch.Tensor:
+        labels = torch.full(pixels.shape[-2:], 255, dtype=torch.uint8)  # 255: never written
+        for top, left, band in predictor.slide_bands(pixels):
+            labels[top : top + band.shape[0], left : left + band.shape[1]] = band
+        return labels
+
+    whole = assembled()
+    monkeypatch.setattr(predictor_module, "SLIDE_COLUMNS", 70)
+    assert slide_blocks(300) == [(0, 70), (70, 140), (140, 210), (210, 280), (280, 300)]
+    blocks = assembled()
+    assert (whole != 255).all() and (blocks != 255).all()
+    assert (blocks == whole).float().mean() >= 0.999  # the same sums; only the network's batches differ
+    values = predictor.mapping.value_array()
+    assert (values[blocks.numpy()] == in_memory(crop_run, slide_pixels(seed=3))).mean() >= 0.999
 
 
 def test_an_ome_zarr_slide_in_and_out_with_glass_skipped(crop_run, tmp_path, monkeypatch):
