@@ -1,6 +1,7 @@
 """Slides: tiled TIFFs and zarr folders read by tiles, masks written by tiles into a pyramidal BigTIFF or an OME-Zarr,
 the same labels as the in-memory path (in blocks of columns too), resumed after an interruption without redoing
-written rows, glass skipped, and broken slides named in one line. Small generated files: the sizes that matter are tested by bench.py."""
+written rows, glass skipped, and broken slides named in one line. Small generated files: the sizes that matter are
+tested by bench.py."""
 
 from __future__ import annotations
 
