@@ -2,8 +2,9 @@
 train.train_seg with its defaults (AdamW 0.005, weight decay 1e-5, batch 8, 224 px patches, its rotate-and-resize
 augmentation, rescaling to the training set's mean diameter) and its learning-rate schedule, in epochs of one batch
 (its nimg_per_epoch: the 10 warm-up epochs of its schedule then take 10 steps, not most of a short budget), until the
-wall-clock budget (counted from this script's start) stops it with the weights it has; then model.eval at the training
-set's diameter on the validation images, written as uint16 PNGs.
+wall-clock budget (counted from this script's start, or compare_instances.py's PEER_DEADLINE) stops it with the
+weights it has; then model.eval at the training set's diameter on the validation images (after the budget, as every
+method predicts), written as uint16 PNGs.
 
     /tmp/cellpose-venv/bin/python peers/cellpose_2d.py DATA OUT SECONDS [--seed N]
 
@@ -27,7 +28,6 @@ from cellpose import dynamics, models, train  # noqa: E402
 random.seed(args.seed)
 np.random.seed(args.seed)
 torch.manual_seed(args.seed)
-PREDICT_RESERVE = 0.05  # of the budget, left for predicting the validation images
 BATCH, PATCH = 8, 224  # train_seg's defaults: batch_size, bsize
 CONSTANT_UP_TO = 100  # train_seg's schedule over at most this many epochs: 10 of warm-up, then constant (no decay)
 
@@ -43,7 +43,7 @@ for _ in range(2):  # one untimed step of train_seg's shape, then one timed (for
     model.net(probe)[0].square().mean().backward()
 model.net.zero_grad(set_to_none=True)
 step_seconds = time.time() - started
-left = args.seconds * (1 - PREDICT_RESERVE) - (time.time() - t_start)
+left = args.seconds - (time.time() - t_start)
 # Epochs of one batch (its nimg_per_epoch), so that its 10 warm-up epochs end after 10 steps instead of taking a
 # short budget whole. Where fewer steps fit than CONSTANT_UP_TO, the schedule is the same prefix whatever n_epochs
 # is, so the budget stops it (never early); where more fit, they are planned, for its decay to end the run.
@@ -63,7 +63,7 @@ def batch_within_budget(*args_, **kwargs):
     """train_seg's own batch reader, counting its steps and refusing once the budget is spent: the weights trained so
     far are kept."""
     global steps
-    if time.time() - t_start > args.seconds * (1 - PREDICT_RESERVE):
+    if time.time() - t_start > args.seconds:
         raise OutOfTime
     steps += 1
     return get_batch(*args_, **kwargs)

@@ -30,7 +30,6 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "peers")]
 
-from peer_common import paired_intervals, pinned_env, read_rows, run_all  # noqa: E402  (this folder's shared code)
+from peer_common import paired_intervals, pinned_env, read_rows, run_all, run_commands  # noqa: E402  (this folder's shared code)
 
 from checkpoints import load_checkpoint  # noqa: E402  (the product's own files and evaluator, from its folder)
 from score_masks import paired_masks, score  # noqa: E402
@@ -55,7 +54,8 @@ def grid(**values: tuple) -> list[dict]:
 SEARCH = {  # each method's search on the tuning split, within its own documented options
     "ours": grid(batch=(4, 8), lr=(3e-4, 1e-3, 3e-3)),
     "smp": grid(batch=(4, 8), lr=(3e-4, 1e-3, 3e-3), augment=("ours",)),  # ours' geometry and colour, its pipeline
-    "nnunet": [{}],  # its planner chooses patch, batch and schedule: nothing of its own to search
+    "nnunet": grid(memory=(8, 2, 0.5)),  # the memory (GB) its planner sizes patch and batch for; 8 is its default
+    "nnunet-default": [{}],  # its default plan as it ships: never searched, a second row beside the searched one
     "pytorch-unet": grid(scale=(0.5, 0.25)),  # its --scale: the one that fits epochs into the budget
 }
 
@@ -78,8 +78,10 @@ def smp(data: Path, pred: Path, seed: int, minutes: float, settings: dict) -> li
 
 
 def nnunet(data: Path, pred: Path, seed: int, minutes: float, settings: dict) -> list[list]:
-    """nnU-Net has no seed flag: its runs differ by their random draws alone."""
-    return [["bash", ROOT / "peers/nnunet_2d.sh", data, pred / "masks", minutes * 60]]
+    """nnU-Net has no seed flag: its runs differ by their random draws alone. Its planner sizes patch and batch for
+    settings' memory, or for its default (its default plan)."""
+    memory = [settings["memory"]] if "memory" in settings else []
+    return [["bash", ROOT / "peers/nnunet_2d.sh", data, pred / "masks", minutes * 60, *memory]]
 
 
 def pytorch_unet(data: Path, pred: Path, seed: int, minutes: float, settings: dict) -> list[list]:
@@ -87,11 +89,14 @@ def pytorch_unet(data: Path, pred: Path, seed: int, minutes: float, settings: di
     return [["bash", ROOT / "peers/pytorch_unet.sh", data, pred / "masks", minutes * 60, settings.get("scale", 0.5)]]
 
 
-METHODS = {"ours": ours, "smp": smp, "nnunet": nnunet, "pytorch-unet": pytorch_unet}
+METHODS = {"ours": ours, "smp": smp, "nnunet": nnunet, "nnunet-default": nnunet, "pytorch-unet": pytorch_unet}
 
 
 def frozen_settings(method: str) -> dict:
-    """The method's setting chosen on the tuning split (--freeze wrote it to peers/frozen.json)."""
+    """The method's setting chosen on the tuning split (--freeze wrote it to peers/frozen.json); a method with nothing
+    to search runs as it ships."""
+    if SEARCH[method] == [{}]:
+        return {}
     return json.loads(FROZEN.read_text())["methods"][method]["settings"]
 
 
@@ -113,14 +118,8 @@ def run_one(variant: tuple[str, dict], data: Path, seed: int, minutes: float, ou
     method, settings = variant
     name = "-".join([f"{key}{value}" for key, value in settings.items() if key != "flags"] + settings.get("flags", []))
     pred = out / f"{method}{'-' + name if name else ''}-{data.name}-seed{seed}-{minutes:g}min"
-    env, started, details = pinned_env(threads, minutes), time.monotonic(), {}
-    for command in METHODS[method](data, pred, seed, minutes, settings):
-        ran = subprocess.run(
-            [str(part) for part in command], cwd=ROOT, env=env, check=True, stdout=subprocess.PIPE, text=True
-        )
-        print(ran.stdout, end="", flush=True)
-        last = ran.stdout.strip().splitlines()[-1] if ran.stdout.strip() else ""
-        details = json.loads(last) if last.startswith("{") else details
+    started = time.monotonic()
+    details = run_commands(METHODS[method](data, pred, seed, minutes, settings), pinned_env(threads, minutes))
     wall = time.monotonic() - started
     if method == "ours":
         details = ours_details(pred.parent / f"{pred.name}-run")

@@ -16,11 +16,9 @@ Cellpose need their venvs (peers/README.md). --ceilings prints what perfect mask
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,8 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "peers")]
 
-from peer_common import paired_intervals, read_rows, run_all  # noqa: E402  (this folder's shared code)
+from compare import ours_details  # noqa: E402  (this folder's shared code)
+from peer_common import paired_intervals, pinned_env, read_rows, run_all, run_commands  # noqa: E402
 
 from image_io import read_mask  # noqa: E402  (the product's reader and evaluator, from its folder)
 from instances import SEPARATIONS, ObjectRule, object_areas, objects_from, separation_target  # noqa: E402
@@ -51,9 +50,12 @@ def ours(data: Path, out: Path, seed: int, minutes: float, instances: bool = Tru
     inference.py on the validation images with last.pt (never a checkpoint chosen on those images)."""
     run = out.parent / f"{out.name}-run"
     train = ["train.py", "--data-root", data, "--time-budget", minutes, "--seed", seed, "--run-dir", run]
-    train += [] if instances else ["--instances", "off"]
+    train += ["--precision", "fp32", *([] if instances else ["--instances", "off"])]  # fp32 like the peers
     infer = ["inference.py", "--input_dir", data / "images/val", "--checkpoint", run / "checkpoints/last.pt"]
-    return [[sys.executable, *train], [sys.executable, *infer, "--output_dir", out, "--overwrite"]]
+    return [
+        [sys.executable, *train],
+        [sys.executable, *infer, "--output_dir", out, "--overwrite", "--precision", "fp32"],
+    ]
 
 
 def components(data: Path, out: Path, seed: int, minutes: float) -> list[list]:
@@ -79,19 +81,15 @@ def split_components(out: Path) -> None:
         Image.fromarray(ids.astype(np.uint16)).save(out / "instances" / path.name)
 
 
-def run_one(method: str, data: Path, seed: int, minutes: float, out: Path) -> tuple[dict, list[dict]]:
+def run_one(method: str, data: Path, seed: int, minutes: float, out: Path, threads: int) -> tuple[dict, list[dict]]:
     pred = out / f"{method}-{data.name}-seed{seed}-{minutes:g}min"
-    started, details = time.monotonic(), {}
-    for command in METHODS[method](data, pred, seed, minutes):
-        result = subprocess.run([str(part) for part in command], cwd=ROOT, check=True, capture_output=True, text=True)
-        last = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-        details = json.loads(last) if last.startswith("{") else details
+    started = time.monotonic()
+    details = run_commands(METHODS[method](data, pred, seed, minutes), pinned_env(threads, minutes))
     if method == "components":
         split_components(pred)
     wall = time.monotonic() - started
     if method in ("ours", "components"):
-        epochs = list(csv.DictReader((pred.parent / f"{pred.name}-run" / "results.csv").open()))
-        details = {"epochs": len(epochs), "precision": "see config.yaml"}
+        details = ours_details(pred.parent / f"{pred.name}-run")
     *images, total = score_instances(paired_masks(pred / "instances", data / "masks_instance/val"))
     run = {"method": method, "set": data.name, "seed": seed, "minutes": minutes}
     done = {"wall_s": round(wall), "details": json.dumps(details)}
@@ -150,13 +148,14 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--out", type=Path, default=ROOT / "runs/instances")
     p.add_argument("--split", choices=("report", "tune"), default="report", help="tune: each set's tuning split")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch/OpenMP/MKL threads of every method")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--ceilings", action="store_true", help="only what perfect masks and maps allow on --sets")
     args = p.parse_args()
     if args.ceilings:
         print(ceilings(args.sets))
         return 0
-    rows = run_all(args, args.methods.split(","), run_one, COLUMNS)
+    rows = run_all(args, args.methods.split(","), run_one, COLUMNS, args.threads)
     if rows:
         print(table(rows))
         print(paired_intervals(read_rows(args.out / "per_image.csv"), "ap50"))

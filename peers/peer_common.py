@@ -6,11 +6,14 @@ import argparse
 import csv
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def peer_args(thresholds_only: bool = False) -> argparse.Namespace:
@@ -24,6 +27,7 @@ def peer_args(thresholds_only: bool = False) -> argparse.Namespace:
     if thresholds_only:
         parser.add_argument("--thresholds-only", action="store_true")
     args = parser.parse_args()
+    args.seconds = seconds_left(args.seconds)  # the comparisons' one clock, started at launch, where they set it
     os.makedirs(args.out, exist_ok=True)
     return args
 
@@ -104,6 +108,19 @@ def pinned_env(threads: int, minutes: float) -> dict[str, str]:
     counted from its first process's start, set-up included), and the thread counts torch, OpenMP and MKL read."""
     counts = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PEER_THREADS")}
     return {**os.environ, **counts, "PEER_DEADLINE": f"{time.time() + minutes * 60:.3f}"}
+
+
+def run_commands(commands: list[list], env: dict[str, str]) -> dict:
+    """A method's commands in turn from the repo's folder (their output echoed), failing on the first that fails;
+    returns the last of their last lines that is JSON: what the run says of itself (steps, batch, numerics)."""
+    details = {}
+    for command in commands:
+        ran = subprocess.run([str(part) for part in command], cwd=ROOT, env=env, check=True, stdout=subprocess.PIPE)
+        output = ran.stdout.decode(errors="replace")
+        print(output, end="", flush=True)
+        last = output.strip().splitlines()[-1] if output.strip() else ""
+        details = json.loads(last) if last.startswith("{") else details
+    return details
 
 
 def seconds_left(seconds: float) -> float:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,10 +84,63 @@ def test_a_search_on_the_images_that_report_is_refused():
     assert result.returncode == 2 and "--split tune only" in result.stderr
 
 
-def test_every_method_has_a_search_grid_and_a_frozen_setting():
+def test_every_method_has_a_search_grid_and_each_searched_one_a_frozen_setting():
     frozen = json.loads((ROOT / "peers/frozen.json").read_text())["methods"]
-    assert set(frozen) == set(compare.SEARCH) == set(compare.METHODS)
+    searched = {method for method, grid in compare.SEARCH.items() if grid != [{}]}
+    assert set(compare.SEARCH) == set(compare.METHODS) and searched <= set(frozen) <= set(compare.METHODS)
     assert all(isinstance(frozen[method]["settings"], dict) for method in frozen)
+
+
+def test_nnunet_plans_for_the_memory_searched_and_its_default_row_runs_as_it_ships(tmp_path):
+    sized = compare.nnunet(Path("data/real/phc"), tmp_path / "pred", 0, 5.0, {"memory": 2})
+    default = compare.nnunet(
+        Path("data/real/phc"), tmp_path / "pred", 0, 5.0, compare.frozen_settings("nnunet-default")
+    )
+    assert sized[0][2:] == [Path("data/real/phc"), tmp_path / "pred/masks", 300.0, 2]
+    assert default[0][2:] == [Path("data/real/phc"), tmp_path / "pred/masks", 300.0]
+
+
+def test_a_methods_commands_run_in_turn_and_the_last_json_line_is_what_it_says_of_itself(tmp_path):
+    said = "import json; print('training'); print(json.dumps({'steps': %d}))"
+    commands = [[sys.executable, "-c", said % 3], [sys.executable, "-c", said % 7], [sys.executable, "-c", "1"]]
+    assert peer_common.run_commands(commands, {"PATH": ""}) == {"steps": 7}
+    quiet = [[sys.executable, "-c", said % 3], [sys.executable, "-c", "print('predicted')"]]
+    assert peer_common.run_commands(quiet, {"PATH": ""}) == {"steps": 3}
+    failing = [[sys.executable, "-c", "raise SystemExit(3)"], [sys.executable, "-c", said % 1]]
+    try:
+        peer_common.run_commands(failing, {"PATH": ""})
+        raise AssertionError("a failing command was not raised")
+    except subprocess.CalledProcessError as err:
+        assert err.returncode == 3
+
+
+PYTORCH_UNET_STAND_IN = {  # its train.py's shape: model and dataset made in __main__, a checkpoint only per epoch
+    "unet/__init__.py": "import torch\nclass UNet(torch.nn.Conv2d):\n    def __init__(self):\n"
+    "        super().__init__(3, 2, 1)\n",
+    "utils/__init__.py": "",
+    "utils/data_loading.py": "class BasicDataset:\n    def __init__(self):\n        self.mask_values = [0, 255]\n"
+    "class CarvanaDataset(BasicDataset):\n    pass\n",
+    "train.py": "import sys, time, torch\nfrom unet import UNet\nfrom utils.data_loading import BasicDataset\n"
+    "if __name__ == '__main__':\n    model, dataset = UNet(), BasicDataset()\n"
+    "    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-5)\n"
+    "    for step in range(10**9):\n        model(torch.ones(1, 3, 4, 4)).sum().backward()\n"
+    "        optimizer.step()\n        if step == 2:\n            print('stepping', flush=True)\n"
+    "        time.sleep(0.01)\n",
+}
+
+
+def test_pytorch_unet_saves_the_model_as_it_stands_when_the_budget_ends(tmp_path):
+    """The budget's end inside an epoch: the weights trained so far are saved in its checkpoints' layout."""
+    for name, text in PYTORCH_UNET_STAND_IN.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    command = [sys.executable, str(ROOT / "peers/pytorch_unet_budget.py"), "2", "--epochs", "1000"]
+    run = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, text=True, env={"PYTHONPATH": str(tmp_path)})
+    assert run.stdout.readline() == "stepping\n"
+    said = json.loads(run.communicate(timeout=60)[0].strip().splitlines()[-1])
+    state = torch.load(tmp_path / "checkpoints/checkpoint_budget_end.pth")
+    assert run.returncode == 0 and said["steps"] >= 3 and state["mask_values"] == [0, 255]
+    assert set(state) == {"weight", "bias", "mask_values"}
 
 
 def test_the_instance_table_has_ap50_mean_and_spread_per_method():
