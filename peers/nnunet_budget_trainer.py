@@ -15,9 +15,10 @@ Env:  PEER_DEADLINE   when training must end (unix time; compare.py's clock: the
 Budget: training stops after the first iteration that ends past the budget (so it overruns by at most one iteration,
 plus the epoch's pseudo-dice iteration and the final checkpoint write); the last epoch is usually cut short. The
 poly lr is stepped every iteration (nnU-Net steps it per epoch: in a budget of a few epochs it would hardly leave
-its first value): its horizon is the iterations done plus those the time left holds at the mean iteration time so
-far (the first epoch, which carries the warm-up, left out once there are others), so the lr decays towards 0 at the
-end of the budget as it does at the end of a full nnU-Net schedule (1000 epochs x 250 iterations).
+its first value): its horizon is the iterations done plus those the time left holds at the mean training iteration
+time so far (the first iteration, which carries the warm-up, left out; the first two iterations run at the initial
+lr), so the lr decays towards 0 at the end of the budget as it does at the end of a full nnU-Net schedule (1000
+epochs x 250 iterations), even where the default plan fits less than one epoch in the budget.
 Bookkeeping that does not train is trimmed: no checkpoint_best/latest writes (only checkpoint_final), the progress
 plot is drawn once at the end, and the final full-image validation (perform_actual_validation) is skipped, since the
 script predicts the validation images and score_masks.py scores them.
@@ -52,7 +53,7 @@ class nnUNetTrainer_PeerBudget(nnUNetTrainer):
         self._t0 = None
         self._epoch_times = []
         self._iters_done = 0
-        self._iteration_seconds = None  # the mean so far, once an epoch has ended
+        self._iteration_times = []  # seconds of each training iteration
         self._plot = None
 
     # ---- time budget -------------------------------------------------------------------------------------------
@@ -78,7 +79,6 @@ class nnUNetTrainer_PeerBudget(nnUNetTrainer):
         done = self.current_epoch
         times = self._epoch_times[1:] if len(self._epoch_times) > 1 else self._epoch_times
         per_epoch = float(np.mean(times))
-        self._iteration_seconds = per_epoch / self.num_iterations_per_epoch
         remaining = self.budget_s - self._elapsed()
         more = int(np.ceil(remaining / per_epoch)) if remaining > 0 else 0
         self.num_epochs = done + more
@@ -98,7 +98,9 @@ class nnUNetTrainer_PeerBudget(nnUNetTrainer):
             train_outputs = []
             for _batch_id in range(self.num_iterations_per_epoch):
                 self._step_lr()
+                started = time()
                 train_outputs.append(self.train_step(next(self.dataloader_train)))
+                self._iteration_times.append(time() - started)
                 self._iters_done += 1
                 if self._elapsed() > self.budget_s:
                     break
@@ -136,11 +138,11 @@ class nnUNetTrainer_PeerBudget(nnUNetTrainer):
             json.dump(summary, f, indent=1)
 
     def _step_lr(self) -> None:
-        """The poly lr at this iteration, over the iterations expected to fit (the first epoch at the initial lr)."""
-        if self._iteration_seconds is None:
+        """The poly lr at this iteration, over the iterations expected to fit (the first two at the initial lr)."""
+        if len(self._iteration_times) < 2:
             return
         left = max(0.0, self.budget_s - self._elapsed())
-        horizon = self._iters_done + max(1, int(left / self._iteration_seconds))
+        horizon = self._iters_done + max(1, int(left / float(np.mean(self._iteration_times[1:]))))
         self.lr_scheduler.max_steps = horizon
         self.lr_scheduler.step(self._iters_done)
 

@@ -100,6 +100,10 @@ def tuning_view(data: Path, views: Path) -> Path:
                 link = view / folder / split / by_stem[image.stem].name
                 if not link.is_symlink():
                     link.symlink_to(by_stem[image.stem])
+    for names in (data / "masks/train/classes.json", data / "masks/classes.json"):  # what the set calls its values
+        link = view / names.relative_to(data)
+        if names.is_file() and not link.is_symlink():
+            link.symlink_to(names)
     return view
 
 

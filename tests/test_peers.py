@@ -57,10 +57,13 @@ def test_the_tuning_split_halves_the_training_images_and_never_holds_a_report_im
             (data / folder / split).mkdir(parents=True, exist_ok=True)
             for stem in stems:
                 (data / folder / split / f"{stem}{suffix}").write_text(folder + stem)
+    (data / "masks/train/classes.json").write_text('{"0": "background", "1": "cell"}')
     view = peer_common.tuning_view(data, tmp_path / "views")
     assert view == tmp_path / "views/set"
+    assert (view / "masks/train/classes.json").read_text() == '{"0": "background", "1": "cell"}'
     for folder, suffix in (("images", ".jpg"), ("masks", ".png"), ("masks_instance", ".png")):
-        assert sorted(p.name for p in (view / folder / "train").iterdir()) == [f"{s}{suffix}" for s in "abc"]
+        found = sorted(p.name for p in (view / folder / "train").iterdir() if p.suffix != ".json")
+        assert found == [f"{s}{suffix}" for s in "abc"]
         assert sorted(p.name for p in (view / folder / "val").iterdir()) == [f"{s}{suffix}" for s in "de"]
         assert (view / folder / "val" / f"d{suffix}").read_text() == folder + "d"  # the set's own file, linked
     assert peer_common.tuning_view(data, tmp_path / "views") == view  # again: the same view, no error
