@@ -12,10 +12,18 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("compare", ROOT / "peers/compare.py")
-compare = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare)
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"peers/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = load("compare")
 peer_common = sys.modules["peer_common"]  # compare.py put peers/ on the path and imported it
+compare_instances = load("compare_instances")
 
 
 def test_the_table_has_each_methods_mean_and_spread_per_split_set_and_settings():
@@ -146,29 +154,31 @@ def test_pytorch_unet_saves_the_model_as_it_stands_when_the_budget_ends(tmp_path
     assert set(state) == {"weight", "bias", "mask_values"}
 
 
+def test_ours_objects_run_in_fp32_like_the_peers_and_components_without_instances(tmp_path):
+    for method, off in (("ours", False), ("components", True)):
+        train, infer = compare_instances.METHODS[method](Path("data/real/phc"), tmp_path / "pred", 1, 5.0)
+        assert train[train.index("--precision") + 1] == "fp32" and infer[infer.index("--precision") + 1] == "fp32"
+        assert ("--instances" in train) == off and infer[infer.index("--checkpoint") + 1].name == "last.pt"
+
+
 def test_the_instance_table_has_ap50_mean_and_spread_per_method():
-    spec = importlib.util.spec_from_file_location("compare_instances", ROOT / "peers/compare_instances.py")
-    instances = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(instances)
     rows = [
         {"method": "ours", "set": "gravel", "minutes": "5", "ap50": a, "ap50_95": "0.3", "pq": "0.4"}
         for a in ("0.5", "0.7")
     ]
-    assert instances.table(rows).splitlines()[2] == "| gravel | 5 | ours | 2 | 0.600 | 0.500 - 0.700 | 0.300 | 0.400 |"
+    row = compare_instances.table(rows).splitlines()[2]
+    assert row == "| gravel | 5 | ours | 2 | 0.600 | 0.500 - 0.700 | 0.300 | 0.400 |"
 
 
 def test_the_ceilings_split_touching_objects_only_through_a_separation_map(tmp_path):
     """Two touching squares (10x10 and 10x6): components make them one blob, matched to the larger square only
     (IoU 100/160), so AP50 is 1 / (1 + 0 + 1); either perfect map gives both objects back."""
-    spec = importlib.util.spec_from_file_location("compare_instances", ROOT / "peers/compare_instances.py")
-    instances = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(instances)
     ids = np.zeros((16, 24), np.uint16)
     ids[3:13, 2:12], ids[3:13, 12:18] = 1, 2
     for split in ("train", "val"):
         (tmp_path / "masks_instance" / split).mkdir(parents=True)
         Image.fromarray(ids).save(tmp_path / "masks_instance" / split / "a.png")
-    row = instances.ceilings([tmp_path]).splitlines()[2]
+    row = compare_instances.ceilings([tmp_path]).splitlines()[2]
     assert row == f"| {tmp_path.name} | 2 | 0.500 (1 objects) | 1.000 (2 objects) | 1.000 (2 objects) |"
 
 
